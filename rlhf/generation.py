@@ -1,0 +1,144 @@
+"""Batched sampling with fixed settings, and loading any stage's output for generation.
+
+The sampling settings always come from our config (or the command line), never from the model's
+``generation_config``: the implementation details of RLHF-PPO (Huang et al. 2024, detail 6) rely on
+known temperature / top-k / top-p, and the logprobs used by PPO are computed with the same temperature.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from rlhf.errors import UserError
+from rlhf.formatting import encode_prompt
+
+
+@dataclass
+class SamplingArguments:
+    """Sampling settings for rollouts and ``rlhf generate``."""
+
+    max_new_tokens: int = 48
+    """Longest reply, in tokens."""
+    temperature: float = 0.7
+    """Softmax temperature; PPO logprobs use the same value."""
+    top_k: int = 0
+    """Keep the k most likely tokens (0 = off)."""
+    top_p: float = 1.0
+    """Nucleus sampling mass (1.0 = off)."""
+    do_sample: bool = True
+    """False = greedy decoding."""
+
+    def __post_init__(self) -> None:
+        if self.temperature <= 0:
+            raise UserError(f"temperature: expected a positive number, found {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise UserError(f"top_p: expected a number in (0, 1], found {self.top_p}")
+        if self.max_new_tokens < 1:
+            raise UserError(f"max_new_tokens: expected at least 1, found {self.max_new_tokens}")
+
+    def generation_kwargs(self, tokenizer) -> dict:
+        """Every setting spelled out, so the model's own generation defaults never apply."""
+        kwargs = dict(
+            max_new_tokens=self.max_new_tokens,
+            min_new_tokens=1,
+            do_sample=self.do_sample,
+            pad_token_id=tokenizer.pad_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            use_cache=True,
+            repetition_penalty=1.0,
+            num_beams=1,
+        )
+        if self.do_sample:
+            kwargs.update(temperature=self.temperature, top_k=self.top_k or None, top_p=self.top_p)
+        else:
+            kwargs.update(temperature=None, top_k=None, top_p=None)
+        return kwargs
+
+
+def left_pad(sequences: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-pad token id lists: ``(ids (b, s), attention_mask (b, s))``, mask 1 = real token."""
+    width = max(len(s) for s in sequences)
+    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    for i, s in enumerate(sequences):
+        ids[i, width - len(s) :] = torch.tensor(s, dtype=torch.long)
+        mask[i, width - len(s) :] = 1
+    return ids, mask
+
+
+@torch.no_grad()
+def sample_responses(model, tokenizer, prompt_ids: list[list[int]], sampling: SamplingArguments,
+                     generator_seed: int | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Sample one reply per prompt with the KV cache.
+
+    Returns ``(query (b, s), query_mask (b, s), response (b, t))``: the left-padded prompts, their
+    attention mask, and the generated tokens (t <= max_new_tokens; rows that stopped early are padded).
+    """
+    query, query_mask = left_pad(prompt_ids, tokenizer.pad_token_id)
+    device = next(model.parameters()).device
+    query, query_mask = query.to(device), query_mask.to(device)
+    if generator_seed is not None:
+        torch.manual_seed(generator_seed)
+    out = model.generate(input_ids=query, attention_mask=query_mask, **sampling.generation_kwargs(tokenizer))
+    return query, query_mask, out[:, query.shape[1] :]
+
+
+def decode_responses(tokenizer, response: torch.Tensor) -> list[str]:
+    """Text of each reply, cut at the first EOS."""
+    texts = []
+    for row in response.tolist():
+        if tokenizer.eos_token_id in row:
+            row = row[: row.index(tokenizer.eos_token_id)]
+        texts.append(tokenizer.decode(row, skip_special_tokens=True).strip())
+    return texts
+
+
+def generate_replies(model, tokenizer, prompts: list, sampling: SamplingArguments, n: int = 1,
+                     batch_size: int = 8, seed: int = 0, progress: bool = True) -> list[list[str]]:
+    """``n`` sampled replies for each prompt (a string or chat messages)."""
+    model.eval()
+    encoded = [encode_prompt(tokenizer, p) for p in prompts]
+    jobs = [(i, ids) for i, ids in enumerate(encoded) for _ in range(n)]
+    replies: list[list[str]] = [[] for _ in prompts]
+    torch.manual_seed(seed)
+    for start in tqdm(range(0, len(jobs), batch_size), desc="generating", disable=not progress):
+        chunk = jobs[start : start + batch_size]
+        _, _, response = sample_responses(model, tokenizer, [ids for _, ids in chunk], sampling)
+        for (i, _), text in zip(chunk, decode_responses(tokenizer, response)):
+            replies[i].append(text)
+    return replies
+
+
+def load_for_generation(run_dir: str, device: str | None = None):
+    """Load (model, tokenizer) from any stage's output directory, a model directory, or a hub id.
+
+    A stage's output holds either a full model (``config.json``) or a peft adapter
+    (``adapter_config.json``) at its root, plus the tokenizer.
+    """
+    from peft import PeftModel
+
+    from rlhf.models import ModelArguments, load_base_model, load_tokenizer, resolve_model_path
+
+    path = Path(run_dir)
+    if (path / "adapter_config.json").exists():
+        base = json.loads((path / "adapter_config.json").read_text())["base_model_name_or_path"]
+        model = load_base_model(ModelArguments(model_name_or_path=base, peft_method="full"))
+        model = PeftModel.from_pretrained(model, str(path))
+        tokenizer = load_tokenizer(str(path) if (path / "tokenizer_config.json").exists() else base)
+    else:
+        resolved = resolve_model_path(run_dir)
+        model = load_base_model(ModelArguments(model_name_or_path=resolved, peft_method="full"))
+        tokenizer = load_tokenizer(resolved)
+    if device:
+        model.to(device)
+    model.eval()
+    return model, tokenizer
+
+
+def sampling_dict(sampling: SamplingArguments) -> dict:
+    return asdict(sampling)

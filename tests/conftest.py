@@ -1,0 +1,24 @@
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("WANDB_MODE", "offline")
+sys.path.insert(0, str(Path(__file__).parent))
+
+from tiny_model import make_tiny_model_dir  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    """A tiny random Llama (hidden 64, 2 layers) with a word-level tokenizer and chat template."""
+    return make_tiny_model_dir(tmp_path_factory.mktemp("tiny") / "model")
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir_4bit(tmp_path_factory) -> Path:
+    """Large enough for bitsandbytes 4-bit kernels on CPU (see STACK-NOTES)."""
+    return make_tiny_model_dir(tmp_path_factory.mktemp("tiny4") / "model", hidden_size=128, heads=4, kv_heads=2)
