@@ -358,3 +358,37 @@ def write_jsonl(path: str | os.PathLike, rows: Iterable[dict]) -> None:
     with open(path, "w", encoding="utf-8") as f:
         for row in rows:
             f.write(json.dumps(row, ensure_ascii=False) + "\n")
+
+
+@dataclass
+class DataArguments:
+    """Where a stage's rows come from and how they are split (shared by every stage)."""
+
+    train_file: str = ""
+    """Training rows: .jsonl, .json, .csv, .parquet or a datasets save_to_disk directory."""
+    validation_file: str | None = None
+    """Validation rows; None splits them off train_file (validation_size)."""
+    test_file: str | None = None
+    """Held-out test rows; None splits them off train_file (test_size)."""
+    validation_size: float = 0.1
+    """Fraction (< 1) or count (>= 1) of train_file rows held out for validation when no file is given."""
+    test_size: float = 0.1
+    """Fraction (< 1) or count (>= 1) of train_file rows held out for testing when no file is given."""
+    split_seed: int = 42
+    """Seed of the deterministic train/validation/test split."""
+    max_train_samples: int | None = None
+    """Keep only the first N training rows (after the split), for quick runs."""
+
+    def load(self, kind: str) -> dict[str, list[dict]]:
+        if not self.train_file:
+            raise UserError("train_file: expected a data file path, found none (set it in the config or --train_file)")
+        return load_splits(
+            self.train_file,
+            kind,
+            validation_file=self.validation_file,
+            test_file=self.test_file,
+            validation_size=self.validation_size,
+            test_size=self.test_size,
+            seed=self.split_seed,
+            max_train_samples=self.max_train_samples,
+        )

@@ -1,0 +1,188 @@
+"""Stage configs: one YAML per stage, overridable on the command line, checked key by key.
+
+A stage's config is a set of dataclasses (model, data, the stage's own fields, and for SFT/reward
+TRL's ``SFTConfig``/``RewardConfig``, so argument names are TRL's and transformers'). The YAML is
+flat; ``--key value`` on the command line overrides it. An unknown key is an error that names the key
+and the closest valid ones.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+import types
+import typing
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from rlhf.errors import UserError
+
+
+def _field_types(cls: type) -> dict[str, Any]:
+    try:
+        hints = typing.get_type_hints(cls)
+    except Exception:  # a forward reference we cannot resolve: fall back to raw annotations
+        hints = {}
+    return {f.name: hints.get(f.name, f.type) for f in dataclasses.fields(cls) if f.init}
+
+
+def _unwrap_optional(tp: Any) -> tuple[Any, bool]:
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        return (args[0] if len(args) == 1 else tp), type(None) in typing.get_args(tp)
+    return tp, False
+
+
+def _coerce(key: str, value: Any, tp: Any, source: str) -> Any:
+    """Turn a YAML/command-line value into the field's type, or explain what was expected."""
+    tp, optional = _unwrap_optional(tp)
+    if value is None or (optional and isinstance(value, str) and value.lower() == "null"):
+        return None
+    try:
+        if tp is bool:
+            if isinstance(value, bool):
+                return value
+            if str(value).lower() in ("true", "1", "yes", "on"):
+                return True
+            if str(value).lower() in ("false", "0", "no", "off"):
+                return False
+            raise ValueError
+        if tp is int:
+            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+                raise ValueError
+            return int(float(value)) if isinstance(value, str) and "e" in value.lower() else int(value)
+        if tp is float:
+            return float(value)
+        if tp is str:
+            return str(value)
+        origin = typing.get_origin(tp)
+        if origin in (list, typing.List) or tp is list:
+            if isinstance(value, str):
+                parsed = yaml.safe_load(value) if value.startswith("[") else [v for v in value.split(",") if v]
+                return list(parsed)
+            return list(value)
+        if isinstance(tp, type) and issubclass(tp, (str,)) and not isinstance(value, tp):
+            return tp(value)  # str-valued enums
+    except (TypeError, ValueError):
+        name = getattr(tp, "__name__", str(tp))
+        raise UserError(f"{source}: key '{key}': expected {name}, found {value!r}")
+    return yaml.safe_load(value) if isinstance(value, str) and tp is Any else value
+
+
+def parse_overrides(argv: list[str]) -> tuple[dict[str, str], str | None]:
+    """``['--config', 'a.yaml', '--lr', '1e-4', '--resume']`` -> ({'lr': '1e-4', 'resume': 'true'}, 'a.yaml')."""
+    overrides: dict[str, str] = {}
+    config_path = None
+    i = 0
+    while i < len(argv):
+        token = argv[i]
+        if not token.startswith("--"):
+            raise UserError(f"command line: expected --key value, found {token!r}")
+        key, _, inline = token[2:].partition("=")
+        key = key.replace("-", "_")
+        if inline:
+            value, i = inline, i + 1
+        elif i + 1 < len(argv) and not argv[i + 1].startswith("--"):
+            value, i = argv[i + 1], i + 2
+        else:
+            value, i = "true", i + 1  # a bare flag such as --resume
+        if key == "config":
+            config_path = value
+        else:
+            overrides[key] = value
+    return overrides, config_path
+
+
+def load_yaml(path: str | os.PathLike) -> dict[str, Any]:
+    path = Path(path)
+    if not path.exists():
+        raise UserError(f"{path}: no such config file")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark else str(path)
+        raise UserError(f"{where}: expected valid YAML, found a syntax error ({getattr(e, 'problem', e)})")
+    if not isinstance(data, dict):
+        raise UserError(f"{path}: expected a mapping of key: value, found a {type(data).__name__}")
+    return data
+
+
+def build_config(
+    classes: list[type],
+    argv: list[str] | None = None,
+    values: dict[str, Any] | None = None,
+    extra_keys: tuple[str, ...] = (),
+    defaults: dict[str, Any] | None = None,
+) -> tuple[list[Any], dict[str, Any]]:
+    """Fill each dataclass in ``classes`` from a YAML (``--config``), ``values`` and ``--key value`` overrides.
+
+    Returns the instances and the flat dict of every key that was given (after coercion), which is
+    what a run saves as its resolved config. A key may belong to several classes (e.g. ``seed``).
+    ``extra_keys`` are accepted and returned but belong to no class (e.g. ``resume``); ``defaults``
+    are the stage's own defaults, below everything the user gives.
+    """
+    overrides, config_path = parse_overrides(argv or [])
+    given: dict[str, tuple[Any, str]] = {k: (v, "stage defaults") for k, v in (defaults or {}).items()}
+    if config_path:
+        for k, v in load_yaml(config_path).items():
+            given[k] = (v, str(config_path))
+    for k, v in (values or {}).items():
+        given[k] = (v, "config")
+    for k, v in overrides.items():
+        given[k] = (v, "command line")
+
+    types_by_class = [_field_types(c) for c in classes]
+    valid = set(extra_keys).union(*types_by_class)
+    for key, (_, source) in given.items():
+        if key not in valid:
+            close = difflib.get_close_matches(key, sorted(valid), n=3, cutoff=0.6)
+            hint = f"; did you mean {' or '.join(close)}?" if close else ""
+            raise UserError(f"{source}: unknown key '{key}'{hint}")
+
+    resolved: dict[str, Any] = {}
+    kwargs_per_class: list[dict[str, Any]] = [{} for _ in classes]
+    for key, (value, source) in given.items():
+        owners = [i for i, t in enumerate(types_by_class) if key in t]
+        if not owners:
+            resolved[key] = _coerce(key, value, bool if key == "resume" else Any, source)
+            continue
+        for i in owners:
+            kwargs_per_class[i][key] = _coerce(key, value, types_by_class[i][key], source)
+            resolved[key] = kwargs_per_class[i][key]
+
+    instances = []
+    for cls, kwargs in zip(classes, kwargs_per_class):
+        try:
+            instances.append(cls(**kwargs))
+        except UserError:
+            raise
+        except (ValueError, TypeError) as e:
+            raise UserError(f"{config_path or 'config'}: {cls.__name__}: {e}".splitlines()[0])
+    return instances, resolved
+
+
+def to_plain(value: Any) -> Any:
+    """A YAML-safe copy of a config value."""
+    if dataclasses.is_dataclass(value):
+        return {f.name: to_plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    if isinstance(value, dict):
+        return {str(k): to_plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [to_plain(v) for v in value]
+    if isinstance(value, (str, int, float, bool)) or value is None:
+        return value
+    return str(value)
+
+
+def save_resolved_config(path: str | os.PathLike, own: list[Any], given: dict[str, Any]) -> None:
+    """Write every field of our own dataclasses plus every key the user gave, as a loadable YAML."""
+    data: dict[str, Any] = {}
+    for obj in own:
+        data.update(to_plain(obj))
+    data.update(to_plain({k: v for k, v in given.items() if k != "resume"}))
+    Path(path).write_text(yaml.safe_dump(data, sort_keys=False))

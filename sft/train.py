@@ -1,0 +1,86 @@
+"""Supervised fine-tuning: TRL SFTTrainer, loss on completion tokens only, early stopping.
+
+    rlhf sft --config configs/sft.yaml [--learning_rate 1e-4 ...] [--resume]
+    accelerate launch scripts/sft.py --config configs/sft.yaml
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from typing import Any
+
+from rlhf.formatting import encode_prompt_reply
+from rlhf.models import build_peft_config, count_parameters, load_base_model, load_tokenizer
+from rlhf.stage import StageRun, finish_stage, parse_stage, train_with_resume
+from sft.config import SFTStageArguments
+
+logger = logging.getLogger(__name__)
+
+
+def tokenize_sft_rows(tokenizer, rows: list[dict]) -> dict[str, list]:
+    """Pre-tokenised columns TRL trains on directly: ``input_ids`` and ``completion_mask`` (1 = loss).
+
+    We tokenise here rather than in TRL so that SFT, the reward model and PPO share one layout
+    (rlhf.formatting): chat template for the prompt, the reply, then EOS.
+    """
+    input_ids, completion_mask = [], []
+    for row in rows:
+        if "text" in row:
+            ids, n_prompt = encode_prompt_reply(tokenizer, "", row["text"])
+        else:
+            ids, n_prompt = encode_prompt_reply(tokenizer, row["prompt"], row["completion"])
+        input_ids.append(ids)
+        completion_mask.append([0] * n_prompt + [1] * (len(ids) - n_prompt))
+    return {"input_ids": input_ids, "completion_mask": completion_mask}
+
+
+def run(argv: list[str] | None = None, values: dict[str, Any] | None = None, callbacks: list | None = None) -> dict:
+    """Run the SFT stage; returns its metrics. ``callbacks`` are extra TrainerCallbacks."""
+    from datasets import Dataset
+    from peft import get_peft_model
+    from transformers import EarlyStoppingCallback
+    from trl import SFTConfig, SFTTrainer
+
+    stage: StageRun = parse_stage(SFTStageArguments, SFTConfig, argv, values,
+                                  defaults={"completion_only_loss": True, "learning_rate": 2e-4})
+    splits = stage.data_args.load("sft")  # validates every row before anything is written
+    tokenizer = load_tokenizer(stage.model_args.model_name_or_path, stage.model_args.trust_remote_code)
+    data = {name: Dataset.from_dict(tokenize_sft_rows(tokenizer, rows)) for name, rows in splits.items() if rows}
+    checkpoint = stage.prepare()
+
+    args = stage.training_args
+    model = load_base_model(stage.model_args, "causal-lm", args.gradient_checkpointing)
+    peft_config = build_peft_config(stage.model_args, model, "causal-lm")
+    if peft_config is not None:
+        model = get_peft_model(model, peft_config)
+    trainable, total = count_parameters(model)
+    logger.info("SFT: %s trainable of %s parameters (%s)", trainable, total, stage.model_args.peft_method)
+
+    if "validation" not in data:
+        args.eval_strategy = "no"
+        args.load_best_model_at_end = False
+    extra_callbacks = list(callbacks or [])
+    if "validation" in data and stage.stage_args.early_stopping_patience:
+        extra_callbacks.append(EarlyStoppingCallback(stage.stage_args.early_stopping_patience))
+    trainer = SFTTrainer(
+        model=model,
+        args=args,
+        train_dataset=data["train"],
+        eval_dataset=data.get("validation"),
+        processing_class=tokenizer,
+        callbacks=extra_callbacks,
+    )
+    metrics: dict[str, Any] = train_with_resume(trainer, checkpoint)
+    metrics.update(trainable_parameters=trainable, total_parameters=total,
+                   train_rows=len(splits["train"]), peft_method=stage.model_args.peft_method)
+    if "validation" in data:
+        metrics.update(trainer.evaluate(data["validation"], metric_key_prefix="validation"))
+    if "test" in data:
+        metrics.update(trainer.evaluate(data["test"], metric_key_prefix="test"))
+        metrics["test_perplexity"] = math.exp(min(metrics["test_loss"], 50.0))
+    # TRL's running token counter restarts on resume; it would make resumed metrics differ.
+    metrics = {k: v for k, v in metrics.items() if "num_tokens" not in k and "runtime" not in k
+               and "per_second" not in k}
+    return finish_stage(stage, trainer, tokenizer, metrics, "SFT loss",
+                        [["loss", "eval_loss"]])
