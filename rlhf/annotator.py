@@ -172,7 +172,7 @@ def score_parts(prompt: str, reply: str) -> ScoreParts:
     if not words(reply):
         return ScoreParts(sentiment=0.0, topic=topic, penalty=-EMPTY_PENALTY)
     sentiment = _vader().polarity_scores(reply)["compound"]
-    penalty = REPEAT_WEIGHT * (distinct_ratio(reply) - 1.0)  # (1 - distinct) <= 0, written so 0 is +0.0
+    penalty = REPEAT_WEIGHT * (distinct_ratio(reply) - 1.0)  # = -w * (1 - distinct); no repeats -> +0.0
     return ScoreParts(sentiment=sentiment, topic=topic, penalty=penalty)
 
 

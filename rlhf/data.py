@@ -186,7 +186,7 @@ def _check_text(rec: Record, field: str, allow_messages: bool) -> str | list[dic
         return value
     if allow_messages and isinstance(value, list):
         return _check_messages(rec, field, value)
-    raise DataError(rec.location, field, _expected_text(allow_messages), f"<a {type(value).__name__}>")
+    raise DataError(rec.location, field, _expected_text(allow_messages), value)
 
 
 def _expected_text(allow_messages: bool) -> str:

@@ -142,3 +142,41 @@ def load_for_generation(run_dir: str, device: str | None = None):
 
 def sampling_dict(sampling: SamplingArguments) -> dict:
     return asdict(sampling)
+
+
+def generate_command(argv: list[str]) -> int:
+    """``rlhf generate --model <run dir> --prompts <file> --out <jsonl>`` [sampling flags]."""
+    import argparse
+
+    from rlhf.data import load_rows, write_jsonl
+
+    defaults = SamplingArguments()
+    parser = argparse.ArgumentParser(prog="rlhf generate", description="one reply per prompt from any stage's output")
+    parser.add_argument("--model", required=True, help="a stage output directory (SFT, PPO), model dir or hub id")
+    parser.add_argument("--prompts", required=True, help="rows with a 'prompt' field (.jsonl/.json/.csv/...)")
+    parser.add_argument("--out", required=True, help="output JSONL: prompt, response")
+    parser.add_argument("--config", help="take sampling settings from this stage config (YAML)")
+    parser.add_argument("--n", type=int, default=1, help="replies per prompt")
+    parser.add_argument("--batch_size", type=int, default=8)
+    parser.add_argument("--seed", type=int, default=0)
+    for name in ("max_new_tokens", "temperature", "top_k", "top_p", "do_sample"):
+        kind = {bool: lambda v: str(v).lower() in ("1", "true", "yes")}.get(type(getattr(defaults, name)),
+                                                                              type(getattr(defaults, name)))
+        parser.add_argument(f"--{name}", type=kind, default=None, help=f"default {getattr(defaults, name)}")
+    args = parser.parse_args(argv)
+    settings = {}
+    if args.config:
+        from rlhf.config import load_yaml
+
+        config = load_yaml(args.config)
+        settings = {k: config[k] for k in ("max_new_tokens", "temperature", "top_k", "top_p", "do_sample") if k in config}
+    settings.update({k: getattr(args, k) for k in ("max_new_tokens", "temperature", "top_k", "top_p", "do_sample")
+                     if getattr(args, k) is not None})
+    sampling = SamplingArguments(**settings)
+    prompts = [r["prompt"] for r in load_rows(args.prompts, "prompt")]
+    model, tokenizer = load_for_generation(args.model)
+    replies = generate_replies(model, tokenizer, prompts, sampling, n=args.n, batch_size=args.batch_size, seed=args.seed)
+    rows = [{"prompt": p, "response": r} for p, rs in zip(prompts, replies) for r in rs]
+    write_jsonl(args.out, rows)
+    print(f"wrote {len(rows)} replies -> {args.out}")
+    return 0

@@ -519,7 +519,7 @@ def ppo_policy_loss(
     loss = masked_mean(torch.maximum(unclipped, clipped), mask)
     with torch.no_grad():
         stats = PolicyLossStats(
-            clipfrac=masked_mean((clipped > unclipped).float(), mask),
+            clipfrac=masked_mean((clipped >= unclipped).float(), mask),
             approx_kl=masked_mean((ratio - 1.0) - log_ratio, mask),
             ratio_mean=masked_mean(ratio, mask),
         )

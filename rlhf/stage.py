@@ -12,6 +12,7 @@ import torch
 
 from rlhf.config import build_config, save_resolved_config
 from rlhf.data import DataArguments
+from rlhf.errors import UserError
 from rlhf.models import ModelArguments
 from rlhf.outputs import RunDir, history_series, plot_curves, write_json
 
@@ -48,6 +49,32 @@ def trainer_defaults() -> dict[str, Any]:
         "max_length": 256,
         "output_dir": "runs/stage",
     }
+
+
+@dataclass
+class TrainerStageArguments:
+    """Settings every Trainer-based stage has beyond TRL's config."""
+
+    early_stopping_patience: int | None = 3
+    """Stop after this many evaluations without a better validation metric (None = never)."""
+
+    def __post_init__(self) -> None:
+        if self.early_stopping_patience is not None and self.early_stopping_patience < 1:
+            raise UserError(f"early_stopping_patience: expected >= 1 or null, found {self.early_stopping_patience}")
+
+
+def stage_callbacks(stage: "StageRun", has_validation: bool, callbacks: list | None) -> list:
+    """Early stopping (when there is validation data) plus the caller's callbacks."""
+    from transformers import EarlyStoppingCallback
+
+    args = stage.training_args
+    if not has_validation:
+        args.eval_strategy = "no"
+        args.load_best_model_at_end = False
+    extra = list(callbacks or [])
+    if has_validation and stage.stage_args.early_stopping_patience:
+        extra.append(EarlyStoppingCallback(stage.stage_args.early_stopping_patience))
+    return extra
 
 
 @dataclass
@@ -109,6 +136,10 @@ def finish_stage(stage: StageRun, trainer, tokenizer, metrics: dict[str, Any], t
     plot_curves(work / "curves.png", history_series(history, keys), title, panels=curve_keys)
     if extra:
         extra(work)
+    # Counters that restart on resume or depend on machine speed would make a resumed run's
+    # metrics differ from an uninterrupted one; wall time is reported on its own.
+    metrics = {k: v for k, v in metrics.items()
+               if "num_tokens" not in k and "runtime" not in k and "per_second" not in k}
     metrics = {**metrics, "wall_seconds": round(time.time() - stage.started, 1)}
     write_json(work / "metrics.json", metrics)
     write_json(work / "log_history.json", history)

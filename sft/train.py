@@ -12,8 +12,7 @@ from typing import Any
 
 from rlhf.formatting import encode_prompt_reply
 from rlhf.models import build_peft_config, count_parameters, load_base_model, load_tokenizer
-from rlhf.stage import StageRun, finish_stage, parse_stage, train_with_resume
-from sft.config import SFTStageArguments
+from rlhf.stage import StageRun, TrainerStageArguments, finish_stage, parse_stage, stage_callbacks, train_with_resume
 
 logger = logging.getLogger(__name__)
 
@@ -39,10 +38,9 @@ def run(argv: list[str] | None = None, values: dict[str, Any] | None = None, cal
     """Run the SFT stage; returns its metrics. ``callbacks`` are extra TrainerCallbacks."""
     from datasets import Dataset
     from peft import get_peft_model
-    from transformers import EarlyStoppingCallback
     from trl import SFTConfig, SFTTrainer
 
-    stage: StageRun = parse_stage(SFTStageArguments, SFTConfig, argv, values,
+    stage: StageRun = parse_stage(TrainerStageArguments, SFTConfig, argv, values,
                                   defaults={"completion_only_loss": True, "learning_rate": 2e-4})
     splits = stage.data_args.load("sft")  # validates every row before anything is written
     tokenizer = load_tokenizer(stage.model_args.model_name_or_path, stage.model_args.trust_remote_code)
@@ -57,19 +55,13 @@ def run(argv: list[str] | None = None, values: dict[str, Any] | None = None, cal
     trainable, total = count_parameters(model)
     logger.info("SFT: %s trainable of %s parameters (%s)", trainable, total, stage.model_args.peft_method)
 
-    if "validation" not in data:
-        args.eval_strategy = "no"
-        args.load_best_model_at_end = False
-    extra_callbacks = list(callbacks or [])
-    if "validation" in data and stage.stage_args.early_stopping_patience:
-        extra_callbacks.append(EarlyStoppingCallback(stage.stage_args.early_stopping_patience))
     trainer = SFTTrainer(
         model=model,
         args=args,
         train_dataset=data["train"],
         eval_dataset=data.get("validation"),
         processing_class=tokenizer,
-        callbacks=extra_callbacks,
+        callbacks=stage_callbacks(stage, "validation" in data, callbacks),
     )
     metrics: dict[str, Any] = train_with_resume(trainer, checkpoint)
     metrics.update(trainable_parameters=trainable, total_parameters=total,
@@ -79,8 +71,5 @@ def run(argv: list[str] | None = None, values: dict[str, Any] | None = None, cal
     if "test" in data:
         metrics.update(trainer.evaluate(data["test"], metric_key_prefix="test"))
         metrics["test_perplexity"] = math.exp(min(metrics["test_loss"], 50.0))
-    # TRL's running token counter restarts on resume; it would make resumed metrics differ.
-    metrics = {k: v for k, v in metrics.items() if "num_tokens" not in k and "runtime" not in k
-               and "per_second" not in k}
     return finish_stage(stage, trainer, tokenizer, metrics, "SFT loss",
                         [["loss", "eval_loss"]])

@@ -1,0 +1,133 @@
+"""Scoring prompt/reply rows with a trained reward model, and the held-out pair metrics.
+
+    rlhf reward score --model runs/reward --input rows.jsonl --out scored.jsonl
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from rlhf.errors import UserError
+from rlhf.formatting import encode_prompt_reply
+
+
+@torch.no_grad()
+def score_replies(model, tokenizer, prompts: list, replies: list[str], batch_size: int = 16,
+                  progress: bool = False) -> list[float]:
+    """Reward-model score of each (prompt, reply), laid out exactly as in training."""
+    model.eval()
+    device = next(model.parameters()).device
+    scores: list[float] = []
+    for start in tqdm(range(0, len(replies), batch_size), desc="scoring", disable=not progress):
+        seqs = [encode_prompt_reply(tokenizer, p, r)[0]
+                for p, r in zip(prompts[start : start + batch_size], replies[start : start + batch_size])]
+        width = max(len(s) for s in seqs)
+        ids = torch.full((len(seqs), width), tokenizer.pad_token_id, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for i, s in enumerate(seqs):
+            ids[i, : len(s)] = torch.tensor(s)
+            mask[i, : len(s)] = 1
+        logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits  # (b, 1)
+        scores.extend(logits.squeeze(-1).float().cpu().tolist())
+    return scores
+
+
+def pair_metrics(chosen: list[float], rejected: list[float], bins: int = 10) -> dict:
+    """Pairwise accuracy, mean margin, and reliability-diagram data of P(chosen) = sigmoid(margin).
+
+    Each pair is counted in both orders ((chosen, rejected) with outcome 1, (rejected, chosen) with
+    outcome 0), so the diagram compares predicted probabilities with observed frequencies over the
+    whole [0, 1] range, not only above one half.
+    """
+    margins = [c - r for c, r in zip(chosen, rejected)]
+    n = len(margins)
+    probs = [1 / (1 + math.exp(-m)) for m in margins]
+    predictions = probs + [1 - p for p in probs]
+    outcomes = [1.0] * n + [0.0] * n
+    edges = [i / bins for i in range(bins + 1)]
+    calibration = []
+    for lo, hi in zip(edges[:-1], edges[1:]):
+        idx = [i for i, p in enumerate(predictions) if lo <= p < hi or (hi == 1.0 and p == 1.0)]
+        if idx:
+            calibration.append({
+                "bin": [lo, hi],
+                "mean_predicted": sum(predictions[i] for i in idx) / len(idx),
+                "observed": sum(outcomes[i] for i in idx) / len(idx),
+                "count": len(idx),
+            })
+    ece = sum(c["count"] * abs(c["mean_predicted"] - c["observed"]) for c in calibration) / (2 * n) if n else 0.0
+    return {
+        "accuracy": sum(m > 0 for m in margins) / n if n else float("nan"),
+        "mean_margin": sum(margins) / n if n else float("nan"),
+        "expected_calibration_error": ece,
+        "calibration": calibration,
+        "pairs": n,
+    }
+
+
+def plot_calibration(path: str | Path, calibration: list[dict], title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(4.2, 4.2))
+    ax.plot([0, 1], [0, 1], "--", color="grey", label="perfect calibration")
+    xs = [c["mean_predicted"] for c in calibration]
+    ys = [c["observed"] for c in calibration]
+    sizes = [10 + 2 * c["count"] for c in calibration]
+    ax.plot(xs, ys, "-", color="tab:blue")
+    ax.scatter(xs, ys, s=sizes, color="tab:blue", label="held-out pairs (size = count)")
+    ax.set_xlabel("predicted P(chosen)")
+    ax.set_ylabel("observed frequency")
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1)
+    ax.set_title(title)
+    ax.legend(loc="upper left", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def load_reward_model(run_dir: str):
+    """(model, tokenizer) of a reward stage output: the base with the reward adapter and score head."""
+    from peft import PeftModel
+
+    from rlhf.adapters import adapter_base_model
+    from rlhf.models import ModelArguments, load_base_model, load_tokenizer
+
+    path = Path(run_dir)
+    if (path / "adapter_config.json").exists():
+        base = load_base_model(ModelArguments(model_name_or_path=adapter_base_model(path), peft_method="full"), "seq-cls")
+        model = PeftModel.from_pretrained(base, str(path))
+    elif (path / "config.json").exists():
+        model = load_base_model(ModelArguments(model_name_or_path=str(path), peft_method="full"), "seq-cls")
+    else:
+        raise UserError(f"{path}: expected a reward stage output (adapter_config.json or config.json), found neither")
+    tokenizer = load_tokenizer(str(path))
+    model.eval()
+    return model, tokenizer
+
+
+def score_file(model_dir: str, input_path: str, out_path: str, batch_size: int = 16) -> int:
+    """Score every prompt/response row of ``input_path`` into ``out_path`` (adds a ``score`` field)."""
+    from rlhf.data import DataError, read_records, write_jsonl
+
+    records = read_records(input_path)
+    rows = []
+    for rec in records:
+        reply = rec.row.get("response", rec.row.get("completion"))
+        if not isinstance(rec.row.get("prompt"), (str, list)) or not rec.row.get("prompt"):
+            raise DataError(rec.location, "prompt", "a non-empty string or a list of chat messages", rec.row.get("prompt", "<missing>"))
+        if not isinstance(reply, str) or not reply.strip():
+            raise DataError(rec.location, "response", "a non-empty string (or 'completion')", reply if reply is not None else "<missing>")
+        rows.append((rec.row, reply))
+    model, tokenizer = load_reward_model(model_dir)
+    scores = score_replies(model, tokenizer, [r["prompt"] for r, _ in rows], [reply for _, reply in rows],
+                           batch_size, progress=True)
+    write_jsonl(out_path, [{**row, "score": s} for (row, _), s in zip(rows, scores)])
+    return len(rows)

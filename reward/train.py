@@ -1,0 +1,90 @@
+"""Reward model: TRL RewardTrainer, a LoRA adapter plus a scalar score head on the shared base.
+
+    rlhf reward --config configs/reward.yaml [--learning_rate 5e-4 ...] [--resume]
+    accelerate launch scripts/reward.py --config configs/reward.yaml
+
+The adapter is saved with its score head so PPO can load it as one more adapter on the same base.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from rlhf.adapters import HEAD_FILE, read_score_head
+from rlhf.formatting import encode_prompt_reply
+from rlhf.models import build_peft_config, count_parameters, load_base_model, load_tokenizer
+from rlhf.stage import StageRun, finish_stage, parse_stage, stage_callbacks, train_with_resume
+from reward.config import RewardStageArguments
+from reward.score import pair_metrics, plot_calibration, score_replies
+
+logger = logging.getLogger(__name__)
+
+
+def tokenize_pairs(tokenizer, rows: list[dict]) -> dict[str, list]:
+    """Pre-tokenised ``chosen_ids``/``rejected_ids`` in the layout PPO scores (rlhf.formatting)."""
+    return {
+        "chosen_ids": [encode_prompt_reply(tokenizer, r["prompt"], r["chosen"])[0] for r in rows],
+        "rejected_ids": [encode_prompt_reply(tokenizer, r["prompt"], r["rejected"])[0] for r in rows],
+    }
+
+
+def run(argv: list[str] | None = None, values: dict[str, Any] | None = None, callbacks: list | None = None) -> dict:
+    """Run the reward stage; returns its metrics."""
+    from datasets import Dataset
+    from peft import get_peft_model
+    from trl import RewardConfig, RewardTrainer
+
+    stage: StageRun = parse_stage(
+        RewardStageArguments, RewardConfig, argv, values,
+        defaults={"learning_rate": 5e-4, "metric_for_best_model": "eval_accuracy", "greater_is_better": True,
+                  "max_length": None},
+    )
+    splits = stage.data_args.load("preference")
+    tokenizer = load_tokenizer(stage.model_args.model_name_or_path, stage.model_args.trust_remote_code)
+    data = {name: Dataset.from_dict(tokenize_pairs(tokenizer, rows)) for name, rows in splits.items() if rows}
+    checkpoint = stage.prepare()
+
+    args = stage.training_args
+    model = load_base_model(stage.model_args, "seq-cls", args.gradient_checkpointing)
+    model.config.pad_token_id = tokenizer.pad_token_id
+    peft_config = build_peft_config(stage.model_args, model, "seq-cls")
+    if peft_config is not None:
+        model = get_peft_model(model, peft_config)  # SEQ_CLS: peft trains and saves the score head too
+    trainable, total = count_parameters(model)
+    logger.info("reward: %s trainable of %s parameters (%s)", trainable, total, stage.model_args.peft_method)
+
+    trainer = RewardTrainer(
+        model=model,
+        args=args,
+        train_dataset=data["train"],
+        eval_dataset=data.get("validation"),
+        processing_class=tokenizer,
+        callbacks=stage_callbacks(stage, "validation" in data, callbacks),
+    )
+    metrics: dict[str, Any] = train_with_resume(trainer, checkpoint)
+    metrics.update(trainable_parameters=trainable, total_parameters=total, train_pairs=len(splits["train"]),
+                   peft_method=stage.model_args.peft_method)
+
+    held_out = {}
+    for name in ("validation", "test"):
+        rows = splits[name]
+        if not rows:
+            continue
+        prompts = [r["prompt"] for r in rows]
+        chosen = score_replies(trainer.model, tokenizer, prompts, [r["chosen"] for r in rows], progress=True)
+        rejected = score_replies(trainer.model, tokenizer, prompts, [r["rejected"] for r in rows], progress=True)
+        held_out[name] = pair_metrics(chosen, rejected, stage.stage_args.calibration_bins)
+        metrics.update({f"{name}_{k}": v for k, v in held_out[name].items() if k != "calibration"})
+
+    def write_extras(work) -> None:
+        if held_out:
+            name = "test" if "test" in held_out else "validation"
+            plot_calibration(work / "calibration.png", held_out[name]["calibration"],
+                             f"reward model calibration ({name}, acc {held_out[name]['accuracy']:.0%})")
+            metrics["calibration"] = {k: v["calibration"] for k, v in held_out.items()}
+        if not (work / HEAD_FILE).exists() and read_score_head(work) is None and peft_config is not None:
+            logger.warning("the saved reward adapter has no score head; PPO could not load it")
+
+    return finish_stage(stage, trainer, tokenizer, metrics, "reward model",
+                        [["loss", "eval_loss"], ["accuracy", "eval_accuracy"]], extra=write_extras)

@@ -1,0 +1,195 @@
+"""One base model in memory, several named roles: the adapter registry shared by every stage.
+
+PPO needs four models: policy, reference, reward and value. Here they are one base model with peft
+adapters (``policy``, ``value``, ``reward`` and optionally ``reference``) plus small scalar heads;
+the reference can also be the base with every adapter switched off (TRL's ``use_adapter`` idea). A
+role is entered through :meth:`AdapterRegistry.use`, which always restores the previous adapter.
+
+peft's ``set_adapter`` marks only the active adapter as trainable; we train two adapters (policy and
+value) in one step, so the registry re-applies each adapter's own trainable flag after every switch.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+from pathlib import Path
+from typing import Iterator
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from rlhf.errors import UserError
+
+HEAD_FILE = "score_head.safetensors"
+
+
+def last_non_pad_index(input_ids: torch.Tensor, pad_token_id: int) -> torch.Tensor:
+    """Index of the rightmost token that is not padding, per row: ``(b, s) -> (b,)``.
+
+    The same rule as transformers' sequence-classification heads, so a reward adapter scores a PPO
+    sequence exactly where it scored its training pairs (left or right padding alike). Rows made
+    only of padding give 0.
+    """
+    positions = torch.arange(input_ids.shape[1], device=input_ids.device)
+    return ((input_ids != pad_token_id).long() * positions).argmax(-1)
+
+
+def read_score_head(adapter_dir: str | os.PathLike) -> torch.Tensor | None:
+    """The (1, hidden) score weight a SEQ_CLS adapter saved beside its LoRA weights, if any."""
+    adapter_dir = Path(adapter_dir)
+    head_file = adapter_dir / HEAD_FILE
+    if head_file.exists():
+        return load_file(str(head_file))["weight"]
+    weights = adapter_dir / "adapter_model.safetensors"
+    if not weights.exists():
+        return None
+    tensors = load_file(str(weights))
+    for key, value in tensors.items():
+        if key.endswith("score.weight") or key.endswith("score.modules_to_save.weight"):
+            return value
+    return None
+
+
+class AdapterRegistry:
+    """Named peft adapters and scalar heads on one base model."""
+
+    def __init__(self, base_model: nn.Module):
+        self.base_model = base_model
+        self.peft_model = None
+        self.heads = nn.ModuleDict()
+        self.trainable: dict[str, bool] = {}
+
+    # -- building ------------------------------------------------------------------------------
+
+    @property
+    def names(self) -> list[str]:
+        return list(self.trainable)
+
+    def add(self, name: str, peft_config, trainable: bool = True) -> None:
+        """A fresh adapter ``name`` from a peft config."""
+        from peft import get_peft_model
+
+        if self.peft_model is None:
+            self.peft_model = get_peft_model(self.base_model, peft_config, adapter_name=name)
+        else:
+            self.peft_model.add_adapter(name, peft_config)
+        self.trainable[name] = trainable
+        self._apply_trainable()
+
+    def load(self, name: str, adapter_dir: str | os.PathLike, trainable: bool = False) -> None:
+        """Load a saved adapter (and its score head, if it has one) as ``name``."""
+        from peft import PeftModel
+
+        adapter_dir = Path(adapter_dir)
+        if not (adapter_dir / "adapter_config.json").exists():
+            raise UserError(f"{adapter_dir}: expected a peft adapter (adapter_config.json), found none")
+        if self.peft_model is None:
+            self.peft_model = PeftModel.from_pretrained(
+                self.base_model, str(adapter_dir), adapter_name=name, is_trainable=trainable
+            )
+        else:
+            self.peft_model.load_adapter(str(adapter_dir), adapter_name=name, is_trainable=trainable)
+        head = read_score_head(adapter_dir)
+        if head is not None:
+            self.add_head(name, head, trainable=trainable)
+        self.trainable[name] = trainable
+        self._apply_trainable()
+
+    def add_head(self, name: str, weight: torch.Tensor | None = None, trainable: bool = True) -> nn.Linear:
+        """A ``Linear(hidden, 1, bias=False)`` scalar head for role ``name``."""
+        hidden = self.base_model.config.get_text_config().hidden_size
+        head = nn.Linear(hidden, 1, bias=False)
+        if weight is not None:
+            head.weight.data.copy_(weight.reshape(1, hidden).float())
+        else:
+            nn.init.normal_(head.weight, std=1.0 / (hidden + 1))
+        head.to(next(self.base_model.parameters()).device)
+        head.requires_grad_(trainable)
+        self.heads[name] = head
+        return head
+
+    def _apply_trainable(self) -> None:
+        for param_name, param in self.peft_model.named_parameters():
+            for adapter, trainable in self.trainable.items():
+                if f".{adapter}." in param_name:
+                    param.requires_grad = trainable
+
+    def parameters_of(self, name: str) -> list[nn.Parameter]:
+        """Trainable parameters of adapter ``name`` and its head."""
+        params = [p for n, p in self.peft_model.named_parameters() if f".{name}." in n and p.requires_grad]
+        if name in self.heads:
+            params += [p for p in self.heads[name].parameters() if p.requires_grad]
+        return params
+
+    # -- switching ----------------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def use(self, name: str | None) -> Iterator[nn.Module]:
+        """Run with adapter ``name`` active (None: all adapters off, i.e. the base model)."""
+        if name is None:
+            with self.peft_model.disable_adapter():
+                yield self.peft_model
+            return
+        if name not in self.trainable:
+            raise KeyError(f"no adapter named {name!r}; have {self.names}")
+        previous = self.peft_model.active_adapter
+        self.peft_model.set_adapter(name)
+        self._apply_trainable()
+        try:
+            yield self.peft_model
+        finally:
+            self.peft_model.set_adapter(previous)
+            self._apply_trainable()
+
+    # -- forward passes -----------------------------------------------------------------------
+
+    def _body(self) -> nn.Module:
+        # The transformer without its LM head (LlamaModel inside LlamaForCausalLM): reward and value
+        # need hidden states only, and the vocabulary projection is the most expensive matmul.
+        return self.peft_model.get_base_model().base_model
+
+    def hidden_states(self, name: str | None, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Final hidden states ``(b, s, h)`` under adapter ``name``."""
+        with self.use(name):
+            return self._body()(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
+
+    def logits(self, name: str | None, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """LM logits ``(b, s, v)`` under adapter ``name`` (None = base model)."""
+        with self.use(name) as model:
+            return model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+
+    def score(self, name: str, input_ids: torch.Tensor, attention_mask: torch.Tensor, pad_token_id: int) -> torch.Tensor:
+        """Scalar score ``(b,)`` of each sequence at its last non-pad token (reward model)."""
+        hidden = self.hidden_states(name, input_ids, attention_mask)  # (b, s, h)
+        index = last_non_pad_index(input_ids, pad_token_id)  # (b,)
+        last = hidden[torch.arange(hidden.shape[0], device=hidden.device), index]  # (b, h)
+        return self.heads[name](last.to(self.heads[name].weight.dtype)).squeeze(-1)
+
+    def values(self, name: str, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Per-token scalar values ``(b, s)`` (value model)."""
+        hidden = self.hidden_states(name, input_ids, attention_mask)
+        return self.heads[name](hidden.to(self.heads[name].weight.dtype)).squeeze(-1)
+
+    # -- saving -------------------------------------------------------------------------------
+
+    def save(self, name: str, directory: str | os.PathLike) -> None:
+        """Save adapter ``name`` (and its head) so :meth:`load` or peft can read it back."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        self.peft_model.save_pretrained(str(directory), selected_adapters=[name])
+        nested = directory / name  # peft nests non-default adapter names in a sub-folder
+        if nested.is_dir():
+            for item in nested.iterdir():
+                os.replace(item, directory / item.name)
+            nested.rmdir()
+        if name in self.heads:
+            save_file({"weight": self.heads[name].weight.detach().cpu().contiguous()}, str(directory / HEAD_FILE))
+
+
+def adapter_base_model(adapter_dir: str | os.PathLike) -> str:
+    """The base model an adapter was trained on, from its adapter_config.json."""
+    config = json.loads((Path(adapter_dir) / "adapter_config.json").read_text())
+    return config["base_model_name_or_path"]
