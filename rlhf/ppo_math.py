@@ -60,6 +60,8 @@ __all__ = [
     "AdaptiveKLController",
     "make_kl_controller",
     "distinct_n",
+    "KL_KINDS",
+    "KL_CONTROLLER_KINDS",
 ]
 
 KL_KINDS = ("k1", "k2", "k3")
@@ -131,7 +133,7 @@ def entropy_from_logits(logits: torch.Tensor, temperature: float = 1.0) -> torch
     """Entropy (nats) of ``softmax(logits / temperature)`` at each position.
 
     Args:
-        logits: ``(b, t, v)``. Not modified.
+        logits: ``(b, t, v)``, finite (a -inf logit gives NaN). Not modified.
         temperature: as in :func:`logprobs_from_logits`, so the entropy is that of the
             distribution actually sampled from.
 
@@ -409,12 +411,12 @@ def gae_advantages(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Generalized Advantage Estimation over the response tokens (Schulman et al. 2016).
 
-    ``delta_j = r_j + gamma * V_{j+1} - V_j`` and ``A_j = delta_j + gamma * lam * A_{j+1}``, where
-    "j+1" is the next *real* token of the row. After the last real token the episode is over, so
-    ``V`` and ``A`` there are 0. Masked-out positions are skipped, not treated as zero-reward steps:
-    the usual mask is a prefix of True (padding after EOS), but a hole or left padding would also
-    give the same result as deleting those positions, and their values (NaN included) never reach
-    a real position.
+    ``delta_j = r_j + gamma * V_{j+1} - V_j`` and ``A_j = delta_j + gamma * lam * A_{j+1}``
+    (eqs. 11 and 16), where "j+1" is the next *real* token of the row. After the last real token
+    the episode is over, so ``V`` and ``A`` there are 0. Masked-out positions are skipped as if
+    deleted, not treated as zero-reward steps. The usual mask is a prefix of True (padding after
+    EOS), but holes or left padding give the same answer as deleting those positions, and their
+    rewards and values (NaN included) never reach a real position.
 
     Args:
         rewards: ``(b, t)`` per-token rewards, from :func:`compute_rewards`.
@@ -460,10 +462,12 @@ class PolicyLossStats(NamedTuple):
     clipfrac: torch.Tensor
     """Fraction of tokens where the clipped term was the larger loss (its gradient is 0)."""
     approx_kl: torch.Tensor
-    """KL(old || new) estimated with k3, ``(ratio - 1) - log(ratio)``: >= 0, unbiased. A jump
-    well above ~0.02 means the minibatch updates moved the policy too far."""
+    """KL(old || new) estimated with k3, ``(ratio - 1) - log(ratio)`` (>= 0, unbiased), not with
+    ``0.5 * log(ratio)**2``. Grows as the minibatch updates move the policy away from the rollout
+    policy: the usual early-stopping signal."""
     ratio_mean: torch.Tensor
-    """Mean of ``exp(logprobs - old_logprobs)``; 1 on the first minibatch of each batch."""
+    """Mean of ``exp(logprobs - old_logprobs)``; exactly 1 while the policy has not moved since
+    the rollout (first minibatch of the first epoch, if the forward pass has no dropout)."""
 
 
 class ValueLossStats(NamedTuple):
@@ -519,7 +523,7 @@ def ppo_policy_loss(
     loss = masked_mean(torch.maximum(unclipped, clipped), mask)
     with torch.no_grad():
         stats = PolicyLossStats(
-            clipfrac=masked_mean((clipped >= unclipped).float(), mask),
+            clipfrac=masked_mean((clipped > unclipped).float(), mask),
             approx_kl=masked_mean((ratio - 1.0) - log_ratio, mask),
             ratio_mean=masked_mean(ratio, mask),
         )
