@@ -3,9 +3,9 @@
 The demo task is short replies to requests such as "Write a short review of ramen." or "Describe
 Kyoto in one or two sentences.", where people prefer replies that are positive and on topic. No
 people label the demo data; this module does, by a fixed, documented rule, so that the whole
-pipeline (SFT -> reward model -> PPO) can be shown and measured on a laptop. The PPO stage's
-evaluation uses the same rule as ground truth ("did the policy get better at what the labellers
-wanted?"), which a learned reward model only approximates.
+pipeline (SFT -> reward model -> PPO) can be shown and measured on a laptop. An evaluation can use
+the same rule as ground truth ("did the policy get better at what the labellers wanted?"), which
+the learned reward model only approximates.
 
 Score (deterministic)
 ---------------------
