@@ -53,6 +53,15 @@ def read_score_head(adapter_dir: str | os.PathLike) -> torch.Tensor | None:
     return None
 
 
+def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Positions counted over real tokens only: ``(b, s) -> (b, s)``.
+
+    With left padding the first real token must sit at position 0, as it does during ``generate``
+    and in right-padded training batches; otherwise logprobs and scores shift with the pad width.
+    """
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
 class AdapterRegistry:
     """Named peft adapters and scalar heads on one base model."""
 
@@ -152,14 +161,21 @@ class AdapterRegistry:
         return self.peft_model.get_base_model().base_model
 
     def hidden_states(self, name: str | None, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """Final hidden states ``(b, s, h)`` under adapter ``name``."""
+        """Final hidden states ``(b, s, h)`` under adapter ``name`` (None = base model)."""
         with self.use(name):
-            return self._body()(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
+            return self._body()(
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                position_ids=position_ids_from_mask(attention_mask),
+                use_cache=False,
+            ).last_hidden_state
+
+    def lm_head(self) -> nn.Module:
+        return self.peft_model.get_base_model().get_output_embeddings()
 
     def logits(self, name: str | None, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """LM logits ``(b, s, v)`` under adapter ``name`` (None = base model)."""
-        with self.use(name) as model:
-            return model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+        return self.lm_head()(self.hidden_states(name, input_ids, attention_mask))
 
     def score(self, name: str, input_ids: torch.Tensor, attention_mask: torch.Tensor, pad_token_id: int) -> torch.Tensor:
         """Scalar score ``(b,)`` of each sequence at its last non-pad token (reward model)."""
