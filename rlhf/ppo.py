@@ -309,6 +309,8 @@ class PPOTrainer:
     @torch.no_grad()
     def score(self, rollout: Rollout) -> Scored:
         raw = self.registry.score("reward", rollout.input_ids, rollout.attention_mask, self.tokenizer.pad_token_id)
+        # Checked before the missing-EOS penalty, which would overwrite a NaN score of a cut-off reply.
+        self._guard_finite(raw, "reward-model scores")
         scores = pm.apply_missing_eos_penalty(raw, rollout.ends_with_eos, self.args.missing_eos_penalty)
         logprobs = self._logprobs(self.reply_logits("policy", rollout), rollout)
         ref_logprobs = self._logprobs(self.reply_logits(self.reference, rollout), rollout)
@@ -327,7 +329,9 @@ class PPOTrainer:
             order = torch.randperm(mask.shape[0], generator=generator)
             for start in range(0, len(order), args.mini_batch_size):
                 minibatch = order[start : start + args.mini_batch_size]
-                mb_tokens = mask[minibatch].sum().clamp(min=1).item()
+                # Loss = sum over every process's real tokens / their total, so N processes with
+                # b/N replies each take the same step as one process with b replies.
+                mb_tokens = max(self._sum(mask[minibatch].sum().float()), 1.0)
                 self.optimizer.zero_grad(set_to_none=True)
                 for micro_start in range(0, len(minibatch), args.micro_batch_size):
                     rows = minibatch[micro_start : micro_start + args.micro_batch_size]
@@ -352,6 +356,7 @@ class PPOTrainer:
                                         ("clipfrac", pg_stats.clipfrac), ("approx_kl", pg_stats.approx_kl),
                                         ("ratio", pg_stats.ratio_mean), ("value_clipfrac", vf_stats.vf_clipfrac)):
                         sums[name] = sums.get(name, 0.0) + float(value.detach()) * w
+                self._sync_gradients()
                 grad_norm = torch.nn.utils.clip_grad_norm_(self.params, args.max_grad_norm)
                 self._guard_finite(grad_norm, "gradient norm")
                 self.optimizer.step()
@@ -410,6 +415,31 @@ class PPOTrainer:
             whitened = whitened + mean
         return torch.where(mask.bool(), whitened, torch.zeros_like(whitened))
 
+    def _sum(self, value: torch.Tensor) -> float:
+        """Sum of a scalar over every process."""
+        if self.accelerator.num_processes == 1:
+            return float(value)
+        return float(self.accelerator.reduce(value.reshape(1).to(self.device), reduction="sum"))
+
+    def _sync_gradients(self) -> None:
+        """Sum gradients over processes in one flat all-reduce.
+
+        We do this by hand rather than wrapping the model in DDP: each micro-batch runs two forward
+        passes (policy and value adapters) before one backward, and the frozen roles' adapters get
+        no gradient at all, both of which DDP's bucketed hooks reject. Missing gradients count as
+        zeros, so every process reduces the same flat buffer.
+        """
+        if self.accelerator.num_processes == 1:
+            return
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.params]
+        flat = torch.cat([g.reshape(-1) for g in grads]).to(self.device)
+        flat = self.accelerator.reduce(flat, reduction="sum")
+        offset = 0
+        for p, g in zip(self.params, grads):
+            n = g.numel()
+            p.grad = flat[offset : offset + n].view_as(p).to(p.device)
+            offset += n
+
     def _mean(self, values: torch.Tensor) -> float:
         """Mean over every process's rows."""
         if self.accelerator.num_processes == 1:
@@ -456,26 +486,37 @@ class PPOTrainer:
 
     def save_checkpoint(self, directory: Path) -> None:
         """Adapters, heads, optimizer, scheduler, KL controller, RNG states and data position; atomic."""
-        if not self.accelerator.is_main_process:
-            return
         part = directory.with_name(directory.name + ".part")
-        shutil.rmtree(part, ignore_errors=True)
-        part.mkdir(parents=True)
+        if self.accelerator.is_main_process:
+            shutil.rmtree(part, ignore_errors=True)
+            part.mkdir(parents=True)
+        self.accelerator.wait_for_everyone()
+        # Every process keeps its own sampling RNG; only the main process writes the rest.
+        torch.save(self._rng_state(), part / f"rng_{self.accelerator.process_index}.pt")
+        self.accelerator.wait_for_everyone()
+        if not self.accelerator.is_main_process:
+            self.accelerator.wait_for_everyone()
+            return
         self.registry.save("policy", part / "policy")
         self.registry.save("value", part / "value")
         torch.save({
             "step": self.step,
+            "num_processes": self.accelerator.num_processes,
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "kl_controller": self.kl_ctl.state_dict(),
             "sampler": self.sampler.state_dict(),
             "history": self.history,
-            "rng": {"torch": torch.get_rng_state(), "python": random.getstate(),
-                    "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
             "warned": sorted(self._warned),
             "negative_kl_run": self._negative_kl_run,
         }, part / STATE_FILE)
         os.replace(part, directory)
+        self.accelerator.wait_for_everyone()
+
+    @staticmethod
+    def _rng_state() -> dict:
+        return {"torch": torch.get_rng_state(), "python": random.getstate(),
+                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
 
     def load_checkpoint(self, directory: Path) -> None:
         from peft import set_peft_model_state_dict
@@ -486,16 +527,24 @@ class PPOTrainer:
             set_peft_model_state_dict(self.model, weights, adapter_name=role)
         self.registry.heads["value"].weight.data.copy_(load_file(str(directory / "value" / HEAD_FILE))["weight"])
         state = torch.load(directory / STATE_FILE, weights_only=False)
+        if state.get("num_processes", 1) != self.accelerator.num_processes:
+            raise UserError(f"{directory}: written by {state.get('num_processes', 1)} process(es); resume with the "
+                            f"same number, found {self.accelerator.num_processes}")
         self.step = state["step"]
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.kl_ctl.load_state_dict(state["kl_controller"])
         self.sampler.load_state_dict(state["sampler"])
         self.history = state["history"]
-        torch.set_rng_state(state["rng"]["torch"])
-        random.setstate(state["rng"]["python"])
-        if state["rng"]["cuda"] is not None and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+        rng_file = directory / f"rng_{self.accelerator.process_index}.pt"
+        if not rng_file.exists():
+            raise UserError(f"{directory}: expected {rng_file.name}; resume with the same number of processes "
+                            "that wrote the checkpoint")
+        rng = torch.load(rng_file, weights_only=False)
+        torch.set_rng_state(rng["torch"])
+        random.setstate(rng["python"])
+        if rng["cuda"] is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(rng["cuda"])
         self._warned = set(state["warned"])
         self._negative_kl_run = state["negative_kl_run"]
 
@@ -606,7 +655,7 @@ def run(argv: list[str] | None = None, values: dict[str, Any] | None = None, on_
     history = trainer.train(on_checkpoint=on_checkpoint)
     metrics: dict[str, Any] = {}
     samples: list[dict] = []
-    if eval_prompts:
+    if eval_prompts and accelerator.is_main_process:
         metrics, samples = trainer.evaluate(eval_prompts)
     accelerator.end_training()
     if not accelerator.is_main_process:
