@@ -119,6 +119,8 @@ class PPOArguments:
     """Batch size of the final evaluation."""
     negative_kl_patience: int = 3
     """Warn when the KL estimate stays negative this many steps in a row."""
+    gradient_checkpointing: bool = False
+    """Recompute activations in the backward pass: less memory, about 30 % more compute."""
 
     def __post_init__(self) -> None:
         if self.mini_batch_size > self.batch_size or self.batch_size % self.mini_batch_size:
@@ -217,6 +219,8 @@ def build_roles(model_args: ModelArguments, args: PPOArguments, device: torch.de
     base_args = ModelArguments(**{**asdict(model_args), "model_name_or_path": base_path})
     base = load_base_model(base_args, "causal-lm")
     base.to(device)
+    if args.gradient_checkpointing:
+        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     registry = AdapterRegistry(base)
     if sft_is_adapter:
         registry.load("policy", sft_dir, trainable=True)
@@ -297,7 +301,8 @@ class PPOTrainer:
     def reply_values(self, rollout: Rollout, rows=slice(None)) -> torch.Tensor:
         """Value estimates ``(b, t)`` of the states before each reply token."""
         hidden = self._reply_hidden("value", rollout, rows)
-        return self.registry.heads["value"](hidden).squeeze(-1)
+        head = self.registry.heads["value"]
+        return head(hidden.to(head.weight.dtype)).squeeze(-1)
 
     def _logprobs(self, logits: torch.Tensor, rollout: Rollout, rows=slice(None)) -> torch.Tensor:
         labels = rollout.input_ids[rows][:, rollout.query_width :]
