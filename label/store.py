@@ -40,6 +40,7 @@ DB_NAME = "campaign.sqlite"
 SCHEMA_VERSION = 1
 CHOICES = ("a", "b", "tie", "both_bad")
 SIDES = ("a", "b")
+_NO_PAIR = "prompt(s) with fewer than 2 distinct replies (no pair yet)"
 ASSIGNMENT_LEASE_S = 15 * 60
 """An open item older than this no longer keeps other annotators away from its pair."""
 
@@ -159,11 +160,11 @@ class Campaign:
                 f"{'no ' + DB_NAME if self.path.is_dir() else 'no such directory'}; "
                 "create one with `rlhf label import` or `rlhf label generate`"
             )
-        with self._connect() as conn:
-            try:
+        try:
+            with self._connect() as conn:
                 version = conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
-            except sqlite3.DatabaseError as e:
-                raise UserError(f"{self.db_path}: expected a labeling campaign database, found {e}")
+        except sqlite3.DatabaseError as e:
+            raise UserError(f"{self.db_path}: expected a labeling campaign database, found {e}")
         if version is None or int(version[0]) != SCHEMA_VERSION:
             raise UserError(
                 f"{self.db_path}: expected campaign schema version {SCHEMA_VERSION}, "
@@ -183,10 +184,10 @@ class Campaign:
             try:
                 # WAL is a property of the file: set once, every later connection uses it.
                 conn.execute("PRAGMA journal_mode=WAL")
-                conn.executescript("BEGIN;" + _SCHEMA + "COMMIT;")
-                conn.executemany(
-                    "INSERT INTO meta (key, value) VALUES (?, ?)",
-                    [("schema_version", str(SCHEMA_VERSION)), ("k", "1")],
+                # One transaction: a campaign exists with its schema version, or not at all.
+                conn.executescript(
+                    f"BEGIN; {_SCHEMA} INSERT INTO meta (key, value) VALUES "
+                    f"('schema_version', '{SCHEMA_VERSION}'), ('k', '1'); COMMIT;"
                 )
             finally:
                 conn.close()
@@ -291,6 +292,8 @@ class Campaign:
                         (prompt_id, a, b, rng.random()),
                     )
                 result.pairs += len(pairs)
+                if len(all_ids) < 2:
+                    result.skipped[_NO_PAIR] = result.skipped.get(_NO_PAIR, 0) + 1
         return result
 
     # ------------------------------------------------------------------------------------------
