@@ -29,6 +29,7 @@ demo: install model
 	$(PY) scripts/demo.py
 
 test: install
+	sh scripts/install_browser.sh
 	$(PY) -m pytest -q -x --durations=15
 
 bench-sft: install model

@@ -366,7 +366,8 @@ class PPOTrainer:
                 self._guard_finite(grad_norm, "gradient norm")
                 self.optimizer.step()
         self.scheduler.step()
-        return {k: v / max(weight_total, 1.0) for k, v in sums.items()}
+        total = max(self._sum(torch.tensor(weight_total)), 1.0)
+        return {k: self._sum(torch.tensor(v)) / total for k, v in sums.items()}
 
     # -- one whole step -----------------------------------------------------------------------
 
@@ -386,7 +387,8 @@ class PPOTrainer:
         advantages = self._whiten(advantages, mask, shift_mean=True)
         stats = self.update(rollout, scored, advantages, returns)  # 6. PPO epochs
         kl_per_reply = self._mean(pm.masked_sum(kl, mask, dim=1))
-        explained = pm.ppo_value_loss(scored.values, scored.values, returns, mask, 1.0)[1].explained_variance
+        # 1 - Var[returns - values] / Var[returns], over every process's real tokens.
+        explained = 1.0 - self._var(returns - scored.values, mask) / max(self._var(returns, mask), 1e-12)
         stats.update(
             score=self._mean(scored.raw_scores),
             score_after_eos_penalty=self._mean(scored.scores),
@@ -419,6 +421,13 @@ class PPOTrainer:
         if not shift_mean:
             whitened = whitened + mean
         return torch.where(mask.bool(), whitened, torch.zeros_like(whitened))
+
+    def _var(self, values: torch.Tensor, mask: torch.Tensor) -> float:
+        """Variance of the masked-in entries over every process."""
+        m = mask.to(values.dtype)
+        n = self._sum(m.sum())
+        mean = self._sum((values * m).sum()) / max(n, 1.0)
+        return self._sum((((values - mean) * m) ** 2).sum()) / max(n - 1, 1.0)
 
     def _sum(self, value: torch.Tensor) -> float:
         """Sum of a scalar over every process."""

