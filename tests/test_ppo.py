@@ -1,0 +1,472 @@
+"""The PPO stage end to end on a tiny model: SFT -> reward model -> PPO, in seconds.
+
+One module-scoped pipeline (a tiny SFT run and a tiny reward run) feeds every test:
+
+1. smoke: a 4-step PPO run trains the policy and value roles, leaves reward and reference alone,
+   and writes a complete output directory;
+2. kill-and-resume: 4 steps straight == 2 steps, ``os._exit(137)``, ``--resume`` for 2 more;
+3. guard: a NaN stops the run with NonFiniteError and keeps the last good checkpoint;
+4. rollout invariants on a real ``PPOTrainer.generate`` batch (padding, EOS, ratio, KL, reward);
+5. sampling settings come from our config, never from the model's generation_config;
+6. the negative-KL and reward-collapse warnings.
+
+Every model here runs on one thread: the tiny matmuls gain nothing from two, and on a busy 2-core
+machine two threads spin-wait each other into a 50x slowdown.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from rlhf import ppo_math as pm
+from rlhf.adapters import HEAD_FILE, read_score_head
+from rlhf.data import write_jsonl
+from rlhf.formatting import encode_prompt, encode_prompt_reply
+
+REPO = Path(__file__).resolve().parents[1]
+THINGS = ["coffee", "tea", "pizza", "bread", "cheese", "apple", "mango", "pasta", "soup", "salad",
+          "beach", "city", "river", "forest", "museum", "phone", "laptop", "camera", "book", "movie"]
+EOS_BIAS = 2.0  # added to the EOS logit while sampling in test 4, so some replies stop early
+
+
+# -- the tiny pipeline ----------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def pipeline(tiny_model_dir, tmp_path_factory) -> dict[str, Path]:
+    """Tiny SFT and reward runs (LoRA) on the tiny model, plus PPO prompt files."""
+    from reward.train import run as reward_run
+    from sft.train import run as sft_run
+
+    root = tmp_path_factory.mktemp("ppo_pipeline")
+    sft_rows = [{"prompt": f"write a short review of the {w}", "completion": f"the {w} is {a} and i {v} it ."}
+                for w in THINGS for a, v in (("good", "like"), ("bad", "hate"))]
+    pref_rows = [{"prompt": f"write a short review of the {w}", "chosen": f"the {w} is lovely and i love it .",
+                  "rejected": f"the {w} is awful ."} for w in THINGS]
+    # Prompts of different lengths, so a rollout batch needs left padding.
+    prompt_rows = [{"prompt": p} for w in THINGS for p in (f"give a short opinion on the {w}",
+                                                            f"what do you think about the {w} ? reply in one sentence")]
+    files = {}
+    for name, rows in (("sft", sft_rows), ("prefs", pref_rows), ("prompts", prompt_rows[:32]),
+                       ("prompts_test", prompt_rows[32:])):
+        files[name] = root / f"{name}.jsonl"
+        write_jsonl(files[name], rows)
+    common = ["--model_name_or_path", str(tiny_model_dir), "--validation_file", "null", "--test_file", "null",
+              "--validation_size", "4", "--test_size", "0", "--max_steps", "2", "--eval_steps", "2",
+              "--learning_rate", "5e-3"]
+    sft_run(["--config", str(REPO / "configs/tiny/sft.yaml"), "--train_file", str(files["sft"]),
+             "--output_dir", str(root / "sft"), *common])
+    reward_run(["--config", str(REPO / "configs/tiny/reward.yaml"), "--train_file", str(files["prefs"]),
+                "--output_dir", str(root / "reward"), *common])
+    return {"root": root, "model": tiny_model_dir, "sft": root / "sft", "reward": root / "reward",
+            "prompts": files["prompts"], "prompts_test": files["prompts_test"]}
+
+
+def ppo_argv(pipeline: dict[str, Path], out: Path, *extra: str) -> list[str]:
+    """configs/tiny/ppo.yaml (4 steps, checkpoint every 2) on the tiny pipeline."""
+    return ["--config", str(REPO / "configs/tiny/ppo.yaml"), "--model_name_or_path", str(pipeline["model"]),
+            "--sft_model", str(pipeline["sft"]), "--reward_model", str(pipeline["reward"]),
+            "--train_file", str(pipeline["prompts"]), "--test_file", str(pipeline["prompts_test"]),
+            "--output_dir", str(out), "--learning_rate", "1e-3", *extra]
+
+
+def capture_registry(monkeypatch) -> list:
+    """Make rlhf.ppo.run hand us the AdapterRegistry it builds."""
+    import rlhf.ppo
+
+    built = []
+    original = rlhf.ppo.build_roles
+
+    def build_and_keep(*args, **kwargs):
+        registry, reference = original(*args, **kwargs)
+        built.append(registry)
+        return registry, reference
+
+    monkeypatch.setattr(rlhf.ppo, "build_roles", build_and_keep)
+    return built
+
+
+def make_trainer(pipeline: dict[str, Path], *extra: str, sft_model: Path | None = None):
+    """A PPOTrainer built the way rlhf.ppo.run builds it, without a run directory."""
+    from rlhf.models import load_tokenizer
+    from rlhf.ppo import PPOTrainer, build_roles, parse_ppo
+
+    argv = ppo_argv(pipeline, pipeline["root"] / "unused", *extra)
+    if sft_model is not None:
+        argv += ["--sft_model", str(sft_model)]
+    model_args, data_args, args, sampling, _ = parse_ppo(argv)
+    prompts = [r["prompt"] for r in data_args.load("prompt")["train"]]
+    registry, reference = build_roles(model_args, args, torch.device("cpu"))
+    tokenizer = load_tokenizer(str(pipeline["sft"]))
+    return PPOTrainer(args, sampling, registry, tokenizer, prompts, reference)
+
+
+def adapter_state(registry, name: str) -> dict[str, torch.Tensor]:
+    """In-memory weights of adapter ``name``, keyed as in its adapter_model.safetensors."""
+    from peft import get_peft_model_state_dict
+
+    return {k: v.detach().clone() for k, v in get_peft_model_state_dict(registry.peft_model, adapter_name=name).items()}
+
+
+def lora_tensors(directory: Path) -> dict[str, torch.Tensor]:
+    """The LoRA matrices of a saved adapter (no score head), by key."""
+    return {k: v for k, v in load_file(str(directory / "adapter_model.safetensors")).items() if "lora_" in k}
+
+
+def assert_all_equal(found: dict[str, torch.Tensor], expected: dict[str, torch.Tensor], what: str) -> None:
+    assert found.keys() == expected.keys() and found, what
+    for key in expected:
+        assert torch.equal(found[key], expected[key]), f"{what}: {key} changed"
+
+
+def assert_some_differ(found: dict[str, torch.Tensor], expected: dict[str, torch.Tensor], what: str) -> None:
+    assert found.keys() == expected.keys() and found, what
+    assert any(not torch.equal(found[k], expected[k]) for k in expected), f"{what}: nothing changed"
+
+
+def comparable_metrics(run_dir: Path) -> dict:
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    metrics.pop("wall_seconds")
+    return metrics
+
+
+# -- 1. smoke -------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def straight_run(pipeline, tmp_path_factory):
+    """4 PPO steps without interruption (checkpoints at 2 and 4); returns (output dir, registry)."""
+    from rlhf.ppo import run
+
+    monkeypatch = pytest.MonkeyPatch()
+    built = capture_registry(monkeypatch)
+    out = tmp_path_factory.mktemp("ppo_straight") / "ppo"
+    try:
+        run(ppo_argv(pipeline, out))
+    finally:
+        monkeypatch.undo()
+    return out, built[0]
+
+
+@pytest.mark.slow
+def test_smoke_trains_policy_and_value_only(pipeline, straight_run):
+    from rlhf.generation import load_for_generation
+
+    out, registry = straight_run
+    sft, reward = pipeline["sft"], pipeline["reward"]
+    # Trained roles moved away from where they started...
+    assert_some_differ(lora_tensors(out), lora_tensors(sft), "policy vs SFT adapter")
+    value, reward_lora = lora_tensors(out / "value"), lora_tensors(reward)
+    assert_some_differ(value, reward_lora, "value vs reward adapter")
+    value_head = load_file(str(out / "value" / HEAD_FILE))["weight"]
+    assert not torch.equal(value_head.reshape(-1), read_score_head(reward).reshape(-1).float())
+    # ...and the frozen ones did not move, in memory at the end of the run.
+    assert_all_equal(adapter_state(registry, "reward"), lora_tensors(reward), "reward adapter")
+    assert_all_equal(adapter_state(registry, "reference"), lora_tensors(sft), "reference adapter")
+    assert torch.equal(registry.heads["reward"].weight.detach().reshape(-1), read_score_head(reward).reshape(-1).float())
+    assert not any(p.requires_grad for n, p in registry.peft_model.named_parameters()
+                   if ".reward." in n or ".reference." in n)
+
+    # A complete output directory.
+    assert not out.with_name(out.name + ".tmp").exists()
+    model, tokenizer = load_for_generation(str(out))
+    assert tokenizer.pad_token_id is not None and model.active_adapter == "default"
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["steps"] == 4
+    history = json.loads((out / "log_history.json").read_text())
+    assert [h["step"] for h in history] == [1, 2, 3, 4]
+    for key in ("score", "kl", "entropy", "clipfrac", "approx_kl", "value_loss", "response_length"):
+        assert key in history[-1] and f"final_{key}" in metrics, key
+    assert (out / "curves.png").stat().st_size > 0
+    samples = [json.loads(line) for line in (out / "eval_samples.jsonl").read_text().splitlines()]
+    assert len(samples) == 4 and {"prompt", "reference", "policy", "reference_score", "policy_score"} <= samples[0].keys()
+
+
+# -- 2. kill and resume ---------------------------------------------------------------------------
+
+KILL_AT_STEP_2 = textwrap.dedent("""
+    import os, sys
+    import torch
+    torch.set_num_threads(1)
+    from rlhf.ppo import run
+
+    def die(step):
+        if step == 2:
+            os._exit(137)  # no cleanup, no finally blocks: what a kill -9 leaves behind
+
+    run({argv!r}, on_checkpoint=die)
+    sys.exit(0)  # not reached when the callback fires
+""")
+
+
+@pytest.mark.slow
+def test_killed_run_resumes_to_the_same_result(pipeline, straight_run, tmp_path):
+    from rlhf.ppo import run
+
+    straight, _ = straight_run
+    resumed = tmp_path / "ppo"
+    argv = ppo_argv(pipeline, resumed)
+    env = {**os.environ, "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    child = subprocess.run([sys.executable, "-c", KILL_AT_STEP_2.format(argv=argv)], cwd=tmp_path, env=env,
+                           capture_output=True, text=True, timeout=300)
+    assert child.returncode == 137, child.stderr[-3000:]
+    work = resumed.with_name("ppo.tmp")
+    assert not resumed.exists()
+    assert (work / "checkpoint-2" / "trainer_state.pt").exists()
+    assert not (work / "checkpoint-4").exists()
+
+    steps_after_resume = []
+    run(argv + ["--resume"], on_checkpoint=steps_after_resume.append)
+    assert steps_after_resume == [4]  # continued from step 2, did not start over
+    for sub in (".", "value"):
+        a, b = load_file(str(straight / sub / "adapter_model.safetensors")), load_file(str(resumed / sub / "adapter_model.safetensors"))
+        assert a.keys() == b.keys() and a
+        for key in a:
+            torch.testing.assert_close(b[key], a[key], rtol=0, atol=1e-6, msg=f"{sub}: {key}")
+    torch.testing.assert_close(load_file(str(resumed / "value" / HEAD_FILE))["weight"],
+                               load_file(str(straight / "value" / HEAD_FILE))["weight"], rtol=0, atol=1e-6)
+    found, expected = comparable_metrics(resumed), comparable_metrics(straight)
+    assert found.keys() == expected.keys()
+    for key, value in expected.items():
+        assert found[key] == pytest.approx(value, rel=1e-6, abs=1e-6), key
+
+
+# -- 3. guard -------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_non_finite_stops_and_keeps_last_checkpoint(pipeline, tmp_path, monkeypatch):
+    from rlhf.generation import load_for_generation
+    from rlhf.ppo import STATE_FILE, NonFiniteError, run
+
+    built = capture_registry(monkeypatch)
+
+    def poison_reward_model(step):
+        if step == 2:  # right after checkpoint-2 was written: step 3 scores NaN
+            with torch.no_grad():
+                built[0].heads["reward"].weight.fill_(float("nan"))
+
+    out = tmp_path / "ppo"
+    with pytest.raises(NonFiniteError) as caught:
+        run(ppo_argv(pipeline, out, "--eval_prompts", "0"), on_checkpoint=poison_reward_model)
+    checkpoint = out.with_name("ppo.tmp") / "checkpoint-2"
+    message = str(caught.value)
+    assert "non-finite" in message and str(checkpoint) in message and "step 3" in message
+    assert not out.exists()
+    assert sorted(p.name for p in checkpoint.parent.glob("checkpoint-*")) == ["checkpoint-2"]
+    # The checkpoint is whole: state, policy (loadable for generation), value adapter and head.
+    assert torch.load(checkpoint / STATE_FILE, weights_only=False)["step"] == 2
+    model, _ = load_for_generation(str(checkpoint / "policy"))
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    assert torch.isfinite(load_file(str(checkpoint / "value" / HEAD_FILE))["weight"]).all()
+    assert all(torch.isfinite(t).all() for t in lora_tensors(checkpoint / "value").values())
+
+
+# -- 4. rollout invariants ------------------------------------------------------------------------
+
+
+def eos_biased_generate(trainer, prompts: list, seed: int = 0):
+    """``trainer.generate`` with EOS made likelier (an LM-head hook), so some replies stop early."""
+    eos = trainer.tokenizer.eos_token_id
+
+    def bias(module, inputs, output):
+        output = output.clone()
+        output[..., eos] += EOS_BIAS
+        return output
+
+    hook = trainer.registry.lm_head().register_forward_hook(bias)
+    try:
+        torch.manual_seed(seed)
+        return trainer.generate(prompts)
+    finally:
+        hook.remove()
+
+
+@pytest.mark.slow
+def test_rollout_invariants(pipeline):
+    from reward.score import load_reward_model, score_replies
+    from rlhf.generation import decode_responses
+
+    trainer = make_trainer(pipeline, "--batch_size", "8", "--mini_batch_size", "8", "--gradient_accumulation_steps",
+                           "1", "--ppo_epochs", "1", "--max_new_tokens", "12")
+    tok = trainer.tokenizer
+    pad, eos = tok.pad_token_id, tok.eos_token_id
+    prompts = trainer.sampler.next_batch()
+    rollout = eos_biased_generate(trainer, prompts)
+    s = rollout.query_width
+    query, query_mask = rollout.input_ids[:, :s], rollout.attention_mask[:, :s]
+    response, response_mask = rollout.input_ids[:, s:], rollout.response_mask
+
+    # Left padding: each prompt sits flush right, pad tokens before it are masked out.
+    for i, p in enumerate(prompts):
+        ids = encode_prompt(tok, p)
+        assert query[i, s - len(ids):].tolist() == ids
+        assert query_mask[i].tolist() == [0] * (s - len(ids)) + [1] * len(ids)
+        assert (query[i, : s - len(ids)] == pad).all()
+    assert (query_mask[:, 0] == 0).any(), "the prompts should have needed padding"
+
+    # Up to and including the first EOS is the reply; everything after it is masked pad.
+    stopped_early = 0
+    for i in range(len(prompts)):
+        row = response[i].tolist()
+        if rollout.ends_with_eos[i]:
+            end = row.index(eos) + 1
+            stopped_early += end < len(row)
+        else:
+            assert eos not in row
+            end = len(row)
+        assert response_mask[i].tolist() == [True] * end + [False] * (len(row) - end)
+        assert row[end:] == [pad] * (len(row) - end)
+        assert rollout.attention_mask[i, s:].tolist() == response_mask[i].long().tolist()
+    assert stopped_early and not rollout.ends_with_eos.all(), "want rows that stopped early and rows cut off"
+
+    # At step 1 the policy is the reference: the KL is exactly 0.
+    scored = trainer.score(rollout)
+    assert torch.equal(scored.logprobs, scored.ref_logprobs)
+    rewards, kl = pm.compute_rewards(scored.scores, scored.logprobs, scored.ref_logprobs, response_mask,
+                                     trainer.kl_ctl.value)
+    assert torch.equal(kl, torch.zeros_like(kl))
+    # The first minibatch is scored by the same policy that sampled it, without dropout: ratio 1.
+    # (Equal up to float rounding only: the minibatch is a row permutation of the scoring batch.)
+    advantages, returns = pm.gae_advantages(rewards, scored.values, response_mask, 1.0, 0.95)
+    advantages = pm.masked_whiten(advantages, response_mask)
+    stats = trainer.update(rollout, scored, advantages, returns)  # one epoch, one minibatch
+    assert stats["ratio"] == pytest.approx(1.0, abs=1e-6)
+    assert stats["approx_kl"] == pytest.approx(0.0, abs=1e-9)
+    assert stats["clipfrac"] == 0.0
+
+    # The reward adapter scores a rollout as the stand-alone reward model scores the same tokens...
+    in_ppo = trainer.registry.score("reward", rollout.input_ids, rollout.attention_mask, pad)
+    model, _ = load_reward_model(str(pipeline["reward"]))
+    sequences = [row[mask.bool()].tolist() for row, mask in zip(rollout.input_ids, rollout.attention_mask)]
+    width = max(map(len, sequences))
+    ids = torch.full((len(sequences), width), pad)
+    attention = torch.zeros_like(ids)
+    for i, seq in enumerate(sequences):  # right padding, as in reward training
+        ids[i, : len(seq)], attention[i, : len(seq)] = torch.tensor(seq), 1
+    with torch.no_grad():
+        alone = model(input_ids=ids, attention_mask=attention).logits.squeeze(-1)
+    torch.testing.assert_close(in_ppo, alone, rtol=0, atol=1e-4)
+    # ...and as it scores the decoded text, where the text tokenises back to the same ids (a random
+    # tiny model also samples special tokens and "it's", which decoding drops or re-splits).
+    texts = decode_responses(tok, response)
+    same = [i for i, t in enumerate(texts)
+            if encode_prompt_reply(tok, prompts[i], t)[0] == sequences[i] + ([] if rollout.ends_with_eos[i] else [eos])]
+    assert len(same) >= 4, texts
+    from_text = score_replies(model, tok, [prompts[i] for i in same], [texts[i] for i in same])
+    torch.testing.assert_close(torch.tensor(from_text), in_ppo[same], rtol=0, atol=1e-4)
+
+
+# -- 5. sampling settings -------------------------------------------------------------------------
+
+
+WEIRD_GENERATION_CONFIGS = {
+    # Every setting SamplingArguments spells out, contradicted.
+    "sampling_settings": {"max_new_tokens": 1, "do_sample": False, "temperature": 0.05, "top_k": 1, "top_p": 0.1,
+                          "repetition_penalty": 5.0},
+    # A logits processor SamplingArguments does not name (also min_p, typical_p, bad_words_ids...).
+    "other_processors": {"no_repeat_ngram_size": 1},
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("weird_config", [
+    "sampling_settings",
+    pytest.param("other_processors", marks=pytest.mark.xfail(strict=True, reason=(
+        "rlhf/generation.py passes only the settings it knows to generate(); transformers fills every other "
+        "field from the model's generation_config, so e.g. no_repeat_ngram_size changes PPO's rollouts"))),
+])
+def test_sampling_settings_ignore_the_models_generation_config(pipeline, tmp_path, weird_config):
+    # The same tiny model, with a generation_config that contradicts our sampling settings. Written
+    # as JSON: transformers refuses to save such a GenerationConfig itself, but a checkpoint can ship one.
+    weird_model = tmp_path / "weird_model"
+    shutil.copytree(pipeline["model"], weird_model)
+    (weird_model / "generation_config.json").write_text(json.dumps(WEIRD_GENERATION_CONFIGS[weird_config]))
+    weird_sft = tmp_path / "weird_sft"
+    shutil.copytree(pipeline["sft"], weird_sft)
+    config = json.loads((weird_sft / "adapter_config.json").read_text())
+    config["base_model_name_or_path"] = str(weird_model)
+    (weird_sft / "adapter_config.json").write_text(json.dumps(config))
+
+    sampling = ("--max_new_tokens", "12", "--batch_size", "8", "--temperature", "0.7")
+    weird = make_trainer(pipeline, *sampling, sft_model=weird_sft)
+    for key, value in WEIRD_GENERATION_CONFIGS[weird_config].items():  # the trap is set
+        assert getattr(weird.model.generation_config, key) == value, key
+    plain = make_trainer(pipeline, *sampling)
+    prompts = plain.sampler.next_batch()
+    rollouts = {}
+    for name, trainer in (("plain", plain), ("weird", weird)):
+        for seed in (0, 1):
+            torch.manual_seed(seed)
+            rollouts[name, seed] = trainer.generate(prompts)
+    first = rollouts["weird", 0]
+    assert first.input_ids.shape[1] - first.query_width == 12
+    assert first.response_mask.sum(1).max() == 12  # a random tiny model rarely says EOS
+    # Sampling, not greedy: another seed gives other replies.
+    assert not torch.equal(first.input_ids, rollouts["weird", 1].input_ids)
+    # Same weights, same seed: exactly the replies of the model without a generation_config.
+    for seed in (0, 1):
+        assert torch.equal(rollouts["weird", seed].input_ids, rollouts["plain", seed].input_ids)
+
+
+# -- 6. warnings ----------------------------------------------------------------------------------
+
+
+def synthetic_stats(step: int, score: float, kl: float, length: float = 8.0) -> dict[str, float]:
+    return {"step": step, "score": score, "kl": kl, "response_length": length}
+
+
+@pytest.mark.slow
+def test_negative_kl_and_collapse_warnings(pipeline, caplog):
+    trainer = make_trainer(pipeline)
+    caplog.set_level(logging.WARNING, logger="rlhf.ppo")
+
+    # Negative KL: warned once the run of negative estimates reaches the patience (3), once only.
+    for step, kl in enumerate([-0.1, 0.2, -0.3, -0.2], start=1):
+        trainer._watch(synthetic_stats(step, 1.0, kl))
+        trainer.history.append(synthetic_stats(step, 1.0, kl))
+    assert not [r for r in caplog.records if "negative" in r.getMessage()]
+    trainer._watch(synthetic_stats(5, 1.0, -0.1))
+    trainer.history.append(synthetic_stats(5, 1.0, -0.1))
+    warned = [r for r in caplog.records if "negative" in r.getMessage()]
+    assert len(warned) == 1 and warned[0].levelno == logging.WARNING
+    trainer._watch(synthetic_stats(6, 1.0, -0.1))
+    assert len([r for r in caplog.records if "negative" in r.getMessage()]) == 1
+
+    # Collapse: the last three scores far below the first three, replies shrinking to nothing.
+    collapsing = make_trainer(pipeline)
+    caplog.clear()
+    for step, score in enumerate([1.0, 1.02, 0.98, 0.5, -2.0, -3.0], start=1):
+        stats = synthetic_stats(step, score, 0.5, length=8.0 if step < 5 else 1.0)
+        collapsing._watch(stats)
+        collapsing.history.append(stats)
+    warned = [r for r in caplog.records if "collapsing" in r.getMessage()]
+    assert len(warned) == 1 and "short replies" in warned[0].getMessage()
+    # A steady reward does not warn.
+    steady = make_trainer(pipeline)
+    caplog.clear()
+    for step in range(1, 9):
+        stats = synthetic_stats(step, 1.0 + 0.01 * (step % 2), 0.5)
+        steady._watch(stats)
+        steady.history.append(stats)
+    assert not [r for r in caplog.records if "collapsing" in r.getMessage()]
