@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable
 
 import torch
@@ -22,7 +24,7 @@ logger = logging.getLogger(__name__)
 def trainer_defaults() -> dict[str, Any]:
     """Defaults we change from TRL's, and why.
 
-    - bf16 only where the hardware has it (TRL turns it on everywhere).
+    - bf16 only where the hardware has it (TRL turns it on everywhere); use_cpu on CPU machines.
     - no gradient checkpointing by default: these models are small and it costs ~30 % speed.
     - evaluate and save every 20 steps and keep the best checkpoint by validation loss.
     - trackers off unless ``report_to`` asks (tensorboard, wandb offline...).
@@ -30,6 +32,8 @@ def trainer_defaults() -> dict[str, Any]:
     bf16 = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
     return {
         "bf16": bf16,
+        # Without it, several processes on a CPU machine each believe they are alone (no gloo group).
+        "use_cpu": not torch.cuda.is_available(),
         "gradient_checkpointing": False,
         "report_to": "none",
         "logging_steps": 5,
@@ -92,10 +96,25 @@ class StageRun:
     started: float = field(default_factory=time.time)
 
     def prepare(self) -> str | None:
-        """Create the work dir (after data validated) and point the trainer at it."""
-        checkpoint = self.run.prepare(self.resume, self.overwrite)
+        """Create the work dir (after data validated), point the trainer at it and seed the RNG.
+
+        The seed is set here, before the model is built, because new weights (LoRA A matrices, a
+        reward score head, prompt embeddings) are drawn from the global RNG; the Trainer only seeds
+        it later, in its constructor, so without this the same config gave a different adapter.
+        """
+        from transformers import set_seed
+
+        from accelerate import PartialState
+
+        # Under several processes only the main one touches the run directory; the others wait.
+        state = PartialState(cpu=not torch.cuda.is_available())
+        checkpoint = self.run.prepare(self.resume, self.overwrite) if state.is_main_process else None
+        state.wait_for_everyone()
+        if not state.is_main_process and self.resume:
+            checkpoint = self.run.last_checkpoint()
         self.training_args.output_dir = str(self.run.work)
         self.training_args.logging_dir = str(self.run.work / "logs")
+        set_seed(self.training_args.seed)
         return str(checkpoint) if checkpoint else None
 
 
@@ -121,14 +140,42 @@ def parse_stage(stage_class: type, training_class: type, argv: list[str] | None,
 
 def train_with_resume(trainer, checkpoint: str | None) -> dict[str, float]:
     result = trainer.train(resume_from_checkpoint=checkpoint)
-    return {k: v for k, v in result.metrics.items() if k not in ("total_flos",)}
+    metrics = {k: v for k, v in result.metrics.items() if k not in ("total_flos",)}
+    if checkpoint and "train_loss" in metrics:
+        resumed_at = json.loads((Path(checkpoint) / "trainer_state.json").read_text())["global_step"]
+        metrics["train_loss"] = whole_run_train_loss(
+            trainer.state.log_history, metrics["train_loss"], resumed_at, trainer.state.global_step)
+    return metrics
+
+
+def whole_run_train_loss(log_history: list[dict], resumed_loss: float, resumed_at: int, final_step: int) -> float:
+    """Mean training loss over every step of a resumed run.
+
+    The Trainer reports the mean over the steps trained since the resume only, so a resumed run's
+    metrics would differ from an uninterrupted one. The steps before the checkpoint are recovered
+    from the logged ``loss`` values, each the mean of its logging window (weighted by its length);
+    this is exact when the checkpoint step is a logging step (save_steps a multiple of logging_steps).
+    """
+    total, covered, last = 0.0, 0, 0
+    for entry in log_history:
+        step = entry.get("step", 0)
+        if "loss" in entry and last < step <= resumed_at:
+            total += entry["loss"] * (step - last)
+            covered, last = covered + step - last, step
+    if covered == 0 or final_step <= resumed_at:
+        return resumed_loss
+    before = total / covered
+    return (before * resumed_at + resumed_loss * (final_step - resumed_at)) / final_step
 
 
 def finish_stage(stage: StageRun, trainer, tokenizer, metrics: dict[str, Any], title: str,
                  curve_keys: list[list[str]], extra: Callable[[Any], None] | None = None) -> dict[str, Any]:
     """Save model, tokenizer, resolved config, metrics.json and curves; then move the run into place."""
     work = stage.run.work
-    trainer.save_model(str(work))
+    trainer.save_model(str(work))  # collective under FSDP/DeepSpeed: every process calls it
+    if not trainer.is_world_process_zero():
+        trainer.accelerator.wait_for_everyone()
+        return metrics
     tokenizer.save_pretrained(str(work))
     save_resolved_config(work / "config.yaml", [stage.model_args, stage.data_args, stage.stage_args], stage.given)
     history = trainer.state.log_history
@@ -145,4 +192,5 @@ def finish_stage(stage: StageRun, trainer, tokenizer, metrics: dict[str, Any], t
     write_json(work / "log_history.json", history)
     final = stage.run.finalize()
     logger.info("wrote %s", final)
+    trainer.accelerator.wait_for_everyone()
     return metrics

@@ -67,12 +67,12 @@ def test_trainer_stages_run_under_two_processes(stage, kind, tiny_model_dir, tmp
         "--test_file", str(ROOT / f"data/demo/{kind}_test.jsonl"),
     ], cwd=tmp_path)
     metrics = json.loads((out / "metrics.json").read_text())
-    assert metrics["test_loss"] > 0
+    assert ("test_loss" if stage == "sft" else "test_accuracy") in metrics
     assert (out / "adapter_model.safetensors").exists()
-    # Both processes took part: each logged its rank in torchrun's output prefix-free stderr, and the
-    # Trainer saw a world size of 2.
-    assert "world_size" not in metrics or metrics.get("world_size") == 2
     assert not Path(str(out) + ".tmp").exists()
+    # Both processes trained as one gloo group: 4 steps of 2 x 4 rows = 32 rows seen, one epoch of the
+    # 32 training rows (a lone process would have seen 16, half an epoch).
+    assert metrics["epoch"] == pytest.approx(1.0)
 
 
 def ppo_args(outputs: Path, out: Path, batch_size: int, report_to: str = "none") -> list[str]:
@@ -112,9 +112,11 @@ def test_two_process_ppo_matches_one_process_on_the_same_global_batch(stage_outp
         assert a.keys() == b.keys()
         for k in a:
             torch.testing.assert_close(b[k], a[k], rtol=1e-3, atol=1e-5)
-    # Only rank 0 writes logs: one tracker run directory.
-    event_files = list((two).rglob("events.out.tfevents*"))
-    assert len(event_files) == 1, event_files
+    # Only rank 0 writes logs: every tensorboard event file comes from one process (the writer's pid
+    # is the last part of the file name; accelerate adds a second file for hparams).
+    event_files = list(two.rglob("events.out.tfevents*"))
+    assert event_files
+    assert len({f.name.split(".")[-2] for f in event_files}) == 1, event_files
 
 
 def test_two_process_ppo_resumes_with_the_same_number_of_processes(stage_outputs, tmp_path):
