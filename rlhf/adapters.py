@@ -139,8 +139,13 @@ class AdapterRegistry:
     def use(self, name: str | None) -> Iterator[nn.Module]:
         """Run with adapter ``name`` active (None: all adapters off, i.e. the base model)."""
         if name is None:
-            with self.peft_model.disable_adapter():
-                yield self.peft_model
+            try:
+                with self.peft_model.disable_adapter():
+                    yield self.peft_model
+            finally:
+                # peft re-enables the adapter layers on exit through set_adapter, which freezes
+                # every adapter but the active one (the value adapter would silently stop training).
+                self._apply_trainable()
             return
         if name not in self.trainable:
             raise KeyError(f"no adapter named {name!r}; have {self.names}")

@@ -202,13 +202,17 @@ def load_base_model(args: ModelArguments, task: str = "causal-lm", gradient_chec
 
 
 def find_target_modules(model: nn.Module) -> list[str]:
-    """Leaf names of every linear layer (plain or bitsandbytes) except output heads, for this architecture."""
+    """Leaf names of every linear layer (plain, bitsandbytes or GPT-2's Conv1D) except output heads."""
+    # GPT-2-style models implement their projections as transformers' Conv1D (a transposed
+    # Linear), which is not an nn.Linear; peft adapts it with fan_in_fan_out.
+    from transformers.pytorch_utils import Conv1D
+
     names = set()
     for full_name, module in model.named_modules():
         leaf = full_name.rsplit(".", 1)[-1]
         if leaf in _HEAD_NAMES or not full_name:
             continue
-        if isinstance(module, nn.Linear) or type(module).__name__ in ("Linear8bitLt", "Linear4bit"):
+        if isinstance(module, (nn.Linear, Conv1D)) or type(module).__name__ in ("Linear8bitLt", "Linear4bit"):
             names.add(leaf)
     if not names:
         raise UserError(f"{type(model).__name__}: found no linear layers to adapt; set lora_target_modules")

@@ -20,6 +20,7 @@ from rlhf.errors import UserError
 
 logger = logging.getLogger(__name__)
 CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
+CHECKPOINT_MARKERS = ("trainer_state.json", "trainer_state.pt")
 
 
 class RunDir:
@@ -37,8 +38,10 @@ class RunDir:
         return sorted(found, key=lambda p: int(CHECKPOINT_PATTERN.match(p.name).group(1)))
 
     def last_checkpoint(self) -> Path | None:
-        # A checkpoint without its completion marker was cut off while being written.
-        done = [p for p in self.checkpoints() if any(p.iterdir())]
+        # A checkpoint without its completion marker was cut off while being written: the Trainer
+        # writes trainer_state.json last, after the weights, optimizer and RNG states; PPO renames a
+        # finished checkpoint (with its trainer_state.pt) into place.
+        done = [p for p in self.checkpoints() if any((p / m).exists() for m in CHECKPOINT_MARKERS)]
         return done[-1] if done else None
 
     def prepare(self, resume: bool, overwrite: bool = False) -> Path | None:

@@ -66,10 +66,13 @@ def run(argv: list[str] | None = None, values: dict[str, Any] | None = None, cal
     metrics: dict[str, Any] = train_with_resume(trainer, checkpoint)
     metrics.update(trainable_parameters=trainable, total_parameters=total,
                    train_rows=len(splits["train"]), peft_method=stage.model_args.peft_method)
-    if "validation" in data:
-        metrics.update(trainer.evaluate(data["validation"], metric_key_prefix="validation"))
+    for name in ("validation", "test"):
+        if name in data:
+            # TRL logs its token metrics (entropy, mean_token_accuracy) as "eval_*" whatever the
+            # prefix, so the test run would overwrite the validation ones: file them under the split.
+            found = trainer.evaluate(data[name], metric_key_prefix=name)
+            metrics.update({(f"{name}_{k[5:]}" if k.startswith("eval_") else k): v for k, v in found.items()})
     if "test" in data:
-        metrics.update(trainer.evaluate(data["test"], metric_key_prefix="test"))
         metrics["test_perplexity"] = math.exp(min(metrics["test_loss"], 50.0))
     return finish_stage(stage, trainer, tokenizer, metrics, "SFT loss",
                         [["loss", "eval_loss"]])

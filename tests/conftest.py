@@ -22,3 +22,13 @@ def tiny_model_dir(tmp_path_factory) -> Path:
 def tiny_model_dir_4bit(tmp_path_factory) -> Path:
     """Large enough for bitsandbytes 4-bit kernels on CPU (see STACK-NOTES)."""
     return make_tiny_model_dir(tmp_path_factory.mktemp("tiny4") / "model", hidden_size=128, heads=4, kv_heads=2)
+
+
+@pytest.fixture(scope="session")
+def default_model_dir(tmp_path_factory) -> Path:
+    """The embedded SmolLM2-135M-Instruct, converted once per session into a temporary RLHF_CACHE."""
+    from rlhf.models import fetch_default_model
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("RLHF_CACHE", str(tmp_path_factory.mktemp("rlhf-cache")))
+        return fetch_default_model()

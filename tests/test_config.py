@@ -1,0 +1,125 @@
+"""Stage configs: YAML + command-line precedence, type coercion, and the resolved config round trip."""
+
+from __future__ import annotations
+
+import pytest
+import yaml
+
+from rlhf.config import build_config, parse_overrides, save_resolved_config
+from rlhf.data import DataArguments
+from rlhf.errors import UserError
+from rlhf.models import ModelArguments
+from rlhf.stage import TrainerStageArguments, parse_stage, trainer_defaults
+
+
+def sft_config():
+    from trl import SFTConfig
+
+    return SFTConfig
+
+
+def write_yaml(path, text: str):
+    path.write_text(text)
+    return str(path)
+
+
+def test_precedence_defaults_yaml_values_command_line(tmp_path):
+    config = write_yaml(tmp_path / "c.yaml", "learning_rate: 1.0e-4\nlora_r: 8\nlogging_steps: 2\nmax_steps: 7\n"
+                                             f"output_dir: {tmp_path / 'out'}\n")
+    stage = parse_stage(TrainerStageArguments, sft_config(), ["--config", config, "--learning_rate", "3e-3"],
+                        values={"lora_r": 2, "max_steps": 9}, defaults={"learning_rate": 2e-4})
+    args = stage.training_args
+    assert args.learning_rate == 3e-3  # command line beats YAML
+    assert stage.model_args.lora_r == 2 and args.max_steps == 9  # values beat YAML
+    assert args.logging_steps == 2  # YAML beats the stage defaults (5)
+    assert args.eval_steps == trainer_defaults()["eval_steps"] == 20  # stage defaults beat TRL's (None)
+    assert stage.model_args.lora_alpha == ModelArguments().lora_alpha  # untouched: the dataclass default
+    assert stage.given["learning_rate"] == 3e-3 and stage.given["lora_r"] == 2
+    assert stage.run.final == tmp_path / "out"
+
+    plain = parse_stage(TrainerStageArguments, sft_config(), [], defaults={"learning_rate": 2e-4})
+    assert plain.training_args.learning_rate == 2e-4  # the stage's own default beats TRL's
+
+
+def test_yaml_and_command_line_values_get_the_field_types(tmp_path):
+    # PyYAML reads "1e-4" (no dot) as a string; it must still become a float.
+    config = write_yaml(tmp_path / "c.yaml", "learning_rate: 1e-4\nmax_steps: 1e3\nlora_dropout: 0\n"
+                                             "lora_target_modules: [q_proj, k_proj]\nbf16: no\n")
+    (model, data, stage, train), given = build_config(
+        [ModelArguments, DataArguments, TrainerStageArguments, sft_config()],
+        ["--config", config, "--validation_size", "3", "--max_train_samples", "null",
+         "--early_stopping_patience=2", "--trust_remote_code", "--gradient_checkpointing", "false"],
+        extra_keys=("resume",))
+    assert isinstance(train.learning_rate, float) and train.learning_rate == 1e-4
+    assert train.max_steps == 1000 and isinstance(train.max_steps, int)
+    assert model.lora_dropout == 0.0 and isinstance(model.lora_dropout, float)
+    assert model.lora_target_modules == ["q_proj", "k_proj"]
+    assert train.bf16 is False and train.gradient_checkpointing is False
+    assert model.trust_remote_code is True  # a bare flag is true
+    assert data.validation_size == 3.0 and data.max_train_samples is None
+    assert stage.early_stopping_patience == 2
+    assert given["max_steps"] == 1000 and given["learning_rate"] == 1e-4
+
+
+@pytest.mark.parametrize("value,expected", [
+    ("q_proj,v_proj", ["q_proj", "v_proj"]),
+    ("[q_proj, v_proj]", ["q_proj", "v_proj"]),
+    ("o_proj", ["o_proj"]),
+])
+def test_list_from_the_command_line(value, expected):
+    (model,), _ = build_config([ModelArguments], ["--lora_target_modules", value])
+    assert model.lora_target_modules == expected
+
+
+@pytest.mark.parametrize("text,expected", [("true", True), ("yes", True), ("1", True), ("False", False),
+                                           ("off", False), ("0", False)])
+def test_bools(text, expected):
+    (model,), _ = build_config([ModelArguments], ["--trust_remote_code", text])
+    assert model.trust_remote_code is expected
+
+
+def test_resume_is_a_bare_flag(tmp_path):
+    stage = parse_stage(TrainerStageArguments, sft_config(), ["--output_dir", str(tmp_path / "o"), "--resume"])
+    assert stage.resume is True and stage.overwrite is False
+    stage = parse_stage(TrainerStageArguments, sft_config(), ["--output_dir", str(tmp_path / "o"),
+                                                                "--resume", "false", "--overwrite_output_dir"])
+    assert stage.resume is False and stage.overwrite is True
+
+
+def test_parse_overrides():
+    assert parse_overrides(["--config", "a.yaml", "--lr", "1e-4", "--resume", "--x=1", "--dash-key", "v"]) == (
+        {"lr": "1e-4", "resume": "true", "x": "1", "dash_key": "v"}, "a.yaml")
+    with pytest.raises(UserError, match="expected --key value, found '2'"):
+        parse_overrides(["--lr", "1", "2", "stray"])
+
+
+def test_config_file_errors(tmp_path):
+    with pytest.raises(UserError, match="no such config file"):
+        build_config([ModelArguments], ["--config", str(tmp_path / "missing.yaml")])
+    with pytest.raises(UserError, match="expected a mapping of key: value, found a list"):
+        build_config([ModelArguments], ["--config", write_yaml(tmp_path / "l.yaml", "- a\n- b\n")])
+    with pytest.raises(UserError, match=r"l2.yaml: key 'lora_r': expected int, found 'four'"):
+        build_config([ModelArguments], ["--config", write_yaml(tmp_path / "l2.yaml", "lora_r: four\n")])
+
+
+def test_resolved_config_reloads_to_the_same_values(tmp_path):
+    argv = ["--output_dir", str(tmp_path / "run"), "--learning_rate", "3e-4", "--lora_target_modules", "q_proj,v_proj",
+            "--bf16", "false", "--max_train_samples", "null", "--validation_size", "0.25", "--test_size", "3",
+            "--max_steps", "12", "--early_stopping_patience", "null", "--peft_method", "ia3", "--resume",
+            "--train_file", "data/x.jsonl", "--max_length", "64"]
+    first = parse_stage(TrainerStageArguments, sft_config(), argv)
+    save_resolved_config(tmp_path / "config.yaml", [first.model_args, first.data_args, first.stage_args], first.given)
+
+    saved = yaml.safe_load((tmp_path / "config.yaml").read_text())
+    assert "resume" not in saved  # resuming is an action, not a setting of the run
+    assert saved["lora_target_modules"] == ["q_proj", "v_proj"] and saved["learning_rate"] == 3e-4
+
+    again = parse_stage(TrainerStageArguments, sft_config(), ["--config", str(tmp_path / "config.yaml")])
+    assert again.model_args == first.model_args
+    assert again.data_args == first.data_args
+    assert again.stage_args == first.stage_args
+    assert again.stage_args.early_stopping_patience is None and again.model_args.peft_method == "ia3"
+    for key in first.given:
+        if hasattr(first.training_args, key):
+            assert getattr(again.training_args, key) == getattr(first.training_args, key), key
+    assert again.resume is False
