@@ -13,8 +13,8 @@ from typing import Any
 
 from rlhf.adapters import HEAD_FILE, read_score_head
 from rlhf.formatting import encode_prompt_reply
-from rlhf.models import build_peft_config, count_parameters, load_base_model, load_tokenizer
-from rlhf.stage import StageRun, finish_stage, parse_stage, stage_callbacks, train_with_resume
+from rlhf.models import load_tokenizer
+from rlhf.stage import StageRun, build_stage_model, finish_stage, make_trainer, parse_stage, train_with_resume
 from reward.config import RewardStageArguments
 from reward.score import pair_metrics, plot_calibration, score_replies
 
@@ -32,7 +32,6 @@ def tokenize_pairs(tokenizer, rows: list[dict]) -> dict[str, list]:
 def run(argv: list[str] | None = None, values: dict[str, Any] | None = None, callbacks: list | None = None) -> dict:
     """Run the reward stage; returns its metrics."""
     from datasets import Dataset
-    from peft import get_peft_model
     from trl import RewardConfig, RewardTrainer
 
     stage: StageRun = parse_stage(
@@ -45,26 +44,11 @@ def run(argv: list[str] | None = None, values: dict[str, Any] | None = None, cal
     data = {name: Dataset.from_dict(tokenize_pairs(tokenizer, rows)) for name, rows in splits.items() if rows}
     checkpoint = stage.prepare()
 
-    args = stage.training_args
-    model = load_base_model(stage.model_args, "seq-cls", args.gradient_checkpointing)
+    model, peft_config = build_stage_model(stage, "seq-cls")
     model.config.pad_token_id = tokenizer.pad_token_id
-    peft_config = build_peft_config(stage.model_args, model, "seq-cls")
-    if peft_config is not None:
-        model = get_peft_model(model, peft_config)  # SEQ_CLS: peft trains and saves the score head too
-    trainable, total = count_parameters(model)
-    logger.info("reward: %s trainable of %s parameters (%s)", trainable, total, stage.model_args.peft_method)
-
-    trainer = RewardTrainer(
-        model=model,
-        args=args,
-        train_dataset=data["train"],
-        eval_dataset=data.get("validation"),
-        processing_class=tokenizer,
-        callbacks=stage_callbacks(stage, "validation" in data, callbacks),
-    )
+    trainer = make_trainer(stage, RewardTrainer, model, tokenizer, data, callbacks)
     metrics: dict[str, Any] = train_with_resume(trainer, checkpoint)
-    metrics.update(trainable_parameters=trainable, total_parameters=total, train_pairs=len(splits["train"]),
-                   peft_method=stage.model_args.peft_method)
+    metrics.update(stage.parameter_counts, train_pairs=len(splits["train"]))
 
     held_out = {}
     for name in ("validation", "test"):

@@ -94,6 +94,7 @@ class StageRun:
     resume: bool
     overwrite: bool
     started: float = field(default_factory=time.time)
+    parameter_counts: dict[str, Any] = field(default_factory=dict)
 
     def prepare(self) -> str | None:
         """Create the work dir (after data validated), point the trainer at it and seed the RNG.
@@ -135,6 +136,38 @@ def parse_stage(stage_class: type, training_class: type, argv: list[str] | None,
         run=RunDir(training_args.output_dir),
         resume=bool(given.get("resume", False)),
         overwrite=bool(given.get("overwrite_output_dir", False)),
+    )
+
+
+def build_stage_model(stage: "StageRun", task: str):
+    """The base model for ``task`` ('causal-lm' or 'seq-cls') wrapped by the configured PEFT method.
+
+    Returns (model, peft_config or None). For 'seq-cls', peft trains and saves the score head too.
+    """
+    from peft import get_peft_model
+
+    from rlhf.models import build_peft_config, count_parameters, load_base_model
+
+    model = load_base_model(stage.model_args, task, stage.training_args.gradient_checkpointing)
+    peft_config = build_peft_config(stage.model_args, model, task)
+    if peft_config is not None:
+        model = get_peft_model(model, peft_config)
+    trainable, total = count_parameters(model)
+    logger.info("%s: %s trainable of %s parameters (%s)", task, trainable, total, stage.model_args.peft_method)
+    stage.parameter_counts = {"trainable_parameters": trainable, "total_parameters": total,
+                              "peft_method": stage.model_args.peft_method}
+    return model, peft_config
+
+
+def make_trainer(stage: "StageRun", trainer_class: type, model, tokenizer, data: dict, callbacks: list | None):
+    """A TRL trainer on the stage's train/validation data, with early stopping."""
+    return trainer_class(
+        model=model,
+        args=stage.training_args,
+        train_dataset=data["train"],
+        eval_dataset=data.get("validation"),
+        processing_class=tokenizer,
+        callbacks=stage_callbacks(stage, "validation" in data, callbacks),
     )
 
 

@@ -11,8 +11,9 @@ import math
 from typing import Any
 
 from rlhf.formatting import encode_prompt_reply
-from rlhf.models import build_peft_config, count_parameters, load_base_model, load_tokenizer
-from rlhf.stage import StageRun, TrainerStageArguments, finish_stage, parse_stage, stage_callbacks, train_with_resume
+from rlhf.models import load_tokenizer
+from rlhf.stage import (StageRun, TrainerStageArguments, build_stage_model, finish_stage, make_trainer, parse_stage,
+                        train_with_resume)
 
 logger = logging.getLogger(__name__)
 
@@ -37,7 +38,6 @@ def tokenize_sft_rows(tokenizer, rows: list[dict]) -> dict[str, list]:
 def run(argv: list[str] | None = None, values: dict[str, Any] | None = None, callbacks: list | None = None) -> dict:
     """Run the SFT stage; returns its metrics. ``callbacks`` are extra TrainerCallbacks."""
     from datasets import Dataset
-    from peft import get_peft_model
     from trl import SFTConfig, SFTTrainer
 
     stage: StageRun = parse_stage(TrainerStageArguments, SFTConfig, argv, values,
@@ -47,25 +47,10 @@ def run(argv: list[str] | None = None, values: dict[str, Any] | None = None, cal
     data = {name: Dataset.from_dict(tokenize_sft_rows(tokenizer, rows)) for name, rows in splits.items() if rows}
     checkpoint = stage.prepare()
 
-    args = stage.training_args
-    model = load_base_model(stage.model_args, "causal-lm", args.gradient_checkpointing)
-    peft_config = build_peft_config(stage.model_args, model, "causal-lm")
-    if peft_config is not None:
-        model = get_peft_model(model, peft_config)
-    trainable, total = count_parameters(model)
-    logger.info("SFT: %s trainable of %s parameters (%s)", trainable, total, stage.model_args.peft_method)
-
-    trainer = SFTTrainer(
-        model=model,
-        args=args,
-        train_dataset=data["train"],
-        eval_dataset=data.get("validation"),
-        processing_class=tokenizer,
-        callbacks=stage_callbacks(stage, "validation" in data, callbacks),
-    )
+    model, _ = build_stage_model(stage, "causal-lm")
+    trainer = make_trainer(stage, SFTTrainer, model, tokenizer, data, callbacks)
     metrics: dict[str, Any] = train_with_resume(trainer, checkpoint)
-    metrics.update(trainable_parameters=trainable, total_parameters=total,
-                   train_rows=len(splits["train"]), peft_method=stage.model_args.peft_method)
+    metrics.update(stage.parameter_counts, train_rows=len(splits["train"]))
     for name in ("validation", "test"):
         if name in data:
             # TRL logs its token metrics (entropy, mean_token_accuracy) as "eval_*" whatever the
