@@ -16,6 +16,8 @@ import sys
 import time
 from pathlib import Path
 
+import yaml
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
@@ -26,6 +28,7 @@ def build_report(root: Path, examples: int = 4) -> str:
     reward_metrics = json.loads((root / "reward" / "metrics.json").read_text())
     sft_metrics = json.loads((root / "sft" / "metrics.json").read_text())
     ppo_metrics = json.loads((root / "ppo" / "metrics.json").read_text())
+    ppo_config = yaml.safe_load((root / "ppo" / "config.yaml").read_text())
     samples = [json.loads(line) for line in (root / "ppo" / "eval_samples.jsonl").read_text().splitlines()]
     ann = {role: [annotator_score(s["prompt"], s[role]) for s in samples] for role in ("reference", "policy")}
     mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
@@ -50,7 +53,7 @@ def build_report(root: Path, examples: int = 4) -> str:
         f"| {ppo_metrics['eval_policy_response_length']:.1f} |",
         "",
         f"PPO reply scored higher than the SFT reply by the annotator on {wins}/{len(samples)} prompts "
-        f"({ties} ties). Target KL: {ppo_metrics.get('target_kl', 'see config')}.",
+        f"({ties} ties). KL target of the adaptive controller: {ppo_config['target_kl']} nats per reply.",
         "",
         "## Replies before and after",
         "",
