@@ -53,10 +53,12 @@ class SamplingArguments:
             repetition_penalty=1.0,
             num_beams=1,
         )
+        # Explicit values, never None: transformers fills None fields from the model's
+        # generation_config and then from its global defaults (top_k=50).
         if self.do_sample:
-            kwargs.update(temperature=self.temperature, top_k=self.top_k or None, top_p=self.top_p)
+            kwargs.update(temperature=self.temperature, top_k=self.top_k, top_p=self.top_p)
         else:
-            kwargs.update(temperature=None, top_k=None, top_p=None)
+            kwargs.update(temperature=1.0, top_k=0, top_p=1.0)
         return kwargs
 
 

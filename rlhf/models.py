@@ -194,6 +194,17 @@ def load_base_model(args: ModelArguments, task: str = "causal-lm", gradient_chec
         raise ValueError(f"unknown task {task!r}")
     if model.config.pad_token_id is None:
         model.config.pad_token_id = model.config.eos_token_id
+    # Sampling settings come from our configs only (Huang et al. 2024, detail 6): a checkpoint's
+    # generation_config (no_repeat_ngram_size, top_k, ...) would otherwise fill every setting we leave
+    # unset, so each loaded model starts from a blank one.
+    from transformers import GenerationConfig
+
+    text_config = model.config.get_text_config()
+    model.generation_config = GenerationConfig(
+        bos_token_id=text_config.bos_token_id,
+        eos_token_id=text_config.eos_token_id,
+        pad_token_id=model.config.pad_token_id,
+    )
     if args.peft_method.startswith("qlora"):
         from peft import prepare_model_for_kbit_training
 
