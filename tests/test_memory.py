@@ -1,0 +1,379 @@
+"""``rlhf estimate-memory``: the formula on a tiny config, and the estimate against a real CPU run.
+
+    .venv/bin/python -m pytest -q tests/test_memory.py                 # unit tests + acceptance (slow)
+    .venv/bin/python -m pytest -q tests/test_memory.py -m "not slow"   # unit tests only, ~2 s
+    .venv/bin/python tests/test_memory.py                              # the calibration table of docs/memory.md
+
+1. Unit tests: weights, adapters, gradients and optimizer bytes of a tiny Llama config, computed by
+   hand in the comments, must match exactly; activations and the KV cache follow their formulas.
+2. Acceptance (slow): a short SFT LoRA run and a short PPO step of the default model, each in a fresh
+   subprocess that reports its peak resident set size (``ru_maxrss``); the estimate must be within
+   25 % of it.
+
+Each measured run is a child process running our own stage code (``sft.train.run``,
+``reward.train.run``, ``rlhf.ppo.run``) on synthetic rows of exactly ``seq_len`` tokens, so the
+peak includes everything a real run holds: Python, torch, the model, optimizer state, activations.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+# The child: build synthetic data (and, for PPO, random SFT/reward adapters), run one stage, print
+# the peak RSS. Its one argument is a JSON spec: stage, method, model, work, sizes.
+_CHILD = textwrap.dedent(r'''
+    import json, logging, resource, sys, warnings
+    from pathlib import Path
+
+    warnings.filterwarnings("ignore")
+    logging.disable(logging.WARNING)
+    spec = json.loads(sys.argv[1])
+    work, model = Path(spec["work"]), spec["model"]
+    stage, method, b, s = spec["stage"], spec["method"], spec["batch_size"], spec["seq_len"]
+
+    from rlhf.data import write_jsonl
+    from rlhf.formatting import encode_prompt, encode_prompt_reply
+    from rlhf.models import load_tokenizer
+
+    tokenizer = load_tokenizer(model)
+
+    def words(n):
+        return " ".join(["hello"] * n)
+
+    def exact(encode, width):
+        """The longest run of words whose encoding is at most ``width`` tokens (checked below)."""
+        n = width
+        while len(encode(words(n))) > width:
+            n -= 1
+        return words(n)
+
+    common = {"model_name_or_path": model, "peft_method": method, "lora_r": spec["lora_r"],
+              "validation_size": 0, "test_size": 0, "validation_file": None, "test_file": None,
+              "output_dir": str(work / "run"), "seed": 0}
+    trainer = {"max_steps": spec["steps"], "per_device_train_batch_size": b, "save_strategy": "no",
+               "eval_strategy": "no", "load_best_model_at_end": False, "disable_tqdm": True,
+               "logging_steps": 1, "gradient_checkpointing": spec["gradient_checkpointing"]}
+    if stage == "sft":
+        from sft.train import run
+
+        # Rows of s and s - 3 tokens: batches are s wide and padded, as real ones are.
+        rows = [{"text": exact(lambda r: encode_prompt_reply(tokenizer, "", r)[0], s - 3 * (k % 2))}
+                for k in range(b * spec["steps"])]
+        assert len(encode_prompt_reply(tokenizer, "", rows[0]["text"])[0]) == s
+        write_jsonl(work / "train.jsonl", rows)
+        run(values={**common, **trainer, "train_file": str(work / "train.jsonl"), "max_length": s})
+    elif stage == "reward":
+        from reward.train import run
+
+        prompt = "say hello"
+        chosen = exact(lambda r: encode_prompt_reply(tokenizer, prompt, r)[0], s)
+        rejected = exact(lambda r: encode_prompt_reply(tokenizer, prompt, r)[0], s - 3)
+        assert len(encode_prompt_reply(tokenizer, prompt, chosen)[0]) == s
+        rows = [{"prompt": prompt, "chosen": chosen, "rejected": rejected}] * (b * spec["steps"])
+        write_jsonl(work / "train.jsonl", rows)
+        run(values={**common, **trainer, "train_file": str(work / "train.jsonl")})
+    elif stage == "ppo":
+        import torch
+        from peft import get_peft_model
+        from safetensors.torch import save_file
+
+        from rlhf import generation
+        from rlhf.adapters import HEAD_FILE
+        from rlhf.models import ModelArguments, build_peft_config, load_base_model
+        from rlhf.ppo import run
+
+        # Random SFT and reward adapters on the base (LoRA B = 0, as peft initialises it), made in
+        # this process so their loading is part of the measured run just as in a real PPO stage.
+        base_args = ModelArguments(model_name_or_path=model, peft_method="lora", lora_r=spec["lora_r"])
+        base = load_base_model(base_args)
+        peft_model = get_peft_model(base, build_peft_config(base_args, base))
+        for name in ("sft", "reward"):
+            peft_model.save_pretrained(str(work / name))
+            tokenizer.save_pretrained(str(work / name))
+        save_file({"weight": torch.randn(1, base.config.hidden_size) * 0.01}, str(work / "reward" / HEAD_FILE))
+        del peft_model, base
+        import gc; gc.collect()
+        # Every reply as long as max_new_tokens: the estimate is for the widest rollout.
+        plain = generation.SamplingArguments.generation_kwargs
+        def full_width(self, tok):
+            return {**plain(self, tok), "min_new_tokens": self.max_new_tokens}
+        generation.SamplingArguments.generation_kwargs = full_width
+        # Prompts of s and s - 3 tokens: left-padded rollouts, as real ones are.
+        prompts = [exact(lambda p: encode_prompt(tokenizer, p), s - 3 * (k % 2)) for k in range(b)]
+        assert len(encode_prompt(tokenizer, prompts[0])) == s
+        write_jsonl(work / "prompts.jsonl", [{"prompt": p} for p in prompts])
+        micro = spec["micro_batch_size"]
+        run(values={**common, "sft_model": str(work / "sft"), "reward_model": str(work / "reward"),
+                    "train_file": str(work / "prompts.jsonl"), "max_steps": spec["steps"], "batch_size": b,
+                    "mini_batch_size": b, "gradient_accumulation_steps": b // micro, "ppo_epochs": 2,
+                    "max_new_tokens": spec["max_new_tokens"], "eval_prompts": 0, "save_steps": 1000,
+                    "gradient_checkpointing": spec["gradient_checkpointing"]})
+    print("PEAK_RSS_BYTES", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+''')
+
+
+def measure_peak_rss(work: Path, model: str, stage: str, method: str = "lora", *, batch_size: int = 8,
+                     seq_len: int = 128, max_new_tokens: int = 48, micro_batch_size: int | None = None,
+                     lora_r: int = 16, steps: int = 2, gradient_checkpointing: bool = False,
+                     timeout: float = 900) -> tuple[int, float]:
+    """(peak RSS in bytes, wall seconds) of a fresh process running ``stage`` for ``steps`` steps."""
+    work.mkdir(parents=True, exist_ok=True)
+    spec = dict(stage=stage, method=method, model=str(model), work=str(work), batch_size=batch_size,
+                seq_len=seq_len, max_new_tokens=max_new_tokens, micro_batch_size=micro_batch_size or batch_size,
+                lora_r=lora_r, steps=steps, gradient_checkpointing=gradient_checkpointing)
+    # One thread: memory does not depend on it, and on a busy 2-core machine two threads spin-wait
+    # each other into a many-fold slowdown (see tests/test_ppo.py).
+    env = {**os.environ, "PYTHONPATH": str(REPO), "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1",
+           "WANDB_MODE": "offline", "OMP_NUM_THREADS": "1"}
+    started = time.time()
+    done = subprocess.run([sys.executable, "-c", _CHILD, json.dumps(spec)], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+    if done.returncode != 0:
+        raise AssertionError(f"{stage}/{method} run failed ({done.returncode}):\n{done.stderr[-4000:]}")
+    peak = [line for line in done.stdout.splitlines() if line.startswith("PEAK_RSS_BYTES")]
+    return int(peak[-1].split()[1]), time.time() - started
+
+
+# -- 1. the formula on a tiny config ----------------------------------------------------------------
+
+
+def tiny_config(tie: bool = True):
+    """Llama, vocab 100, hidden 16, 4 heads x 4 dims, 2 KV heads, MLP 32, 2 layers."""
+    from transformers import LlamaConfig
+
+    return LlamaConfig(vocab_size=100, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                       num_attention_heads=4, num_key_value_heads=2, head_dim=4, tie_word_embeddings=tie,
+                       max_position_embeddings=64)
+
+
+# Parameters of tiny_config(), by hand:
+#   embedding 100 x 16                                                  = 1600
+#   per layer: q 16x16 + k 16x8 + v 16x8 + o 16x16                     = 768
+#              gate 16x32 + up 16x32 + down 32x16                      = 1536
+#              two RMSNorm weights 2 x 16                              = 32    -> 2336, x 2 layers = 4672
+#   final norm                                                          = 16
+#   LM head tied to the embedding                                       = 0     -> 6288
+# LoRA r=2, r x (in + out) per linear, per layer:
+#   q 2(16+16)=64, k 2(16+8)=48, v 48, o 64, gate 2(16+32)=96, up 96, down 2(32+16)=96 = 512, x 2 = 1024
+PARAMS, LORA_R2, HIDDEN = 6288, 1024, 16
+SIZES = dict(batch_size=2, seq_len=5, max_new_tokens=3, lora_r=2, device="cpu")
+
+
+def test_architecture_counts_parameters_and_lora_shapes():
+    from rlhf.memory import architecture
+
+    arch = architecture(tiny_config())
+    assert arch.params == PARAMS
+    assert arch.untied_head_params == 0
+    assert arch.lora_params(2) == LORA_R2
+    assert arch.linear_weights == 2 * (768 + 1536)  # every adapted linear's weight
+    assert sorted(arch.lora_shapes)[:2] == [(16, 8), (16, 8)]  # k and v of one layer
+    assert (arch.layers, arch.hidden, arch.heads, arch.kv_heads, arch.head_dim, arch.intermediate) == (2, 16, 4, 2, 4, 32)
+    assert arch.gated_mlp
+    untied = architecture(tiny_config(tie=False))
+    assert untied.params == PARAMS + 1600 and untied.untied_head_params == 1600
+
+
+def test_sft_lora_and_full_bytes_are_exact():
+    from rlhf.memory import estimate_memory
+
+    lora = estimate_memory(tiny_config(), "sft", "lora", **SIZES)
+    assert lora.weights == PARAMS * 4  # float32
+    assert lora.adapters == LORA_R2 * 4  # one float32 adapter
+    assert lora.gradients == LORA_R2 * 4
+    assert lora.optimizer == 2 * LORA_R2 * 4  # AdamW exp_avg + exp_avg_sq
+    assert lora.kv_cache == 0
+    assert lora.total == sum(lora.components().values())  # one phase: the plain sum
+
+    full = estimate_memory(tiny_config(), "sft", "full", **{**SIZES, "dtype": "bfloat16"})
+    assert full.weights == PARAMS * 2
+    assert full.adapters == 0
+    assert full.gradients == PARAMS * 2  # gradients and AdamW states take the parameters' dtype
+    assert full.optimizer == 2 * PARAMS * 2
+
+
+def test_reward_and_ppo_roles():
+    from rlhf.memory import estimate_memory
+
+    # Reward: the LM head is tied, so the model gains a 16 -> 1 score head; peft trains a copy of it.
+    reward = estimate_memory(tiny_config(), "reward", "lora", **SIZES)
+    assert reward.weights == (PARAMS + HIDDEN) * 4
+    assert reward.adapters == (LORA_R2 + HIDDEN) * 4
+    assert reward.optimizer == 2 * (LORA_R2 + HIDDEN) * 4
+    # Untied: the 100 x 16 LM head is dropped for the score head, so the same reward model.
+    assert estimate_memory(tiny_config(tie=False), "reward", "lora", **SIZES).weights == reward.weights
+
+    # PPO: 4 adapters (policy, reference, reward, value) + 2 heads; policy, value and its head train.
+    ppo = estimate_memory(tiny_config(), "ppo", "lora", **SIZES)
+    assert ppo.adapters == (4 * LORA_R2 + 2 * HIDDEN) * 4
+    assert ppo.trainable_params == 2 * LORA_R2 + HIDDEN
+    assert ppo.gradients == (2 * LORA_R2 + HIDDEN) * 4
+    assert ppo.optimizer == 2 * (2 * LORA_R2 + HIDDEN) * 4
+    # KV cache: 2 (k, v) x 2 layers x 2 prompts x (5 + 3) tokens x 2 KV heads x 4 dims x 4 bytes
+    assert ppo.kv_cache == 2 * 2 * 2 * 8 * 2 * 4 * 4 == 2048
+    # Generation, scoring and training do not overlap: the total takes the largest phase.
+    persistent = ppo.runtime + ppo.weights + ppo.adapters + ppo.gradients + ppo.optimizer
+    assert ppo.total == persistent + max(ppo.activations, ppo.kv_cache) < sum(ppo.components().values())
+
+
+def test_qlora_weights():
+    from rlhf.memory import estimate_memory
+
+    # 4608 linear weights (2 x (768 + 1536)) quantised; the other 6288 - 4608 = 1680 parameters are
+    # upcast to float32 by prepare_model_for_kbit_training.
+    nf4 = estimate_memory(tiny_config(), "sft", "qlora", qlora_bits=4, **SIZES)
+    # NF4: 0.5 byte + an 8-bit absmax per 64 weights + a float32 per 256 blocks:
+    # 4608 x 0.5 + 4608 / 64 + 4608 x 4 / 16384 = 2304 + 72 + 1.125
+    assert nf4.weights == int(2304 + 72 + 1.125 + 1680 * 4)
+    # LLM.int8: a byte per weight + a float32 scale per output row (2 x (16+8+8+16+32+32+16) = 256 rows).
+    int8 = estimate_memory(tiny_config(), "sft", "qlora", qlora_bits=8, **SIZES)
+    assert int8.weights == 4608 + 256 * 4 + 1680 * 4
+    assert nf4.adapters == LORA_R2 * 4
+
+
+@pytest.mark.parametrize("mode", ["lora-dropout", "lora-eval", "full"])
+def test_saved_activations_match_autograd(mode):
+    """The per-layer formula against the bytes autograd really saves in a tiny model's forward."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaForCausalLM
+
+    from rlhf.memory import architecture, saved_bytes_per_token_layer
+
+    config = tiny_config()
+    arch = architecture(config)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config)
+    if mode != "full":
+        targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+        model = get_peft_model(model, LoraConfig(r=2, lora_dropout=0.05, target_modules=targets))
+    model.train(mode != "lora-eval")
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    saved: dict[int, int] = {}
+
+    def pack(t):
+        if t.untyped_storage().data_ptr() not in params:  # weights are not activations
+            saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    body = model.get_base_model().model if mode != "full" else model.model
+    ids = torch.randint(0, 100, (3, 24))
+    mask = torch.ones_like(ids)
+    mask[0, :5] = 0  # a left-padded row, as in every PPO rollout and most training batches
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        body(input_ids=ids, attention_mask=mask).last_hidden_state.sum()
+    per_layer = saved_bytes_per_token_layer(arch, width=24, trainable_base=mode == "full", lora_r=2,
+                                            lora_dropout=mode == "lora-dropout", act_bytes=4, device="cpu")
+    tokens = ids.numel()
+    # Outside the layers: the final norm's input and rstd (and its normalised input when it trains).
+    outside = tokens * (HIDDEN + 1 + (HIDDEN if mode == "full" else 0)) * 4
+    # With a frozen embedding the first layer's input needs no gradient, so that layer's first norm
+    # saves nothing (input 16 + rstd 1) and neither do the q/k/v dropout masks (3 x 16); the formula
+    # leaves this out, as it is one layer in 30 for real models.
+    first_layer = {"full": 0, "lora-eval": HIDDEN + 1, "lora-dropout": HIDDEN + 1 + 3 * HIDDEN}[mode]
+    expected = tokens * (arch.layers * per_layer - first_layer * 4) + outside
+    assert sum(saved.values()) == pytest.approx(expected, rel=0.01)
+
+
+def test_bad_input_is_a_user_error():
+    from rlhf.errors import UserError
+    from rlhf.memory import estimate_memory
+
+    for kwargs, word in ((dict(stage="dpo"), "stage"), (dict(method="ia3"), "method"), (dict(dtype="int8"), "dtype"),
+                         (dict(qlora_bits=3, method="qlora"), "bits"), (dict(batch_size=0), "batch_size"),
+                         (dict(stage="ppo", batch_size=8, micro_batch_size=3), "micro_batch_size"),
+                         (dict(device="tpu"), "device")):
+        args = {"stage": "sft", "method": "lora", **kwargs}
+        with pytest.raises(UserError, match=word):
+            estimate_memory(tiny_config(), args.pop("stage"), args.pop("method"), **args)
+
+
+def test_command_prints_the_breakdown(tiny_model_dir, capsys):
+    from rlhf.cli import main
+
+    assert main(["estimate-memory", "--model", str(tiny_model_dir), "--stage", "ppo", "--method", "full",
+                 "--device", "cpu", "--batch_size", "4"]) == 0
+    out = capsys.readouterr().out
+    for word in ("runtime", "weights", "adapters", "gradients", "optimizer", "activations", "kv_cache", "total"):
+        assert word in out
+    assert "note: our PPO trains LoRA roles" in out
+    assert main(["estimate-memory", "--model", str(tiny_model_dir), "--stage", "sft", "--method", "prefix"]) == 2
+    assert "method: expected one of full, lora, qlora" in capsys.readouterr().err
+    assert main(["estimate-memory", "--model", "./no/such/dir"]) == 2
+
+
+# -- 2. acceptance: the estimate against a real run's peak RSS --------------------------------------
+
+# Small enough to keep this file near two minutes on a busy 2-core machine; the calibration table
+# in docs/memory.md covers larger batches, full fine-tuning and the reward stage.
+ACCEPTANCE = [
+    pytest.param("sft", dict(batch_size=4, seq_len=128, steps=2), id="sft-lora-b4-s128"),
+    pytest.param("ppo", dict(batch_size=4, seq_len=32, max_new_tokens=16, steps=1), id="ppo-lora-b4-s32-t16"),
+]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage, sizes", ACCEPTANCE)
+def test_estimate_is_within_25_percent_of_the_measured_peak(stage, sizes, default_model_dir, tmp_path):
+    from rlhf.memory import estimate_memory, load_config
+
+    sizes = dict(sizes)
+    steps = sizes.pop("steps")
+    estimate = estimate_memory(load_config(str(default_model_dir)), stage, "lora", device="cpu", **sizes)
+    measured, seconds = measure_peak_rss(tmp_path, default_model_dir, stage, "lora", steps=steps, **sizes)
+    error = (estimate.total - measured) / measured
+    assert abs(error) <= 0.25, (f"{stage}: estimated {estimate.total / 2**20:,.0f} MiB, measured "
+                                f"{measured / 2**20:,.0f} MiB ({error:+.0%}) in {seconds:.0f} s")
+
+
+# -- the calibration table (docs/memory.md) ---------------------------------------------------------
+
+CALIBRATION = [
+    ("sft", "lora", dict(batch_size=4, seq_len=128)),
+    ("sft", "lora", dict(batch_size=8, seq_len=128)),
+    ("sft", "lora", dict(batch_size=8, seq_len=256)),
+    ("sft", "lora", dict(batch_size=8, seq_len=256, gradient_checkpointing=True)),
+    ("sft", "full", dict(batch_size=8, seq_len=128)),
+    ("sft", "full", dict(batch_size=8, seq_len=256)),
+    ("reward", "lora", dict(batch_size=4, seq_len=128)),
+    ("ppo", "lora", dict(batch_size=4, seq_len=32, max_new_tokens=16)),
+    ("ppo", "lora", dict(batch_size=8, seq_len=64, max_new_tokens=48)),
+    ("ppo", "lora", dict(batch_size=8, seq_len=64, max_new_tokens=48, micro_batch_size=4)),
+]
+
+
+def calibrate(work: Path) -> list[dict]:
+    """Measure every CALIBRATION run one after the other (the largest needs about 8 GiB free)."""
+    from rlhf.memory import MiB, estimate_memory, load_config
+    from rlhf.models import fetch_default_model
+
+    model = fetch_default_model()
+    config = load_config(str(model))
+    rows = []
+    for k, (stage, method, sizes) in enumerate(CALIBRATION):
+        steps = 1 if stage == "ppo" else 2
+        estimate = estimate_memory(config, stage, method, device="cpu", **sizes)
+        measured, seconds = measure_peak_rss(work / str(k), model, stage, method, steps=steps, **sizes)
+        row = dict(stage=stage, method=method, **sizes, estimated_mib=round(estimate.total / MiB),
+                   measured_mib=round(measured / MiB), error=round((estimate.total - measured) / measured, 3),
+                   seconds=round(seconds))
+        print(json.dumps(row), flush=True)
+        rows.append(row)
+    return rows
+
+
+if __name__ == "__main__":
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="memory_calibration_") as tmp:
+        calibrate(Path(tmp))
