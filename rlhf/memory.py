@@ -1,40 +1,40 @@
 """Expected peak memory of a stage, broken down: ``rlhf estimate-memory``.
 
     rlhf estimate-memory --stage sft --method lora --batch_size 8 --seq_len 256
-    rlhf estimate-memory --model HuggingFaceTB/SmolLM2-1.7B-Instruct --stage ppo --method qlora --bits 4 \\
-        --dtype bfloat16 --device cuda --batch_size 16 --seq_len 128 --max_new_tokens 64 --micro_batch_size 4
+    rlhf estimate-memory --stage ppo --method lora --batch_size 8 --seq_len 64 --max_new_tokens 48
+    rlhf estimate-memory --model path/to/model --stage reward --method qlora --bits 4 --dtype bfloat16 --device cuda
 
 Only the model's config is read. :func:`estimate_memory` builds the model on the ``meta`` device
 (no weights, no memory) to count its parameters exactly and to find the linear layers LoRA adapts
 (:func:`rlhf.models.find_target_modules`), so any architecture works; the activation formula is
 derived for decoder-only pre-norm transformers (Llama, Mistral, Qwen, SmolLM exactly; GPT-2-style
-blocks approximately) and calibrated against measured peaks on CPU (docs/memory.md).
+blocks approximately) and its allocator terms are calibrated against peaks measured on CPU.
 
-Components, in bytes (``MemoryEstimate``):
+Components, in bytes (:class:`MemoryEstimate`):
     runtime      the process before any model: Python + torch + transformers + peft + TRL + datasets
-                 (CPU), or the CUDA context (GPU)
+                 + tokenizer (CPU), or the CUDA context (GPU)
     weights      the base model: dtype bytes per parameter; QLoRA keeps linear weights in 4/8 bits
                  and peft's prepare_model_for_kbit_training upcasts everything else to float32
     adapters     LoRA parameters of every role plus scalar heads (float32: peft keeps adapters in
                  float32 even on a bf16 base): sft 1 adapter, reward 1 + score head, ppo 4 + 2 heads
     gradients    one gradient per trainable parameter, in its dtype
     optimizer    AdamW: two states per trainable parameter, in its dtype (float32 for adapters)
-    activations  the training forward: tensors saved for backward, per layer per token (see
-                 :func:`saved_bytes_per_token_layer`), plus the LM-head working set, times the
-                 allocator overhead measured on CPU
+    activations  the training step: tensors saved for backward, per layer per token
+                 (:func:`saved_bytes_per_token_layer`, exact against autograd), freed memory the
+                 allocator keeps (``RETENTION``), and the LM head's working set (SFT: TRL's fused
+                 head, a tile at a time; PPO: reply positions only; reward: no vocabulary logits)
     kv_cache     PPO generation: 2 x layers x batch x (prompt + new) x kv_heads x head_dim x bytes
 
-How the total combines them: weights, adapters, gradients and optimizer state live for the whole
-run; the rest are phases that never overlap. PPO generates (KV cache), then scores the rollout
-without gradients (the vocabulary logits of the whole batch), then trains micro-batch by
-micro-batch (activations); each phase frees its tensors before the next, so
+How the total combines them. Weights, adapters and optimizer state live for the whole run. The rest
+are phases: PPO generates (KV cache), then scores the rollout without gradients (the whole batch's
+reply logits), then trains micro-batch by micro-batch (activations), each phase freeing its tensors
+before the next; and within a training step the gradients grow during the backward while the
+activations are freed (they are set to None after each optimizer step). So
 
-    total = runtime + weights + adapters + gradients + optimizer + max(kv_cache, scoring, activations)
+    total = runtime + weights + adapters + optimizer + max(gradients, activations, kv_cache, scoring)
 
-SFT and reward have a single phase, so their total is the plain sum.
-
-Calibration (CPU, fp32, default model, peak RSS of a fresh process running our stage code for a
-few steps, ``tests/test_memory.py``): see docs/memory.md for the table.
+The calibration (peak RSS of our stage code on CPU against this estimate, within 15 %) is in
+docs/memory.md; ``python tests/test_memory.py`` measures it again.
 """
 
 from __future__ import annotations
@@ -52,25 +52,32 @@ MiB = 2**20
 
 # -- constants: measured, or stated assumptions -----------------------------------------------
 
-# Peak RSS of `python -c "import sft.train, reward.train, rlhf.ppo; import trl, peft, datasets"`
-# plus loading the default tokenizer, measured once on CPU (torch 2.13, transformers 5.24, trl 1.16,
-# peft 0.21, Python 3.11): 502 MiB, of which torch alone is 244 MiB (transformers imports lazily and
-# adds nothing until a model class loads). Every stage imports all of this before it loads a model.
-RUNTIME_CPU = 502 * MiB
-# The CUDA context (driver, kernels, cuBLAS/cuDNN handles) on an H100 with torch 2.x and lazy module
-# loading: about 500 MiB in nvidia-smi. An assumption, not measured here; it is outside
-# torch.cuda.max_memory_allocated, which counts only tensors.
+# Peak RSS of a fresh process that imports what every stage imports (sft.train, reward.train,
+# rlhf.ppo, trl's trainers, peft, datasets, accelerate with an Accelerator) and loads the default
+# tokenizer, one thread, measured on CPU (torch 2.13, transformers 5.24, trl 1.16, peft 0.21,
+# Python 3.11): 564 MiB. Of that, torch alone is 219 MiB, torch + transformers' Llama classes 336 MiB,
+# the stage imports 502 MiB, the 49k-entry tokenizer 62 MiB.
+RUNTIME_CPU = 564 * MiB
+# The CUDA context (driver, kernels, cuBLAS handles) of torch 2.x with lazy module loading on an
+# H100: about 500 MiB in nvidia-smi. An assumption, not measured here; torch.cuda.max_memory_allocated
+# leaves it out, as it counts tensors only.
 RUNTIME_CUDA = 512 * MiB
-# The CPU allocator (glibc malloc) keeps the holes that freed temporaries leave between the tensors
-# saved for backward: measured RSS after an SFT forward is 1.5x the saved bytes (they are 2225 MiB
-# of 3480 MiB-after-malloc_trim vs 4567 MiB before, default model, LoRA, batch 8 x 128). On CUDA the
-# caching allocator rounds blocks and keeps its own free lists; 1.15 is an assumption.
-ALLOCATOR_OVERHEAD = {"cpu": 1.5, "cuda": 1.15}
+# Freed memory the allocator keeps, as a fraction of the activations a forward saves (without
+# checkpointing: the volume of per-layer temporaries is about the same either way).
+# CPU: glibc malloc returns big blocks to the OS but keeps freed heap chunks, and from the second
+# step on a step runs in the holes the previous one left. Measured at steady state with our stage
+# code (docs/memory.md): SFT about 0.45 (3.1 GiB peak over 2.1 GiB saved, 4 steps, batch 8 x 128);
+# reward about 0.05 (the Trainer loop reuses its holes: 5 steps flat); PPO about 0.95 (a micro-batch
+# holds two graphs, policy and value, and every PPO epoch frees and rebuilds both). With
+# MALLOC_MMAP_THRESHOLD_=65536 in the environment glibc keeps nothing and the peak drops by this term.
+# CUDA: the caching allocator reuses its blocks; 0.15 for rounding and fragmentation is an assumption.
+RETENTION = {"cpu": {"sft": 0.45, "reward": 0.05, "ppo": 0.95}, "cuda": {"sft": 0.15, "reward": 0.15, "ppo": 0.15}}
 # TRL's fused LM head (SFT) projects at most 4096 tokens x 32768 vocabulary entries at a time.
 FUSED_TOKENS, FUSED_VOCAB = 4096, 32768
-# Without Triton (CPU) the tile is folded with plain torch ops: float32 copies of the tile live at
-# once in the forward (logits, exp) and in the backward (logits, softmax, gradient); calibrated.
-FUSED_TILES = {"cpu": 4, "cuda": 1}
+# Tiles alive at once. Without Triton (CPU) the backward folds a tile with plain torch ops (scaled
+# logits, log-probabilities, probabilities, gradient...): measured 7.8 float32 tiles above the
+# forward's end, at 1024 and at 2048 tokens. With Triton (CUDA) the tile is folded in place: 1.
+FUSED_TILES = {"cpu": 8, "cuda": 1}
 # PPO's (micro, t, v) reply logits: the logits, the per-row float32 temperature-scaled copies that
 # logprobs_from_logits saves for backward, and the logits' gradient (rlhf/ppo_math.py).
 PPO_LOGIT_COPIES = 3
@@ -353,27 +360,31 @@ def estimate_memory(config, stage: str, method: str, *, batch_size: int = 8, seq
             )
     gradients = trainable * trainable_bytes
     optimizer = 2 * trainable * trainable_bytes
-    # Activations of the training phase (saved tensors x the allocator's overhead, plus the LM head).
+    # Activations of the training phase: saved tensors, what the allocator keeps, the LM head.
     trains_base = full and stage != "ppo"
     layer = dict(trainable_base=trains_base, lora_r=lora_r, act_bytes=act_bytes, device=device,
-                 lora_dropout=lora_dropout > 0 and not trains_base and stage != "ppo",
-                 gradient_checkpointing=gradient_checkpointing)
-    overhead = ALLOCATOR_OVERHEAD[device]
+                 lora_dropout=lora_dropout > 0 and not trains_base and stage != "ppo")
+    retention = RETENTION[device][stage]
+
+    def forward(sequences: int, width: int) -> float:
+        saved = body_activations(arch, sequences=sequences, width=width,
+                                 gradient_checkpointing=gradient_checkpointing, **layer)
+        unchecked = body_activations(arch, sequences=sequences, width=width, gradient_checkpointing=False, **layer)
+        return saved + retention * unchecked
+
     kv_cache = scoring = 0
     if stage == "sft":
-        body = body_activations(arch, sequences=batch_size, width=seq_len, **layer)
-        activations = body * overhead + fused_head_bytes(arch, batch_size * seq_len, trainable_head=trains_base,
-                                                          act_bytes=act_bytes, device=device)
+        activations = forward(batch_size, seq_len) + fused_head_bytes(
+            arch, batch_size * seq_len, trainable_head=trains_base, act_bytes=act_bytes, device=device)
     elif stage == "reward":
         # Chosen and rejected replies go through the model as one batch of 2 x batch_size; the score
         # head reads hidden states, so there are no vocabulary logits.
-        activations = body_activations(arch, sequences=2 * batch_size, width=seq_len, **layer) * overhead
+        activations = forward(2 * batch_size, seq_len)
     else:
         width = seq_len + max_new_tokens
         # Each micro-batch runs the policy and the value adapter (two forwards) before one backward;
         # the LM head runs on the reply positions only: (micro, t, v) logits.
-        body = 2 * body_activations(arch, sequences=micro, width=width, **layer)
-        activations = body * overhead + PPO_LOGIT_COPIES * micro * max_new_tokens * arch.vocab * 4
+        activations = 2 * forward(micro, width) + PPO_LOGIT_COPIES * micro * max_new_tokens * arch.vocab * 4
         kv_cache = 2 * arch.layers * batch_size * width * arch.kv_heads * arch.head_dim * act_bytes
         # Scoring (no gradients): the whole batch's reply logits, log-softmaxed one row at a time.
         scoring = (batch_size * act_bytes + 4) * max_new_tokens * arch.vocab
@@ -382,8 +393,10 @@ def estimate_memory(config, stage: str, method: str, *, batch_size: int = 8, seq
     if dtype != "float32" and device == "cpu":
         notes.append(f"{dtype} on CPU works but is slow on most CPUs; the toolkit's CPU default is float32.")
     runtime = RUNTIME_CPU if device == "cpu" else RUNTIME_CUDA
-    persistent = runtime + weights + adapters + gradients + optimizer
-    total = persistent + max(activations, kv_cache, scoring)
+    persistent = runtime + weights + adapters + optimizer
+    # Gradients are set to None after every optimizer step and grow during the backward while the
+    # activations are freed, so the training phase holds about the larger of the two.
+    total = persistent + max(gradients, activations, kv_cache, scoring)
     return MemoryEstimate(runtime=int(runtime), weights=int(weights), adapters=int(adapters), gradients=int(gradients),
                           optimizer=int(optimizer), activations=int(activations), kv_cache=int(kv_cache),
                           total=int(total), trainable_params=int(trainable), notes=notes)
@@ -461,9 +474,9 @@ def format_table(estimate: MemoryEstimate) -> str:
     for name, value in estimate.components().items():
         lines.append(f"{name:<12} {_mib(value):>10,.1f} {value / estimate.total:>7.1%}")
     lines.append(f"{'total':<12} {_mib(estimate.total):>10,.1f}")
-    if estimate.kv_cache:
-        lines.append("(PPO phases do not overlap: total = runtime + weights + adapters + gradients + optimizer "
-                     "+ the largest of generation (kv_cache), scoring and training (activations))")
+    lines.append("total = runtime + weights + adapters + optimizer + the largest of gradients, activations"
+                 + (", kv_cache and scoring (phases that never overlap)" if estimate.kv_cache else
+                    " (gradients grow as activations are freed)"))
     return "\n".join(lines)
 
 

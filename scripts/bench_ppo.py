@@ -24,7 +24,10 @@ from run to run, so only side-by-side figures mean anything):
 Every measurement runs in its own child process (this script with ``--child NAME``), so peak
 memory is that process's own ``resource.getrusage(RUSAGE_SELF).ru_maxrss``: absolute, Python and
 torch included; the ``empty`` child (python + import torch) gives that floor. Speeds are medians
-over the timed steps, after ``--warmup_steps`` untimed ones.
+over the timed steps, after ``--warmup_steps`` untimed ones. With ``--threads 1`` steps are timed by
+the process's CPU clock (``--clock``): on an idle machine it equals the wall clock, and on a shared
+one it does not count the time other jobs take, which otherwise swings wall-clock figures by 2x
+between two children run minutes apart.
 
 Weights: transformers memory-maps an fp32 safetensors file, so four ``from_pretrained`` of one file
 share one set of physical pages (RSS counts them four times, PSS once) that the kernel may drop and
@@ -52,8 +55,15 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-CHILDREN = ("prepare", "empty", "ppo", "four_models", "sft", "generate", "rloo")
+CHILDREN = ("prepare", "empty", "ppo_memory", "four_models", "sft", "generate", "ppo", "rloo")
+# Peak-memory children run with glibc's mmap threshold fixed at 64 KiB: every large tensor is then
+# returned to the system when freed, so the peak is what the step needs at once. With glibc's
+# default (a threshold that grows to 32 MiB), freed activations stay in the heap and the peak keeps
+# growing for several steps by fragmentation: an SFT LoRA step measured 2.9 GB after 1 step and
+# 3.7 GB after 3 with the default, 2.85 and 2.92 GB with the fixed threshold.
+MEMORY_CHILDREN = ("empty", "ppo_memory", "four_models", "sft")
 RESULT_TAG = "BENCH_RESULT "
+_now = time.perf_counter  # the children's clock; see --clock
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -70,7 +80,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's choice)")
     p.add_argument("--steps", type=int, default=3, help="timed steps per speed measurement")
     p.add_argument("--warmup_steps", type=int, default=1, help="untimed steps before them")
+    p.add_argument("--memory_steps", type=int, default=2, help="steps of each peak-memory measurement (PPO and SFT)")
     p.add_argument("--four_models_steps", type=int, default=1, help="steps of the four-copies variant (memory only)")
+    p.add_argument("--clock", default="auto", choices=["auto", "wall", "cpu"],
+                   help="step timing: wall seconds, or the process's CPU seconds (auto: CPU with --threads 1, "
+                        "where it equals wall time on an idle machine and does not count time other jobs take)")
+    p.add_argument("--glibc_default_malloc", action="store_true",
+                   help="measure peak memory with glibc's default mmap threshold (see MEMORY_CHILDREN)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--mmap_weights", action="store_true",
                    help="keep the loader's memory-mapped weights instead of copying them into process memory")
@@ -117,12 +133,18 @@ def child_setup(a: argparse.Namespace):
 
     import torch
 
+    global _now
     warnings.filterwarnings("ignore")
     logging.disable(logging.WARNING)
+    _now = time.process_time if uses_cpu_clock(a) else time.perf_counter
     if a.threads:
         torch.set_num_threads(a.threads)
     torch.manual_seed(a.seed)
     return torch
+
+
+def uses_cpu_clock(a: argparse.Namespace) -> bool:
+    return a.clock == "cpu" or (a.clock == "auto" and a.threads == 1)
 
 
 def load_prompts(a: argparse.Namespace) -> list:
@@ -211,8 +233,10 @@ def child_ppo(a: argparse.Namespace, work: Path) -> dict:
     from rlhf.ppo import PPOArguments, PPOTrainer, build_roles
 
     path = model_path(a)
+    # ppo_memory: a few steps for the peak; ppo: warm-up + timed steps for the speed.
+    total, w = (a.memory_steps, 0) if a.child == "ppo_memory" else (a.warmup_steps + a.steps, a.warmup_steps)
     args = PPOArguments(sft_model=str(work / "sft"), reward_model=str(work / "reward"), output_dir=str(work / "ppo"),
-                        seed=a.seed, max_steps=a.warmup_steps + a.steps, batch_size=a.batch_size,
+                        seed=a.seed, max_steps=total, batch_size=a.batch_size,
                         mini_batch_size=a.mini_batch_size, gradient_accumulation_steps=a.gradient_accumulation_steps,
                         ppo_epochs=a.ppo_epochs)
     registry, reference = build_roles(model_args(a, path), args, torch.device("cpu"))
@@ -227,9 +251,9 @@ def child_ppo(a: argparse.Namespace, work: Path) -> dict:
 
     def timed(name, fn):
         def wrapper(*args, **kwargs):
-            start = time.perf_counter()
+            start = _now()
             out = fn(*args, **kwargs)
-            phases[name].append(time.perf_counter() - start)
+            phases[name].append(_now() - start)
             if name == "generate":
                 rollouts.append((int(out.response_mask.sum()), out.response_mask.numel()))
             return out
@@ -238,14 +262,13 @@ def child_ppo(a: argparse.Namespace, work: Path) -> dict:
     for name in phases:
         setattr(trainer, name, timed(name, getattr(trainer, name)))
     steps = []
-    for i in range(a.warmup_steps + a.steps):
-        start = time.perf_counter()
+    for i in range(total):
+        start = _now()
         stats = trainer.train_step()
-        steps.append(time.perf_counter() - start)
-        progress(f"PPO step {i + 1}/{a.warmup_steps + a.steps}: {steps[-1]:.2f} s (generate {phases['generate'][-1]:.2f}, "
+        steps.append(_now() - start)
+        progress(f"PPO step {i + 1}/{total}: {steps[-1]:.2f} s (generate {phases['generate'][-1]:.2f}, "
                  f"score {phases['score'][-1]:.2f}, update {phases['update'][-1]:.2f}), reply length "
                  f"{stats['response_length']:.1f}, kl {stats['kl']:.3f}")
-    w = a.warmup_steps
     return {
         "peak_rss_mb": peak_rss_mb(), "after_load": after_load, "at_end": memory_now_mb(),
         "step_seconds": median(steps[w:]), "samples_per_second": a.batch_size / median(steps[w:]),
@@ -338,9 +361,9 @@ def child_four_models(a: argparse.Namespace, work: Path) -> dict:
 
     steps = []
     for i in range(a.four_models_steps):
-        start = time.perf_counter()
+        start = _now()
         step()
-        steps.append(time.perf_counter() - start)
+        steps.append(_now() - start)
         progress(f"four-models step {i + 1}/{a.four_models_steps}: {steps[-1]:.2f} s")
     return {"peak_rss_mb": peak_rss_mb(), "after_load": after_load, "at_end": memory_now_mb(),
             "step_seconds": median(steps)}
@@ -364,8 +387,8 @@ def child_sft(a: argparse.Namespace, work: Path) -> dict:
     optimizer = torch.optim.AdamW(params, lr=2e-4, weight_decay=0.0)
     batches = sampler(a, load_prompts(a))
     generator = torch.Generator().manual_seed(a.seed)
-    steps = []
-    for i in range(a.warmup_steps + a.steps):
+    steps, total = [], a.memory_steps
+    for i in range(total):
         prompt_ids = [encode_prompt(tokenizer, p) for p in batches.next_batch()]
         replies = torch.randint(3, len(tokenizer), (len(prompt_ids), a.max_new_tokens), generator=generator)
         width = max(len(p) for p in prompt_ids) + a.max_new_tokens
@@ -376,16 +399,16 @@ def child_sft(a: argparse.Namespace, work: Path) -> dict:
             ids[r, :n] = torch.cat([torch.tensor(p), reply])
             labels[r, len(p) : n] = reply
             attention[r, :n] = 1
-        start = time.perf_counter()
+        start = _now()
         loss = model(input_ids=ids, attention_mask=attention, labels=labels).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        steps.append(time.perf_counter() - start)
-        progress(f"SFT step {i + 1}/{a.warmup_steps + a.steps}: {steps[-1]:.2f} s, {width} x {len(prompt_ids)} tokens")
+        steps.append(_now() - start)
+        progress(f"SFT step {i + 1}/{total}: {steps[-1]:.2f} s, {width} x {len(prompt_ids)} tokens")
     return {"peak_rss_mb": peak_rss_mb(), "after_load": after_load, "at_end": memory_now_mb(),
-            "step_seconds": median(steps[a.warmup_steps:])}
+            "step_seconds": median(steps)}
 
 
 def child_generate(a: argparse.Namespace, work: Path) -> dict:
@@ -431,9 +454,9 @@ def child_generate(a: argparse.Namespace, work: Path) -> dict:
         order = [("ppo", ours), ("bare", plain)][:: 1 if i % 2 == 0 else -1]
         for name, fn in order:
             torch.manual_seed(a.seed + i)
-            start = time.perf_counter()
+            start = _now()
             mask = fn(prompts)
-            runs[name].append((time.perf_counter() - start, int(mask.sum()), mask.numel()))
+            runs[name].append((_now() - start, int(mask.sum()), mask.numel()))
         progress(f"generate {i + 1}/{a.warmup_steps + a.steps}: PPO {runs['ppo'][-1][0]:.2f} s "
                  f"({runs['ppo'][-1][1]} tokens), bare {runs['bare'][-1][0]:.2f} s ({runs['bare'][-1][1]} tokens)")
     out = {"paired_ratio": median([b[0] / p[0] for p, b in zip(runs["ppo"][a.warmup_steps:], runs["bare"][a.warmup_steps:])])}
@@ -481,10 +504,10 @@ def child_rloo(a: argparse.Namespace, work: Path) -> dict:
             self.ends: list[float] = []
 
         def on_train_begin(self, args, state, control, **kwargs):
-            self.ends.append(time.perf_counter())
+            self.ends.append(_now())
 
         def on_step_end(self, args, state, control, **kwargs):
-            self.ends.append(time.perf_counter())
+            self.ends.append(_now())
             progress(f"RLOO step {state.global_step}/{args.max_steps}: {self.ends[-1] - self.ends[-2]:.2f} s")
 
     timer = StepTimer()
@@ -509,15 +532,18 @@ def child_argv(a: argparse.Namespace) -> list[str]:
     defaults = parse_args([])
     out = []
     for key in ("model", "prompts", "batch_size", "max_new_tokens", "ppo_epochs", "mini_batch_size",
-                "gradient_accumulation_steps", "dtype", "threads", "steps", "warmup_steps", "four_models_steps", "seed"):
+                "gradient_accumulation_steps", "dtype", "threads", "steps", "warmup_steps", "memory_steps",
+                "four_models_steps", "clock", "seed"):
         if getattr(a, key) != getattr(defaults, key):
             out += [f"--{key}", str(getattr(a, key))]
-    return out + (["--mmap_weights"] if a.mmap_weights else [])
+    return out + [f"--{flag}" for flag in ("mmap_weights", "glibc_default_malloc") if getattr(a, flag)]
 
 
-def run_child(name: str, argv: list[str], work: Path) -> dict:
+def run_child(name: str, argv: list[str], work: Path, fixed_mmap_threshold: bool) -> dict:
     env = {**os.environ, "TQDM_DISABLE": "1", "TRANSFORMERS_VERBOSITY": "error", "TOKENIZERS_PARALLELISM": "false",
            "HF_HUB_OFFLINE": "1", "PYTHONWARNINGS": "ignore"}
+    if fixed_mmap_threshold and name in MEMORY_CHILDREN:
+        env["MALLOC_MMAP_THRESHOLD_"] = str(64 * 1024)
     child = subprocess.run([sys.executable, str(Path(__file__).resolve()), *argv, "--child", name, "--workdir", str(work)],
                            env=env, stdout=subprocess.PIPE, text=True)
     results = [line for line in child.stdout.splitlines() if line.startswith(RESULT_TAG)]
@@ -553,14 +579,14 @@ def build_table(a: argparse.Namespace, r: dict) -> tuple[list[dict], str]:
         rows.append({"figure": name, "ours": ours, "baseline": base, "ratio": value, "goal": goal, "met": met,
                      "unit": unit})
 
-    if "ppo" in r and "four_models" in r:
-        v = ratio(r["four_models"]["peak_rss_mb"], r["ppo"]["peak_rss_mb"])
-        add("peak RSS: four full models / our shared base", r["ppo"]["peak_rss_mb"], r["four_models"]["peak_rss_mb"],
-            v, ">= 3x", v >= 3, "MB")
-    if "ppo" in r and "sft" in r:
-        v = ratio(r["ppo"]["peak_rss_mb"], r["sft"]["peak_rss_mb"])
-        add("peak RSS: our PPO step / SFT LoRA step", r["ppo"]["peak_rss_mb"], r["sft"]["peak_rss_mb"], v, "<= 1.25",
-            v <= 1.25, "MB")
+    if "ppo_memory" in r and "four_models" in r:
+        ours, four = r["ppo_memory"]["peak_rss_mb"], r["four_models"]["peak_rss_mb"]
+        add("peak RSS: four full models / our shared base", ours, four, ratio(four, ours), ">= 3x",
+            ratio(four, ours) >= 3, "MB")
+    if "ppo_memory" in r and "sft" in r:
+        ours, sft = r["ppo_memory"]["peak_rss_mb"], r["sft"]["peak_rss_mb"]
+        add("peak RSS: our PPO step / SFT LoRA step", ours, sft, ratio(ours, sft), "<= 1.25", ratio(ours, sft) <= 1.25,
+            "MB")
     if "generate" in r:
         g = r["generate"]
         v = g["paired_ratio"]  # median over batches of (bare seconds / our seconds): same tokens, same seed
@@ -579,8 +605,8 @@ def build_table(a: argparse.Namespace, r: dict) -> tuple[list[dict], str]:
     raw = []
     if "empty" in r:
         raw.append(("peak RSS, python + import torch (the floor)", f"{r['empty']['peak_rss_mb']:.0f} MB"))
-    for name, label in (("ppo", "our PPO step"), ("four_models", "four-models PPO step"), ("sft", "SFT LoRA step"),
-                        ("rloo", "TRL RLOO")):
+    for name, label in (("ppo_memory", "our PPO step"), ("four_models", "four-models PPO step"),
+                        ("sft", "SFT LoRA step"), ("ppo", "our PPO step (speed run)"), ("rloo", "TRL RLOO")):
         if name not in r:
             continue
         x = r[name]
@@ -617,7 +643,8 @@ def main(argv: list[str] | None = None) -> dict | None:
     argv = list(sys.argv[1:] if argv is None else argv)
     a = parse_args(argv)
     if a.child:
-        result = globals()[f"child_{a.child}"](a, Path(a.workdir))
+        child = child_ppo if a.child == "ppo_memory" else globals()[f"child_{a.child}"]
+        result = child(a, Path(a.workdir))
         print(RESULT_TAG + json.dumps(result), flush=True)
         return None
 
@@ -632,12 +659,13 @@ def main(argv: list[str] | None = None) -> dict | None:
         plan = [c for c in CHILDREN if c not in a.skip]
         for i, name in enumerate(plan, 1):
             print(f"[{i}/{len(plan)}] {name} ({time.time() - started:.0f} s so far)", file=sys.stderr, flush=True)
-            results[name] = run_child(name, passed, work)
+            results[name] = run_child(name, passed, work, not a.glibc_default_malloc)
     machine["end"] = machine_check(a.threads)
     rows, table = build_table(a, results)
     settings = (f"batch {a.batch_size} prompts, {a.max_new_tokens} new tokens, {a.ppo_epochs} PPO epoch(s), minibatch "
                 f"{a.mini_batch_size}, {a.dtype}, threads {a.threads or torch.get_num_threads()} (of {os.cpu_count()} "
-                f"CPUs), {a.warmup_steps} warm-up + {a.steps} timed steps; total {time.time() - started:.0f} s. Machine at "
+                f"CPUs), {a.warmup_steps} warm-up + {a.steps} timed steps, {'CPU' if uses_cpu_clock(a) else 'wall'}-clock "
+                f"seconds, peak memory over {a.memory_steps} steps; total {time.time() - started:.0f} s. Machine at "
                 f"start / end: fp32 GEMM {machine['start']['gemm_gflops']:.0f} / {machine['end']['gemm_gflops']:.0f} "
                 f"GFLOP/s, load average {machine['start']['loadavg_1min']:.1f} / {machine['end']['loadavg_1min']:.1f}")
     print(f"\nPPO benchmark: {settings}\n\n{table}\n")
