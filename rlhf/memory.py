@@ -33,7 +33,7 @@ activations are freed (they are set to None after each optimizer step). So
 
     total = runtime + weights + adapters + optimizer + max(gradients, activations, kv_cache, scoring)
 
-The calibration (peak RSS of our stage code on CPU against this estimate, within 15 %) is in
+The calibration (peak RSS of our stage code on CPU against this estimate, within 10 %) is in
 docs/memory.md; ``python tests/test_memory.py`` measures it again.
 """
 
@@ -62,16 +62,17 @@ RUNTIME_CPU = 564 * MiB
 # H100: about 500 MiB in nvidia-smi. An assumption, not measured here; torch.cuda.max_memory_allocated
 # leaves it out, as it counts tensors only.
 RUNTIME_CUDA = 512 * MiB
-# Freed memory the allocator keeps, as a fraction of the activations a forward saves (without
+# Freed memory the allocator keeps, as a fraction of the activations one forward saves (without
 # checkpointing: the volume of per-layer temporaries is about the same either way).
-# CPU: glibc malloc returns big blocks to the OS but keeps freed heap chunks, and from the second
-# step on a step runs in the holes the previous one left. Measured at steady state with our stage
-# code (docs/memory.md): SFT about 0.45 (3.1 GiB peak over 2.1 GiB saved, 4 steps, batch 8 x 128);
-# reward about 0.05 (the Trainer loop reuses its holes: 5 steps flat); PPO about 0.95 (a micro-batch
-# holds two graphs, policy and value, and every PPO epoch frees and rebuilds both). With
-# MALLOC_MMAP_THRESHOLD_=65536 in the environment glibc keeps nothing and the peak drops by this term.
+# CPU: glibc malloc returns big blocks to the OS but keeps freed heap chunks, and a step runs in the
+# holes the previous one left. Measured at steady state with our stage code (docs/memory.md): SFT
+# about 0.45 (a 5.3 GiB peak over 2.1 GiB saved at batch 8 x 128, flat from step 2 to 5); reward
+# about 0.05 (5 steps flat at 1.06x the saved bytes); PPO about 2 (1.9-2.4: each micro-batch builds
+# and frees the policy graph, then the value graph, every PPO epoch, and the second graph does not
+# fit in the first one's holes). With MALLOC_MMAP_THRESHOLD_=65536 in the environment glibc keeps
+# nothing and the peak drops by this term (PPO batch 8: 2.4 GiB instead of 4.6).
 # CUDA: the caching allocator reuses its blocks; 0.15 for rounding and fragmentation is an assumption.
-RETENTION = {"cpu": {"sft": 0.45, "reward": 0.05, "ppo": 0.95}, "cuda": {"sft": 0.15, "reward": 0.15, "ppo": 0.15}}
+RETENTION = {"cpu": {"sft": 0.45, "reward": 0.05, "ppo": 2.0}, "cuda": {"sft": 0.15, "reward": 0.15, "ppo": 0.15}}
 # TRL's fused LM head (SFT) projects at most 4096 tokens x 32768 vocabulary entries at a time.
 FUSED_TOKENS, FUSED_VOCAB = 4096, 32768
 # Tiles alive at once. Without Triton (CPU) the backward folds a tile with plain torch ops (scaled
@@ -102,11 +103,12 @@ class MemoryEstimate:
     optimizer: int
     """AdamW's two states per trainable parameter."""
     activations: int
-    """Training forward: tensors saved for backward and the LM-head working set."""
+    """Training step: tensors saved for backward, freed memory the allocator keeps, the LM head."""
     kv_cache: int
     """PPO generation's key/value cache (freed before scoring and training)."""
     total: int
-    """Expected peak: persistent parts + the largest phase (not the plain sum for PPO)."""
+    """Expected peak: runtime + weights + adapters + optimizer + the largest of gradients,
+    activations, kv_cache and PPO's scoring (phases that do not overlap)."""
     trainable_params: int = 0
     """Parameters the optimizer updates."""
     notes: list[str] = field(default_factory=list)
@@ -382,9 +384,10 @@ def estimate_memory(config, stage: str, method: str, *, batch_size: int = 8, seq
         activations = forward(2 * batch_size, seq_len)
     else:
         width = seq_len + max_new_tokens
-        # Each micro-batch runs the policy and the value adapter (two forwards) before one backward;
-        # the LM head runs on the reply positions only: (micro, t, v) logits.
-        activations = 2 * forward(micro, width) + PPO_LOGIT_COPIES * micro * max_new_tokens * arch.vocab * 4
+        # Each micro-batch runs the policy forward and backward, then the value forward and backward,
+        # so one role's graph is alive at a time; the policy's is the larger, with the LM head on the
+        # reply positions only: (micro, t, v) logits.
+        activations = forward(micro, width) + PPO_LOGIT_COPIES * micro * max_new_tokens * arch.vocab * 4
         kv_cache = 2 * arch.layers * batch_size * width * arch.kv_heads * arch.head_dim * act_bytes
         # Scoring (no gradients): the whole batch's reply logits, log-softmaxed one row at a time.
         scoring = (batch_size * act_bytes + 4) * max_new_tokens * arch.vocab
@@ -490,7 +493,7 @@ def load_config(model: str, trust_remote_code: bool = False):
     try:
         return AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as e:
-        raise UserError(f"model: could not read a config from {model!r} ({path}): {e}") from e
+        raise UserError(f"model: could not read a config from {model!r} ({path}): {str(e).splitlines()[0]}") from e
 
 
 def _default_device() -> str:
