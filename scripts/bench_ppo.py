@@ -351,11 +351,15 @@ def child_four_models(a: argparse.Namespace, work: Path) -> dict:
                 optimizer.zero_grad(set_to_none=True)
                 for m0 in range(0, len(minibatch), micro):
                     rows = minibatch[m0 : m0 + micro]
+                    share = mask[rows].sum() / tokens
+                    # One backward per role, as PPOTrainer.update does: one role's activations at a time.
                     logprobs = reply_logprobs(policy, ids[rows], attn[rows], s)
                     pg_loss, _ = pm.ppo_policy_loss(logprobs, old_logprobs[rows], advantages[rows], mask[rows], 0.2)
+                    (pg_loss * share).backward()
+                    del logprobs
                     vf_loss, _ = pm.ppo_value_loss(reply_values(ids[rows], attn[rows], s), old_values[rows],
                                                    returns[rows], mask[rows], 0.2)
-                    ((pg_loss + 0.1 * vf_loss) * mask[rows].sum() / tokens).backward()
+                    (0.1 * vf_loss * share).backward()
                 torch.nn.utils.clip_grad_norm_(params, 1.0)
                 optimizer.step()
 
