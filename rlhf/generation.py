@@ -8,7 +8,7 @@ known temperature / top-k / top-p, and the logprobs used by PPO are computed wit
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -141,9 +141,6 @@ def load_for_generation(run_dir: str, device: str | None = None):
     model.eval()
     return model, tokenizer
 
-
-def sampling_dict(sampling: SamplingArguments) -> dict:
-    return asdict(sampling)
 
 
 def generate_command(argv: list[str]) -> int:

@@ -489,14 +489,11 @@ class PPOTrainer:
         if len(scores) >= 6 and "collapse" not in self._warned:
             first, last = scores[:3], scores[-3:]
             spread = max(first) - min(first) + 1e-6
-            if sum(last) / 3 < sum(first) / 3 - 3 * spread and stats["response_length"] < 2:
+            if sum(last) / 3 < sum(first) / 3 - 3 * spread:
                 self._warned.add("collapse")
-                logger.warning("the reward is collapsing (%.3f -> %.3f) with very short replies: lower learning_rate "
-                               "or raise kl_coef", sum(first) / 3, sum(last) / 3)
-            elif sum(last) / 3 < sum(first) / 3 - 3 * spread:
-                self._warned.add("collapse")
-                logger.warning("the reward is collapsing (%.3f -> %.3f): lower learning_rate or raise kl_coef",
-                               sum(first) / 3, sum(last) / 3)
+                short = " with very short replies" if stats["response_length"] < 2 else ""
+                logger.warning("the reward is collapsing (%.3f -> %.3f)%s: lower learning_rate or raise kl_coef",
+                               sum(first) / 3, sum(last) / 3, short)
 
     # -- checkpoints --------------------------------------------------------------------------
 
