@@ -31,6 +31,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import random
 import resource
 import statistics
@@ -232,6 +233,7 @@ def main(argv: list[str] | None = None) -> dict:
             **overrides,
         }
         run(values=values, callbacks=[timer])
+        load_avg = os.getloadavg()[0]
 
     ceiling_after = gemm_ceiling(shapes, dtype)
     ceiling, ceiling_shape = max(ceiling_before, ceiling_after)
@@ -264,6 +266,8 @@ def main(argv: list[str] | None = None) -> dict:
         # Below the thread count, the process waited (for memory, or for other processes on the cores).
         "step_cpu_s_median": round(statistics.median(timer.step_cpu_seconds[args.warmup_steps:]), 3),
         "cores_busy": round(sum(timer.step_cpu_seconds[args.warmup_steps:]) / seconds, 2),
+        # The 1-minute load average as training ended: above the thread count, other processes shared the cores.
+        "load_avg_1min": round(load_avg, 2),
         "peak_rss_gb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2, 2),
         "base_params": timer.base_params,
         "trainable_params": timer.trainable_params,
@@ -292,7 +296,8 @@ def print_table(f: dict) -> None:
         ("tokens/s", f"{f['tokens_per_s']:.1f}"),
         ("step time", f"{f['step_s_mean']:.2f} s mean, {f['step_s_median']:.2f} median "
                       f"({f['step_s_min']:.2f}-{f['step_s_max']:.2f})"),
-        ("CPU use", f"{f['cores_busy']:.2f} of {f['threads']} cores busy on average during the timed steps"),
+        ("CPU use", f"{f['cores_busy']:.2f} of {f['threads']} cores busy during the timed steps "
+                    f"(machine load average {f['load_avg_1min']:.1f})"),
         ("peak RSS", f"{f['peak_rss_gb']:.2f} GB (ru_maxrss)"),
         ("FLOPs/token", f"{k} x {f['base_params'] / 1e6:.1f} M base params = {f['flops_per_token'] / 1e9:.3f} GFLOP"),
         ("model FLOP/s", f"{f['model_gflops']:.1f} GFLOP/s"),
