@@ -120,8 +120,11 @@ def load_for_generation(run_dir: str, device: str | None = None):
     """Load (model, tokenizer) from any stage's output directory, a model directory, or a hub id.
 
     A stage's output holds either a full model (``config.json``) or a peft adapter
-    (``adapter_config.json``) at its root, plus the tokenizer.
+    (``adapter_config.json``) at its root, plus the tokenizer. An adapter trained on a quantised
+    base (QLoRA) is loaded onto the same quantised base, in the dtype the stage used (its
+    ``config.yaml``), so it generates from the weights it was trained against.
     """
+    import yaml
     from peft import PeftModel
 
     from rlhf.models import ModelArguments, load_base_model, load_tokenizer, resolve_model_path
@@ -129,7 +132,11 @@ def load_for_generation(run_dir: str, device: str | None = None):
     path = Path(run_dir)
     if (path / "adapter_config.json").exists():
         base = json.loads((path / "adapter_config.json").read_text())["base_model_name_or_path"]
-        model = load_base_model(ModelArguments(model_name_or_path=base, peft_method="full"))
+        stage_config = yaml.safe_load((path / "config.yaml").read_text()) if (path / "config.yaml").exists() else {}
+        method = stage_config.get("peft_method", "full")
+        model = load_base_model(ModelArguments(
+            model_name_or_path=base, peft_method=method if method.startswith("qlora") else "full",
+            torch_dtype=stage_config.get("torch_dtype", "float32")))
         model = PeftModel.from_pretrained(model, str(path))
         tokenizer = load_tokenizer(str(path) if (path / "tokenizer_config.json").exists() else base)
     else:

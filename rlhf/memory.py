@@ -294,7 +294,7 @@ def _check(stage: str, method: str, dtype: str, device: str, qlora_bits: int, si
 def estimate_memory(config, stage: str, method: str, *, batch_size: int = 8, seq_len: int = 256,
                     max_new_tokens: int = 48, lora_r: int = 16, dtype: str = "float32", qlora_bits: int = 4,
                     gradient_checkpointing: bool = False, device: str = "cpu", micro_batch_size: int | None = None,
-                    lora_dropout: float = 0.05, arch: Architecture | None = None) -> MemoryEstimate:
+                    lora_dropout: float = 0.0, arch: Architecture | None = None) -> MemoryEstimate:
     """Expected peak memory of ``stage`` trained with ``method`` on the model ``config`` describes.
 
     Args:
@@ -439,7 +439,7 @@ def estimate_command(argv: list[str]) -> int:
     parser.add_argument("--max_new_tokens", type=int, default=48, help="PPO reply length")
     parser.add_argument("--micro_batch_size", type=int, default=None, help="PPO replies per forward/backward")
     parser.add_argument("--lora_r", type=int, default=16, help="LoRA rank")
-    parser.add_argument("--lora_dropout", type=float, default=0.05, help="LoRA dropout (SFT and reward)")
+    parser.add_argument("--lora_dropout", type=float, default=0.0, help="LoRA dropout (SFT and reward)")
     parser.add_argument("--dtype", default="float32", help="float32, bfloat16 or float16")
     parser.add_argument("--gradient_checkpointing", action="store_true", help="recompute activations in backward")
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")

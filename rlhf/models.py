@@ -44,8 +44,9 @@ class ModelArguments:
     """LoRA rank."""
     lora_alpha: int = 32
     """LoRA scaling numerator (the update is scaled by lora_alpha / lora_r)."""
-    lora_dropout: float = 0.05
-    """Dropout on the LoRA input."""
+    lora_dropout: float = 0.0
+    """Dropout on the LoRA input. 0 (peft's default) lets every adapted layer reuse its input instead
+    of saving a dropped-out copy: about 20 % faster SFT on CPU and less activation memory."""
     lora_target_modules: list[str] | None = None
     """Module names to adapt; None finds every linear layer of the architecture except output heads."""
     num_virtual_tokens: int = 16

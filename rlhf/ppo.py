@@ -38,6 +38,7 @@ from tqdm.auto import tqdm
 
 from rlhf import ppo_math as pm
 from rlhf.adapters import HEAD_FILE, AdapterRegistry, adapter_base_model
+from rlhf.allocator import keep_freed_memory
 from rlhf.config import build_config, save_resolved_config
 from rlhf.data import DataArguments, write_jsonl
 from rlhf.errors import UserError
@@ -642,6 +643,7 @@ def run(argv: list[str] | None = None, values: dict[str, Any] | None = None, on_
     from accelerate.utils import set_seed
 
     model_args, data_args, args, sampling, given = parse_ppo(argv, values)
+    keep_freed_memory()
     splits = data_args.load("prompt")
     prompts = [r["prompt"] for r in splits["train"]]
     eval_prompts = [r["prompt"] for r in (splits["test"] or splits["validation"])][: args.eval_prompts]

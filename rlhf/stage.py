@@ -12,6 +12,7 @@ from typing import Any, Callable
 
 import torch
 
+from rlhf.allocator import keep_freed_memory
 from rlhf.config import build_config, save_resolved_config
 from rlhf.data import DataArguments
 from rlhf.errors import UserError
@@ -131,6 +132,7 @@ def parse_stage(stage_class: type, training_class: type, argv: list[str] | None,
     )
     if not os.environ.get("WANDB_API_KEY"):
         os.environ.setdefault("WANDB_MODE", "offline")
+    keep_freed_memory()
     return StageRun(
         model_args, data_args, stage_args, training_args, given,
         run=RunDir(training_args.output_dir),
@@ -161,7 +163,7 @@ def build_stage_model(stage: "StageRun", task: str):
 
 def make_trainer(stage: "StageRun", trainer_class: type, model, tokenizer, data: dict, callbacks: list | None):
     """A TRL trainer on the stage's train/validation data, with early stopping."""
-    return trainer_class(
+    trainer = trainer_class(
         model=model,
         args=stage.training_args,
         train_dataset=data["train"],
@@ -169,6 +171,22 @@ def make_trainer(stage: "StageRun", trainer_class: type, model, tokenizer, data:
         processing_class=tokenizer,
         callbacks=stage_callbacks(stage, "validation" in data, callbacks),
     )
+    if stage.model_args.peft_method.startswith("qlora"):
+        match_trainable_dtype(trainer.model, getattr(torch, stage.model_args.torch_dtype))
+    return trainer
+
+
+def match_trainable_dtype(model, dtype: torch.dtype) -> None:
+    """Give the trainable parameters the dtype the quantised base computes in.
+
+    TRL's trainers cast them to bfloat16 on a quantised base (the QLoRA paper's bf16 setting). With
+    a float32 compute dtype (the CPU default) a reward model's score head then meets float32 hidden
+    states and the first forward fails ("expected m1 and m2 to have the same dtype"). Runs before
+    training, so the optimizer is built on the cast parameters.
+    """
+    for param in model.parameters():
+        if param.requires_grad and param.dtype != dtype and param.is_floating_point():
+            param.data = param.data.to(dtype)
 
 
 def train_with_resume(trainer, checkpoint: str | None) -> dict[str, float]:

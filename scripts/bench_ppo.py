@@ -647,6 +647,11 @@ def main(argv: list[str] | None = None) -> dict | None:
     argv = list(sys.argv[1:] if argv is None else argv)
     a = parse_args(argv)
     if a.child:
+        # Every child gets the allocator settings our stages use (rlhf/allocator.py), TRL's RLOO too;
+        # memory children keep the fixed mmap threshold run_child gives them (explicit settings win).
+        from rlhf.allocator import keep_freed_memory
+
+        keep_freed_memory()
         child = child_ppo if a.child == "ppo_memory" else globals()[f"child_{a.child}"]
         result = child(a, Path(a.workdir))
         print(RESULT_TAG + json.dumps(result), flush=True)

@@ -85,10 +85,10 @@ def test_method_trains_saves_and_loads(method, sft_file, tiny_model_dir, tiny_mo
     assert recorder.trained
     for name, tensor in recorder.trained.items():
         torch.testing.assert_close(loaded[name].detach().float(), tensor, rtol=0, atol=0, msg=name)
-    if not method.startswith("qlora"):
-        # Same weights, same logits. (QLoRA adapters load onto the unquantised base for generation,
-        # so only their adapter tensors are compared.)
-        torch.testing.assert_close(recorder._logits(model), recorder.logits["end"], rtol=1e-5, atol=1e-5)
+    # Same weights, same logits: QLoRA adapters load onto the same quantised base they trained on
+    # (bitsandbytes' inference kernels differ from its training ones in the last digits).
+    tolerance = 1e-2 if method.startswith("qlora") else 1e-5
+    torch.testing.assert_close(recorder._logits(model), recorder.logits["end"], rtol=tolerance, atol=tolerance)
 
 
 # ----------------------------------------------------------------------------------------------
