@@ -64,15 +64,17 @@ RUNTIME_CPU = 564 * MiB
 RUNTIME_CUDA = 512 * MiB
 # Freed memory the allocator keeps, as a fraction of the activations one forward saves (without
 # checkpointing: the volume of per-layer temporaries is about the same either way).
-# CPU: glibc malloc returns big blocks to the OS but keeps freed heap chunks, and a step runs in the
-# holes the previous one left. Measured at steady state with our stage code (docs/memory.md): SFT
-# about 0.45 (a 5.3 GiB peak over 2.1 GiB saved at batch 8 x 128, flat from step 2 to 5); reward
-# about 0.05 (5 steps flat at 1.06x the saved bytes); PPO about 2 (1.9-2.4: each micro-batch builds
-# and frees the policy graph, then the value graph, every PPO epoch, and the second graph does not
-# fit in the first one's holes). With MALLOC_MMAP_THRESHOLD_=65536 in the environment glibc keeps
-# nothing and the peak drops by this term (PPO batch 8: 2.4 GiB instead of 4.6).
+# CPU: our stages turn glibc's mmap off and never trim the heap (rlhf/allocator.py), so a step's
+# temporaries stay in the heap between steps and fragment it. Fitted on the calibration runs of
+# docs/memory.md (2 steps each, step 2 is the steady state): LoRA SFT 0.91-0.99 (QLoRA 1.8: the
+# dequantised weights are temporaries too), full fine-tuning 0.37-0.40 (the weight gradients fill
+# the holes), reward 0.73, PPO 2.4-2.7 (each micro-batch builds and frees the policy graph, then the
+# value graph, every PPO epoch, and the second graph does not fit in the first one's holes).
+# With RLHF_KEEP_FREED_MEMORY=0 and MALLOC_MMAP_THRESHOLD_=65536 glibc keeps nothing and the peak
+# drops by this term (PPO batch 8: 2.4 GiB instead of 4.6, at a cost in speed).
 # CUDA: the caching allocator reuses its blocks; 0.15 for rounding and fragmentation is an assumption.
-RETENTION = {"cpu": {"sft": 0.45, "reward": 0.05, "ppo": 2.0}, "cuda": {"sft": 0.15, "reward": 0.15, "ppo": 0.15}}
+RETENTION = {"cpu": {"sft": 0.95, "reward": 0.75, "ppo": 2.6, "full": 0.4, "qlora": 1.8},
+             "cuda": {"sft": 0.15, "reward": 0.15, "ppo": 0.15, "full": 0.15, "qlora": 0.15}}
 # TRL's fused LM head (SFT) projects at most 4096 tokens x 32768 vocabulary entries at a time.
 FUSED_TOKENS, FUSED_VOCAB = 4096, 32768
 # Tiles alive at once. Without Triton (CPU) the backward folds a tile with plain torch ops (scaled
@@ -366,7 +368,8 @@ def estimate_memory(config, stage: str, method: str, *, batch_size: int = 8, seq
     trains_base = full and stage != "ppo"
     layer = dict(trainable_base=trains_base, lora_r=lora_r, act_bytes=act_bytes, device=device,
                  lora_dropout=lora_dropout > 0 and not trains_base and stage != "ppo")
-    retention = RETENTION[device][stage]
+    retention_key = "full" if trains_base else "qlora" if method == "qlora" and stage != "ppo" else stage
+    retention = RETENTION[device][retention_key]
 
     def forward(sequences: int, width: int) -> float:
         saved = body_activations(arch, sequences=sequences, width=width,

@@ -1,0 +1,50 @@
+"""rlhf.allocator: freed memory stays in the process on CPU, unless the user chose otherwise."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+# Frees a 256 MiB tensor and reports how much of it the process still holds.
+_CHILD = """
+import sys, torch
+sys.path.insert(0, sys.argv[1])
+from rlhf.allocator import keep_freed_memory
+applied = keep_freed_memory()
+def rss():
+    return int(open('/proc/self/statm').read().split()[1]) * 4096
+before = rss()
+t = torch.ones(64 * 2**20)
+del t
+print(applied, (rss() - before) / 2**20)
+"""
+
+
+def _run(env_extra: dict[str, str]) -> tuple[bool, float]:
+    env = {k: v for k, v in os.environ.items()
+           if not (k.startswith("MALLOC_") or k in ("GLIBC_TUNABLES", "RLHF_KEEP_FREED_MEMORY"))}
+    env.update(env_extra)
+    out = subprocess.run([sys.executable, "-c", _CHILD, str(REPO)], env=env, capture_output=True, text=True,
+                         check=True).stdout.split()
+    return out[0] == "True", float(out[1])
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc malloc settings are Linux-only")
+def test_freed_memory_stays_in_the_process():
+    applied, kept_mib = _run({})
+    assert applied
+    assert kept_mib > 200  # the 256 MiB block was freed to the heap, not unmapped
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc malloc settings are Linux-only")
+@pytest.mark.parametrize("env", [{"RLHF_KEEP_FREED_MEMORY": "0"}, {"MALLOC_MMAP_THRESHOLD_": "65536"}])
+def test_opting_out_keeps_glibc_defaults(env):
+    applied, kept_mib = _run(env)
+    assert not applied
+    assert kept_mib < 50  # glibc served the block with mmap and returned it at once
