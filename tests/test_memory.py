@@ -259,7 +259,7 @@ def test_activations_scale_with_tokens_and_checkpointing():
     checkpointed = estimate_memory(tiny_config(), "reward", "lora", **SIZES, gradient_checkpointing=True)
     assert checkpointed.activations < base.activations
     assert checkpointed.weights == base.weights and checkpointed.optimizer == base.optimizer
-    # On CUDA the dropout mask is one byte and the allocator keeps less.
+    # On CUDA the allocator keeps less (RETENTION: 0.15 of a forward against 0.75 for reward on CPU).
     assert estimate_memory(tiny_config(), "reward", "lora", **{**SIZES, "device": "cuda"}).activations \
         < base.activations
 
