@@ -5,9 +5,11 @@ serve blocks above a (dynamic) threshold with ``mmap`` and trim the heap top bac
 next step faults every page in again and the kernel zeroes it: on 2 cores that page-fault work
 took a third of the CPU time of an SFT LoRA step (``scripts/bench_sft.py``: 141 tokens/s with the
 defaults, 224 with the settings below, the same run otherwise). We turn ``mmap`` off for
-allocations and stop trimming, so a step reuses the pages the previous one touched. The peak
-resident size stays about the same (each step needs those pages anyway); memory is simply not
-handed back until the process ends.
+allocations and stop trimming, so a step reuses the pages the previous one touched. The price is a
+higher peak resident size, as freed blocks stay in a fragmenting heap: +6 % for that SFT run
+(7.7 -> 8.2 GB), more for PPO, whose policy and value graphs do not fit in each other's holes
+(``rlhf estimate-memory`` includes it; docs/memory.md). Memory is not handed back until the process
+ends.
 
 Set ``RLHF_KEEP_FREED_MEMORY=0`` to keep glibc's defaults. Nothing happens when the environment
 already sets glibc's malloc tunables (``MALLOC_*_`` or ``GLIBC_TUNABLES``: whoever set them chose),

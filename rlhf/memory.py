@@ -68,10 +68,11 @@ RUNTIME_CUDA = 512 * MiB
 # temporaries stay in the heap between steps and fragment it. Fitted on the calibration runs of
 # docs/memory.md (2 steps each, step 2 is the steady state): LoRA SFT 0.91-0.99 (QLoRA 1.8: the
 # dequantised weights are temporaries too), full fine-tuning 0.37-0.40 (the weight gradients fill
-# the holes), reward 0.73, PPO 2.4-2.7 (each micro-batch builds and frees the policy graph, then the
+# the holes), reward 0.73, PPO 2.4-2.9 (each micro-batch builds and frees the policy graph, then the
 # value graph, every PPO epoch, and the second graph does not fit in the first one's holes).
-# With RLHF_KEEP_FREED_MEMORY=0 and MALLOC_MMAP_THRESHOLD_=65536 glibc keeps nothing and the peak
-# drops by this term (PPO batch 8: 2.4 GiB instead of 4.6, at a cost in speed).
+# With MALLOC_MMAP_THRESHOLD_=65536 in the environment glibc keeps almost nothing and the peak drops
+# by about this term (PPO batch 8 x (64 + 48): 2.5 GiB, measured before this allocator change,
+# against 5.5 GiB now), at a cost in speed.
 # CUDA: the caching allocator reuses its blocks; 0.15 for rounding and fragmentation is an assumption.
 RETENTION = {"cpu": {"sft": 0.95, "reward": 0.75, "ppo": 2.6, "full": 0.4, "qlora": 1.8},
              "cuda": {"sft": 0.15, "reward": 0.15, "ppo": 0.15, "full": 0.15, "qlora": 0.15}}

@@ -3,6 +3,7 @@ of the fp32 matmul ceiling measured in the same run.
 
     make bench-sft                                     # = .venv/bin/python scripts/bench_sft.py
     .venv/bin/python scripts/bench_sft.py --json runs/bench_sft.json
+    .venv/bin/python scripts/bench_sft.py --compare --steps 4 --warmup_steps 1   # our defaults vs the old ones
     .venv/bin/python scripts/bench_sft.py --method full --batch_size 4
     .venv/bin/python scripts/bench_sft.py --set attn_implementation=eager --set lora_target_modules=q_proj,v_proj
 
@@ -60,7 +61,56 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="any SFT stage key, as in configs/sft.yaml (repeatable), e.g. attn_implementation=eager")
     p.add_argument("--json", default=None, help="also write the figures to this JSON file")
+    p.add_argument("--compare", action="store_true",
+                   help="run the variants of COMPARE one after another (each in its own process, same sizes) "
+                        "and print their figures side by side, as ratios to the first")
     return p.parse_args(argv)
+
+
+# What our defaults changed, one at a time: (name, environment, extra --set values).
+COMPARE = [
+    ("defaults", {}, []),
+    ("glibc malloc defaults", {"RLHF_KEEP_FREED_MEMORY": "0"}, []),
+    ("lora_dropout 0.05", {}, ["lora_dropout=0.05"]),
+    ("both (the old defaults)", {"RLHF_KEEP_FREED_MEMORY": "0"}, ["lora_dropout=0.05"]),
+    ("bf16 autocast", {}, ["bf16=true"]),
+]
+
+
+def compare(argv: list[str]) -> list[dict]:
+    """Each COMPARE variant in a fresh process (allocator settings are per process), in order."""
+    import os
+    import subprocess
+    import tempfile
+
+    passed, skip = [], False
+    for arg in argv:  # drop our own --compare/--json, keep everything else
+        if skip:
+            skip = False
+        elif arg == "--json":
+            skip = True
+        elif arg != "--compare" and not arg.startswith("--json="):
+            passed.append(arg)
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="bench_sft_") as tmp:
+        for k, (name, env, sets) in enumerate(COMPARE):
+            out = Path(tmp) / f"{k}.json"
+            command = [sys.executable, __file__, *passed, "--json", str(out), *[x for s in sets for x in ("--set", s)]]
+            print(f"[{k + 1}/{len(COMPARE)}] {name}", flush=True)
+            subprocess.run(command, env={**os.environ, "TQDM_DISABLE": "1", **env}, check=True,
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            rows.append({"variant": name, **json.loads(out.read_text())})
+    return rows
+
+
+def print_comparison(rows: list[dict]) -> None:
+    first = rows[0]
+    print(f"\n  {'variant':<26} {'tokens/s':>9} {'ratio':>6} {'share of ceiling':>17} {'ceiling GFLOP/s':>16} "
+          f"{'peak RSS GB':>12} {'cores busy':>11}")
+    for r in rows:
+        print(f"  {r['variant']:<26} {r['tokens_per_s']:>9.1f} {r['tokens_per_s'] / first['tokens_per_s']:>6.2f} "
+              f"{100 * r['ceiling_share']:>16.1f}% {r['ceiling_gflops']:>9.1f} {r['ceiling_dtype']:<6} "
+              f"{r['peak_rss_gb']:>12.2f} {r['cores_busy']:>11.2f}")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -181,6 +231,12 @@ def stage_overrides(pairs: list[str]) -> dict[str, str]:
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
+    if args.compare:
+        rows = compare(sys.argv[1:] if argv is None else argv)
+        print_comparison(rows)
+        if args.json:
+            Path(args.json).write_text(json.dumps(rows, indent=2) + "\n")
+        return {"variants": rows}
     logging.basicConfig(level=logging.WARNING)
     warnings.filterwarnings("ignore", category=FutureWarning)
     warnings.filterwarnings("ignore", category=UserWarning)
