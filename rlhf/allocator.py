@@ -6,8 +6,8 @@ next step faults every page in again and the kernel zeroes it: on 2 cores that p
 took a third of the CPU time of an SFT LoRA step (``scripts/bench_sft.py``: 141 tokens/s with the
 defaults, 224 with the settings below, the same run otherwise). We turn ``mmap`` off for
 allocations and stop trimming, so a step reuses the pages the previous one touched. The price is a
-higher peak resident size, as freed blocks stay in a fragmenting heap: +6 % for that SFT run
-(7.7 -> 8.2 GB), more for PPO, whose policy and value graphs do not fit in each other's holes
+higher peak resident size, as freed blocks stay in a fragmenting heap: +6-10 % for that SFT run
+(7.6-7.7 -> 8.2-8.3 GB in two paired runs), more for PPO, whose policy and value graphs do not fit in each other's holes
 (``rlhf estimate-memory`` includes it; docs/memory.md). Memory is not handed back until the process
 ends.
 

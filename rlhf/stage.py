@@ -172,7 +172,9 @@ def make_trainer(stage: "StageRun", trainer_class: type, model, tokenizer, data:
         callbacks=stage_callbacks(stage, "validation" in data, callbacks),
     )
     if stage.model_args.peft_method.startswith("qlora"):
-        match_trainable_dtype(trainer.model, getattr(torch, stage.model_args.torch_dtype))
+        # float16 compute trains float32 parameters under autocast (the grad scaler refuses fp16 ones).
+        bf16 = stage.model_args.torch_dtype == "bfloat16"
+        match_trainable_dtype(trainer.model, torch.bfloat16 if bf16 else torch.float32)
     return trainer
 
 
