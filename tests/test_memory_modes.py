@@ -1,4 +1,5 @@
-"""Memory modes on CPU: SFT and PPO on QLoRA 4-bit / 8-bit bases with gradient checkpointing."""
+"""Memory modes on CPU: all three stages on QLoRA 4-bit / 8-bit bases and on a bfloat16 base, with
+gradient checkpointing."""
 
 from __future__ import annotations
 
@@ -14,13 +15,13 @@ DATA = ROOT / "data" / "demo"
 pytestmark = pytest.mark.slow
 
 
-@pytest.mark.parametrize("method", ["qlora-4bit"])  # 8-bit SFT is covered by test_peft_methods
-def test_all_stages_train_on_a_quantised_base_with_gradient_checkpointing(method, tiny_model_dir_4bit, tmp_path):
+@pytest.mark.parametrize("method, dtype", [("qlora-4bit", "float32"), ("qlora-8bit", "float32"), ("lora", "bfloat16")])
+def test_all_stages_train_in_each_memory_mode_with_gradient_checkpointing(method, dtype, tiny_model_dir_4bit, tmp_path):
     from reward.train import run as run_reward
     from rlhf.ppo import run as run_ppo
     from sft.train import run as run_sft
 
-    common = ["--model_name_or_path", str(tiny_model_dir_4bit), "--peft_method", method,
+    common = ["--model_name_or_path", str(tiny_model_dir_4bit), "--peft_method", method, "--torch_dtype", dtype,
               "--gradient_checkpointing", "true", "--warmup_steps", "0"]
     run_sft(["--config", str(TINY / "sft.yaml"), *common, "--output_dir", str(tmp_path / "sft"),
              "--train_file", str(DATA / "sft_train.jsonl"), "--validation_file", str(DATA / "sft_validation.jsonl"),
@@ -31,7 +32,8 @@ def test_all_stages_train_on_a_quantised_base_with_gradient_checkpointing(method
                 "--test_file", str(DATA / "prefs_test.jsonl")])
     metrics = run_ppo(["--config", str(TINY / "ppo.yaml"), "--sft_model", str(tmp_path / "sft"),
                        "--reward_model", str(tmp_path / "reward"), "--output_dir", str(tmp_path / "ppo"),
-                       "--peft_method", method, "--gradient_checkpointing", "true", "--max_steps", "2",
+                       "--peft_method", method, "--torch_dtype", dtype, "--gradient_checkpointing", "true",
+                       "--max_steps", "2",
                        "--learning_rate", "1e-2", "--train_file", str(DATA / "prompts_train.jsonl"),
                        "--test_file", str(DATA / "prompts_test.jsonl")])
     assert all(torch.isfinite(torch.tensor(v)) for k, v in metrics.items()
@@ -39,4 +41,4 @@ def test_all_stages_train_on_a_quantised_base_with_gradient_checkpointing(method
     before = load_file(str(tmp_path / "sft" / "adapter_model.safetensors"))
     after = load_file(str(tmp_path / "ppo" / "adapter_model.safetensors"))
     assert before.keys() == after.keys()
-    assert any(not torch.equal(before[k], after[k]) for k in before), "PPO on a quantised base changed nothing"
+    assert any(not torch.equal(before[k], after[k]) for k in before), f"PPO on a {method} {dtype} base changed nothing"
