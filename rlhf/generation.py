@@ -124,15 +124,15 @@ def load_for_generation(run_dir: str, device: str | None = None):
     base (QLoRA) is loaded onto the same quantised base, in the dtype the stage used (its
     ``config.yaml``), so it generates from the weights it was trained against.
     """
-    import yaml
     from peft import PeftModel
 
+    from rlhf.config import load_yaml
     from rlhf.models import ModelArguments, load_base_model, load_tokenizer, resolve_model_path
 
     path = Path(run_dir)
     if (path / "adapter_config.json").exists():
         base = json.loads((path / "adapter_config.json").read_text())["base_model_name_or_path"]
-        stage_config = yaml.safe_load((path / "config.yaml").read_text()) if (path / "config.yaml").exists() else {}
+        stage_config = load_yaml(path / "config.yaml") if (path / "config.yaml").exists() else {}
         method = stage_config.get("peft_method", "full")
         model = load_base_model(ModelArguments(
             model_name_or_path=base, peft_method=method if method.startswith("qlora") else "full",

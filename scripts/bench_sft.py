@@ -79,9 +79,7 @@ COMPARE = [
 
 def compare(argv: list[str]) -> list[dict]:
     """Each COMPARE variant in a fresh process (allocator settings are per process), in order."""
-    import os
     import subprocess
-    import tempfile
 
     passed, skip = [], False
     for arg in argv:  # drop our own --compare/--json, keep everything else
