@@ -377,6 +377,77 @@ def test_rollout_invariants(pipeline):
     torch.testing.assert_close(torch.tensor(from_text), in_ppo[same], rtol=0, atol=1e-4)
 
 
+SINGLE_PASS = ("--batch_size", "8", "--mini_batch_size", "8", "--gradient_accumulation_steps", "1",
+               "--ppo_epochs", "1", "--max_new_tokens", "12")
+
+
+def count_policy_forwards(trainer) -> list:
+    """Record whether each policy forward of ``trainer`` ran with gradients."""
+    calls = []
+    original = trainer.reply_logits
+
+    def counted(role, *args, **kwargs):
+        if role == "policy":
+            calls.append(torch.is_grad_enabled())
+        return original(role, *args, **kwargs)
+
+    trainer.reply_logits = counted
+    return calls
+
+
+@pytest.mark.slow
+def test_single_pass_update_reuses_its_forward_for_the_rollout_logprobs(pipeline):
+    """One epoch, one minibatch, one micro-batch: step 3's policy logprobs come from the update's own
+    forward (one policy forward per step instead of two), and the step is the same as with both."""
+    steps = {}
+    for fused in (True, False):
+        trainer = make_trainer(pipeline, *SINGLE_PASS)
+        assert trainer.single_pass()
+        if not fused:
+            trainer.single_pass = lambda: False
+        calls = count_policy_forwards(trainer)
+        torch.manual_seed(0)
+        stats = trainer.train_step()
+        steps[fused] = (stats, calls, adapter_state(trainer.registry, "policy"), adapter_state(trainer.registry, "value"))
+    (fused_stats, fused_calls, fused_policy, fused_value), (stats, calls, policy, value) = steps[True], steps[False]
+    assert fused_calls == [True] and calls == [False, True]
+    assert fused_stats["ratio"] == 1.0 and fused_stats["approx_kl"] == 0.0 and fused_stats["clipfrac"] == 0.0
+    for key in ("score", "kl", "policy_loss", "value_loss", "entropy", "response_length"):
+        assert fused_stats[key] == pytest.approx(stats[key], rel=1e-5, abs=1e-7), key
+    for found, expected in ((fused_policy, policy), (fused_value, value)):
+        assert found.keys() == expected.keys()
+        for key in expected:
+            torch.testing.assert_close(found[key], expected[key], rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.slow
+def test_merged_rollout_samples_the_same_replies_and_restores_the_base(pipeline):
+    """Generation with the policy folded into the base gives the unmerged replies, and afterwards every
+    base weight is bit-for-bit what it was (the frozen roles share them)."""
+    trainer = make_trainer(pipeline, *SINGLE_PASS)
+    registry = trainer.registry
+    # Make the policy differ from the reference, so merging it changes the weights it folds into.
+    with torch.no_grad():
+        for param in registry.parameters_of("policy"):
+            param.add_(0.05 * torch.randn_like(param))
+    base_before = {n: p.detach().clone() for n, p in registry.peft_model.named_parameters() if "lora_" not in n}
+    prompts = trainer.sampler.next_batch()
+    rollouts = {}
+    for merge in (True, False):
+        trainer.args.merge_for_generation = merge
+        torch.manual_seed(3)
+        rollouts[merge] = trainer.generate(prompts)
+    assert registry.can_merge("policy")
+    assert torch.equal(rollouts[True].input_ids, rollouts[False].input_ids)
+    base_after = {n: p.detach() for n, p in registry.peft_model.named_parameters() if "lora_" not in n}
+    assert base_after.keys() == base_before.keys()
+    assert all(torch.equal(base_after[n], base_before[n]) for n in base_before)
+    # While merged, the base really holds the policy (so the test above is not vacuous).
+    with registry.use("policy"), registry.merged("policy"):
+        assert any(not torch.equal(p, base_before[n]) for n, p in registry.peft_model.named_parameters()
+                   if n in base_before)
+
+
 # -- 5. sampling settings -------------------------------------------------------------------------
 
 
