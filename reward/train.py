@@ -48,10 +48,12 @@ def run(argv: list[str] | None = None, values: dict[str, Any] | None = None, cal
     model.config.pad_token_id = tokenizer.pad_token_id
     trainer = make_trainer(stage, RewardTrainer, model, tokenizer, data, callbacks)
     metrics: dict[str, Any] = train_with_resume(trainer, checkpoint)
-    metrics.update(stage.parameter_counts, train_pairs=len(splits["train"]))
+    metrics.update(stage.parameter_counts, train_pairs=len(splits["train"]), validation_pairs=len(splits["validation"]))
 
     held_out = {}
-    for name in ("validation", "test"):
+    # The trainer's evaluations already give validation accuracy (eval_accuracy); the held-out
+    # figures and the calibration plot come from the test split, or validation when there is none.
+    for name in ("test",) if splits["test"] else ("validation",):
         rows = splits[name]
         if not rows:
             continue

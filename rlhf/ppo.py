@@ -44,7 +44,7 @@ from rlhf.config import build_config, save_resolved_config
 from rlhf.data import DataArguments, write_jsonl
 from rlhf.errors import UserError
 from rlhf.formatting import encode_prompt
-from rlhf.generation import SamplingArguments, decode_responses, left_pad
+from rlhf.generation import SamplingArguments, decode_responses, left_pad, sample_responses
 from rlhf.models import ModelArguments, build_peft_config, load_base_model, load_tokenizer
 from rlhf.outputs import RunDir, plot_curves, write_json
 
@@ -278,8 +278,6 @@ class PPOTrainer:
     @torch.no_grad()
     def generate(self, prompts: list) -> Rollout:
         """Sample one reply per prompt with the policy adapter."""
-        from rlhf.generation import sample_responses
-
         prompt_ids = [encode_prompt(self.tokenizer, p) for p in prompts]
         merge = self.args.merge_for_generation and self.registry.can_merge("policy")
         with self.registry.use("policy") as model, \
@@ -629,9 +627,9 @@ class PPOTrainer:
             for start in range(0, len(prompts), self.args.eval_batch_size):
                 batch = prompts[start : start + self.args.eval_batch_size]
                 prompt_ids = [encode_prompt(self.tokenizer, p) for p in batch]
-                with self.registry.use(adapter) as model:
-                    from rlhf.generation import sample_responses
-
+                merge = adapter is not None and self.args.merge_for_generation and self.registry.can_merge(adapter)
+                with self.registry.use(adapter) as model, \
+                        self.registry.merged(adapter) if merge else contextlib.nullcontext():
                     query, query_mask, response = sample_responses(model, self.tokenizer, prompt_ids, self.sampling)
                 pad, eos = self.tokenizer.pad_token_id, self.tokenizer.eos_token_id
                 mask, ends = pm.response_mask_after_eos(response, eos, pad)

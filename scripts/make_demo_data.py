@@ -446,8 +446,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sizes = p.add_argument_group("sizes (rows per file)")
     for name, default in (
-        ("sft-train", 320), ("sft-validation", 40), ("sft-test", 40),
-        ("prefs-train", 320), ("prefs-validation", 48), ("prefs-test", 96),
+        ("sft-train", 144), ("sft-validation", 32), ("sft-test", 32),
+        ("prefs-train", 144), ("prefs-validation", 32), ("prefs-test", 64),
         ("prompts-train", 128), ("prompts-test", 32),
     ):
         sizes.add_argument(f"--{name}", type=int, default=default, metavar="N", help=f"default {default}")
