@@ -279,9 +279,7 @@ class PPOTrainer:
     def generate(self, prompts: list) -> Rollout:
         """Sample one reply per prompt with the policy adapter."""
         prompt_ids = [encode_prompt(self.tokenizer, p) for p in prompts]
-        merge = self.args.merge_for_generation and self.registry.can_merge("policy")
-        with self.registry.use("policy") as model, \
-                self.registry.merged("policy") if merge else contextlib.nullcontext():
+        with self._sampling_model("policy") as model:
             query, query_mask, response = sample_responses(model, self.tokenizer, prompt_ids, self.sampling)
         pad, eos = self.tokenizer.pad_token_id, self.tokenizer.eos_token_id
         response_mask, ends_with_eos = pm.response_mask_after_eos(response, eos, pad)
@@ -289,6 +287,15 @@ class PPOTrainer:
         input_ids = torch.cat([query, response], dim=1)  # (b, s + t)
         attention_mask = torch.cat([query_mask, response_mask.long()], dim=1)  # (b, s + t)
         return Rollout(input_ids, attention_mask, response_mask, ends_with_eos, query.shape[1])
+
+    @contextlib.contextmanager
+    def _sampling_model(self, adapter: str | None):
+        """The model that samples as ``adapter`` (None = the base): the LoRA folded into the base
+        weights where it can be (``merge_for_generation``), else the adapter switched on."""
+        merge = adapter is not None and self.args.merge_for_generation and self.registry.can_merge(adapter)
+        with self.registry.use(adapter) as model, \
+                self.registry.merged(adapter) if merge else contextlib.nullcontext():
+            yield model
 
     # -- forward passes over reply positions ---------------------------------------------------
 
@@ -338,11 +345,13 @@ class PPOTrainer:
     # -- step 6 -------------------------------------------------------------------------------
 
     def update(self, rollout: Rollout, scored: Scored, advantages: torch.Tensor, returns: torch.Tensor,
-               first_logits: torch.Tensor | None = None) -> dict[str, float]:
+               first_logits: list[torch.Tensor] | None = None) -> dict[str, float]:
         """PPO epochs over shuffled minibatches; returns token-weighted mean statistics.
 
-        ``first_logits`` ``(b, t, v)``: the policy's reply logits with their graph, from the forward
-        that gave step 3's logprobs; used as the forward of a :meth:`single_pass` update.
+        ``first_logits``: a list holding one tensor, the policy's reply logits ``(b, t, v)`` with
+        their graph, from the forward that gave step 3's logprobs; used as the forward of a
+        :meth:`single_pass` update. The update takes the tensor out of the list, so that nothing else
+        keeps it (and the graph's saved tensors) alive while the value forward runs.
         """
         args, mask = self.args, rollout.response_mask
         if first_logits is not None and not self.single_pass():
@@ -363,9 +372,9 @@ class PPOTrainer:
                     m = mask[rows]
                     # Token-weighted accumulation: equal to one pass over the whole minibatch.
                     share = m.sum().item() / mb_tokens
-                    if first_logits is not None:
+                    if first_logits:
                         # One minibatch of every row: their order only changes summation order.
-                        rows, logits, first_logits = slice(None), first_logits, None
+                        rows, logits = slice(None), first_logits.pop()
                         m = mask
                     else:
                         logits = self.reply_logits("policy", rollout, rows)  # (micro, t, v)
@@ -408,11 +417,13 @@ class PPOTrainer:
         rollout = self.generate(prompts)  # 2. replies
         t_generate = time.time() - t0
         scored = self.score(rollout, with_policy=not self.single_pass())  # 3. scores, logprobs, values
-        first_logits = None
+        first_logits: list[torch.Tensor] = []  # handed to the update, which empties it
         if self.single_pass():
-            first_logits = self.reply_logits("policy", rollout)  # with its graph: the update's forward
+            logits = self.reply_logits("policy", rollout)  # with its graph: the update's forward
             with torch.no_grad():
-                scored = scored._replace(logprobs=self._logprobs(first_logits, rollout))
+                scored = scored._replace(logprobs=self._logprobs(logits, rollout))
+            first_logits.append(logits)
+            del logits
         mask = rollout.response_mask
         rewards, kl = pm.compute_rewards(scored.scores, scored.logprobs, scored.ref_logprobs, mask,
                                          self.kl_ctl.value, args.kl_estimator)  # 4. per-token rewards
@@ -420,8 +431,7 @@ class PPOTrainer:
             rewards = self._whiten(rewards, mask, shift_mean=False)
         advantages, returns = pm.gae_advantages(rewards, scored.values, mask, args.gamma, args.lam)  # 5.
         advantages = self._whiten(advantages, mask, shift_mean=True)
-        stats = self.update(rollout, scored, advantages, returns, first_logits)  # 6. PPO epochs
-        del first_logits
+        stats = self.update(rollout, scored, advantages, returns, first_logits or None)  # 6. PPO epochs
         kl_per_reply = self._mean(pm.masked_sum(kl, mask, dim=1))
         # 1 - Var[returns - values] / Var[returns], over every process's real tokens.
         explained = 1.0 - self._var(returns - scored.values, mask) / max(self._var(returns, mask), 1e-12)
@@ -627,9 +637,7 @@ class PPOTrainer:
             for start in range(0, len(prompts), self.args.eval_batch_size):
                 batch = prompts[start : start + self.args.eval_batch_size]
                 prompt_ids = [encode_prompt(self.tokenizer, p) for p in batch]
-                merge = adapter is not None and self.args.merge_for_generation and self.registry.can_merge(adapter)
-                with self.registry.use(adapter) as model, \
-                        self.registry.merged(adapter) if merge else contextlib.nullcontext():
+                with self._sampling_model(adapter) as model:
                     query, query_mask, response = sample_responses(model, self.tokenizer, prompt_ids, self.sampling)
                 pad, eos = self.tokenizer.pad_token_id, self.tokenizer.eos_token_id
                 mask, ends = pm.response_mask_after_eos(response, eos, pad)

@@ -421,6 +421,32 @@ def test_single_pass_update_reuses_its_forward_for_the_rollout_logprobs(pipeline
 
 
 @pytest.mark.slow
+def test_single_pass_frees_the_policy_logits_before_the_value_forward(pipeline):
+    """The update's policy logits (b x t x vocab, with their graph) are gone by the time the value
+    forward with gradients runs, so the two roles' activations never add up."""
+    import weakref
+
+    trainer = make_trainer(pipeline, *SINGLE_PASS)
+    policy_logits, alive_at_value_forward = [], []
+    reply_logits, reply_values = trainer.reply_logits, trainer.reply_values
+
+    def recorded_logits(role, *args, **kwargs):
+        logits = reply_logits(role, *args, **kwargs)
+        if role == "policy" and torch.is_grad_enabled():
+            policy_logits.append(weakref.ref(logits))
+        return logits
+
+    def recorded_values(*args, **kwargs):
+        if torch.is_grad_enabled():
+            alive_at_value_forward.append([ref() is not None for ref in policy_logits])
+        return reply_values(*args, **kwargs)
+
+    trainer.reply_logits, trainer.reply_values = recorded_logits, recorded_values
+    trainer.train_step()
+    assert len(policy_logits) == 1 and alive_at_value_forward == [[False]]
+
+
+@pytest.mark.slow
 def test_merged_rollout_samples_the_same_replies_and_restores_the_base(pipeline):
     """Generation with the policy folded into the base gives the unmerged replies, and afterwards every
     base weight is bit-for-bit what it was (the frozen roles share them)."""
