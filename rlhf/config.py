@@ -3,14 +3,18 @@
 A stage's config is a set of dataclasses (model, data, the stage's own fields, and for SFT/reward
 TRL's ``SFTConfig``/``RewardConfig``, so argument names are TRL's and transformers'). The YAML is
 flat; ``--key value`` on the command line overrides it. An unknown key is an error that names the key
-and the closest valid ones.
+and the closest valid ones. ``--help`` lists every key with its default and help text.
 """
 
 from __future__ import annotations
 
+import ast
 import dataclasses
 import difflib
+import inspect
 import os
+import sys
+import textwrap
 import types
 import typing
 from pathlib import Path
@@ -112,6 +116,75 @@ def load_yaml(path: str | os.PathLike) -> dict[str, Any]:
     return data
 
 
+# Keys a stage accepts beyond its dataclasses' fields.
+EXTRA_KEY_HELP = {
+    "resume": "Continue an interrupted run from the last checkpoint in <output_dir>.tmp.",
+    "overwrite_output_dir": "Replace a finished run in output_dir (otherwise it is an error).",
+}
+
+
+def field_help(cls: type) -> dict[str, str]:
+    """Each field's help text: transformers/TRL keep it in ``metadata['help']``; our dataclasses
+    keep it as the docstring under the field (written once, read here from the source)."""
+    helps: dict[str, str] = {}
+    for klass in reversed(cls.__mro__):
+        if not dataclasses.is_dataclass(klass):
+            continue
+        try:
+            tree = ast.parse(textwrap.dedent(inspect.getsource(klass)))
+        except (OSError, TypeError, SyntaxError):
+            continue
+        body = tree.body[0].body if tree.body and isinstance(tree.body[0], ast.ClassDef) else []
+        for statement, following in zip(body, body[1:]):
+            if (isinstance(statement, ast.AnnAssign) and isinstance(statement.target, ast.Name)
+                    and isinstance(following, ast.Expr) and isinstance(following.value, ast.Constant)
+                    and isinstance(following.value.value, str)):
+                helps[statement.target.id] = " ".join(following.value.value.split())
+    for f in dataclasses.fields(cls):
+        if f.metadata.get("help"):
+            helps[f.name] = " ".join(str(f.metadata["help"]).split())
+    return helps
+
+
+def _default_of(f: dataclasses.Field) -> Any:
+    if f.default is not dataclasses.MISSING:
+        return f.default
+    if f.default_factory is not dataclasses.MISSING:
+        return f.default_factory()
+    return "(required)"
+
+
+def format_help(classes: list[type], extra_keys: tuple[str, ...] = (), defaults: dict[str, Any] | None = None) -> str:
+    """Every key of a stage, grouped by dataclass, with its type, default and help text."""
+    defaults = defaults or {}
+    command = " ".join([Path(sys.argv[0]).name] + [a for a in sys.argv[1:2] if not a.startswith("-")])
+    lines = [f"usage: {command} [--config FILE.yaml] [--key value ...]", "",
+             "Every key below can be set in the YAML file or on the command line (the command line wins);",
+             "the default shown is what applies when neither sets it."]
+    seen: set[str] = set()
+    for cls in classes:
+        helps, types_ = field_help(cls), _field_types(cls)
+        fields = [f for f in dataclasses.fields(cls) if f.init and not f.name.startswith("_") and f.name not in seen]
+        if not fields:
+            continue
+        lines += ["", f"{cls.__name__}:"]
+        for f in fields:
+            seen.add(f.name)
+            tp, _ = _unwrap_optional(types_.get(f.name, f.type))
+            type_name = getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+            default = defaults.get(f.name, _default_of(f))
+            lines.append(f"  --{f.name} ({type_name}, default: {default!r})")
+            if helps.get(f.name):
+                lines += textwrap.wrap(helps[f.name], width=100, initial_indent="      ", subsequent_indent="      ")
+    if extra_keys:
+        lines += ["", "run control:"]
+        for key in extra_keys:
+            lines.append(f"  --{key}")
+            lines += textwrap.wrap(EXTRA_KEY_HELP.get(key, ""), width=100, initial_indent="      ",
+                                   subsequent_indent="      ")
+    return "\n".join(lines)
+
+
 def build_config(
     classes: list[type],
     argv: list[str] | None = None,
@@ -124,8 +197,12 @@ def build_config(
     Returns the instances and the flat dict of every key that was given (after coercion), which is
     what a run saves as its resolved config. A key may belong to several classes (e.g. ``seed``).
     ``extra_keys`` are accepted and returned but belong to no class (e.g. ``resume``); ``defaults``
-    are the stage's own defaults, below everything the user gives.
+    are the stage's own defaults, below everything the user gives. ``-h``/``--help`` prints every
+    key (:func:`format_help`) and exits with status 0.
     """
+    if any(token in ("-h", "--help") for token in argv or []):
+        print(format_help(classes, extra_keys, defaults))
+        raise SystemExit(0)
     overrides, config_path = parse_overrides(argv or [])
     given: dict[str, tuple[Any, str]] = {k: (v, "stage defaults") for k, v in (defaults or {}).items()}
     if config_path:

@@ -123,3 +123,31 @@ def test_resolved_config_reloads_to_the_same_values(tmp_path):
         if hasattr(first.training_args, key):
             assert getattr(again.training_args, key) == getattr(first.training_args, key), key
     assert again.resume is False
+
+
+@pytest.mark.parametrize("flag", ["--help", "-h"])
+def test_help_lists_every_key_with_its_default_and_help_text(flag, capsys):
+    from rlhf.cli import main
+    from rlhf.config import field_help
+    from rlhf.ppo import PPOArguments
+
+    with pytest.raises(SystemExit) as stopped:
+        main(["ppo", "--config", "configs/ppo.yaml", flag])
+    assert stopped.value.code == 0
+    out = capsys.readouterr().out
+    # Our help strings are the docstrings under the fields, written once.
+    assert "  --lam (float, default: 0.95)\n      GAE lambda.\n" in out
+    assert field_help(PPOArguments)["kl_coef"] == "(Initial) KL penalty coefficient beta."
+    assert "  --resume\n      Continue an interrupted run" in out
+    # The stage's defaults replace the dataclass defaults, and every key appears once.
+    assert "  --validation_size (float, default: 0)\n" in out
+    keys = [line.split()[0] for line in out.splitlines() if line.startswith("  --")]
+    assert len(keys) == len(set(keys)) and "--max_new_tokens" in keys and "--model_name_or_path" in keys
+
+
+def test_help_of_a_trainer_stage_shows_trl_help_and_our_defaults(capsys):
+    with pytest.raises(SystemExit):
+        parse_stage(TrainerStageArguments, sft_config(), ["--help"], defaults={"learning_rate": 2e-4})
+    out = capsys.readouterr().out
+    assert "  --learning_rate (float, default: 0.0002)\n      The initial learning rate" in out  # TRL's metadata
+    assert "  --early_stopping_patience (int, default: 3)\n      Stop after" in out
