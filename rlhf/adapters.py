@@ -71,6 +71,7 @@ class AdapterRegistry:
         self.heads = nn.ModuleDict()
         self.trainable: dict[str, bool] = {}
         self._params_by_adapter: dict[str, list[nn.Parameter]] | None = None
+        self._role: str | None = None  # the role entered last through use(); None = the base
 
     # -- building ------------------------------------------------------------------------------
 
@@ -151,25 +152,48 @@ class AdapterRegistry:
     @contextlib.contextmanager
     def use(self, name: str | None) -> Iterator[nn.Module]:
         """Run with adapter ``name`` active (None: all adapters off, i.e. the base model)."""
-        if name is None:
-            try:
-                with self.peft_model.disable_adapter():
-                    yield self.peft_model
-            finally:
-                # peft re-enables the adapter layers on exit through set_adapter, which freezes
-                # every adapter but the active one (the value adapter would silently stop training).
-                self._apply_trainable()
-            return
-        if name not in self.trainable:
-            raise KeyError(f"no adapter named {name!r}; have {self.names}")
-        previous = self.peft_model.active_adapter
-        self.peft_model.set_adapter(name)
-        self._apply_trainable()
+        outer = self._role
+        self._role = name
         try:
-            yield self.peft_model
-        finally:
-            self.peft_model.set_adapter(previous)
+            if name is None:
+                try:
+                    with self.peft_model.disable_adapter():
+                        yield self.peft_model
+                finally:
+                    # peft re-enables the adapter layers on exit through set_adapter, which freezes
+                    # every adapter but the active one (the value adapter would silently stop training).
+                    self._apply_trainable()
+                return
+            if name not in self.trainable:
+                raise KeyError(f"no adapter named {name!r}; have {self.names}")
+            previous = self.peft_model.active_adapter
+            self.peft_model.set_adapter(name)
             self._apply_trainable()
+            try:
+                yield self.peft_model
+            finally:
+                self.peft_model.set_adapter(previous)
+                self._apply_trainable()
+        finally:
+            self._role = outer
+
+    def enable_gradient_checkpointing(self) -> None:
+        """Recompute each decoder layer's activations in the backward pass, under the role that ran it.
+
+        Non-reentrant recomputation runs during backward with whatever adapter is active then: a
+        value loss backpropagated after the registry switched back to the policy would be recomputed
+        under the policy adapter and give silently wrong gradients. The checkpoint's ``context_fn``
+        captures the role at forward time and re-enters it for the recomputation. Like every
+        transformers model, it only checkpoints in training mode (see disable_dropout).
+        """
+        registry = self
+
+        def role_contexts():
+            role = registry._role
+            return contextlib.nullcontext(), registry.use(role)
+
+        self.base_model.activation_checkpointing_enable(
+            activation_checkpointing_kwargs={"use_reentrant": False, "context_fn": role_contexts})
 
     def can_merge(self, name: str) -> bool:
         """Whether :meth:`merged` can fold adapter ``name`` into the base weights exactly."""

@@ -264,3 +264,23 @@ def count_parameters(model: nn.Module) -> tuple[int, int]:
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
     return trainable, total
+
+
+def disable_dropout(model: nn.Module) -> int:
+    """Set every dropout probability in ``model`` to 0, so training mode computes what eval mode does.
+
+    PPO needs training mode for gradient checkpointing (transformers only checkpoints when
+    ``model.training``) but no dropout anywhere: with it, the ratio of the first update would not
+    be 1 and the KL would count noise. Covers ``nn.Dropout`` modules (GPT-2's attention/residual
+    dropout, peft's ``lora_dropout``) and the float ``*dropout`` attributes attention modules pass to
+    the functional kernels (Llama's ``attention_dropout``). Returns how many it changed.
+    """
+    changed = 0
+    for module in model.modules():
+        if isinstance(module, nn.modules.dropout._DropoutNd) and module.p:
+            module.p, changed = 0.0, changed + 1
+        for name, value in list(vars(module).items()):
+            if "dropout" in name and isinstance(value, float) and value:
+                setattr(module, name, 0.0)
+                changed += 1
+    return changed

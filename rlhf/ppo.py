@@ -45,7 +45,7 @@ from rlhf.data import DataArguments, write_jsonl
 from rlhf.errors import UserError
 from rlhf.formatting import encode_prompt
 from rlhf.generation import SamplingArguments, decode_responses, left_pad, sample_responses
-from rlhf.models import ModelArguments, build_peft_config, load_base_model, load_tokenizer
+from rlhf.models import ModelArguments, build_peft_config, disable_dropout, load_base_model, load_tokenizer
 from rlhf.outputs import RunDir, plot_curves, write_json
 
 logger = logging.getLogger(__name__)
@@ -211,22 +211,17 @@ class PromptSampler:
 
 def build_roles(model_args: ModelArguments, args: PPOArguments, device: torch.device) -> tuple[AdapterRegistry, str | None]:
     """Load the base once and put the four roles on it; returns (registry, reference adapter name)."""
+    from rlhf.runs import check_shared_base
+
     sft_dir, reward_dir = Path(args.sft_model), Path(args.reward_model)
-    for what, path in (("sft_model", sft_dir), ("reward_model", reward_dir)):
-        if not path.exists():
-            raise UserError(f"{what}: expected the output directory of the {what.split('_')[0]} stage, "
-                            f"found no {path} (run that stage first)")
-    if not (reward_dir / "adapter_config.json").exists():
-        raise UserError(f"reward_model: expected a LoRA reward adapter in {reward_dir} so it can share the base, "
-                        "found a full model (train the reward stage with peft_method: lora)")
-    sft_is_adapter = (sft_dir / "adapter_config.json").exists()
-    base_path = adapter_base_model(sft_dir) if sft_is_adapter else str(sft_dir)
-    base_args = ModelArguments(**{**asdict(model_args), "model_name_or_path": base_path})
+    # Refuses, before loading anything, SFT/reward outputs whose roles cannot share one base.
+    sft, _, base_args = check_shared_base(sft_dir, reward_dir, model_args)
+    sft_is_adapter = sft.is_adapter
     base = load_base_model(base_args, "causal-lm")
     base.to(device)
-    if args.gradient_checkpointing:
-        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     registry = AdapterRegistry(base)
+    if args.gradient_checkpointing:
+        registry.enable_gradient_checkpointing()
     if sft_is_adapter:
         registry.load("policy", sft_dir, trainable=True)
         registry.load("reference", sft_dir, trainable=False)
@@ -258,7 +253,10 @@ class PPOTrainer:
         self.run_dir = run_dir
         self.work_dir = run_dir.work if run_dir else None
         self.model = registry.peft_model
-        self.model.eval()  # no dropout anywhere in PPO: ratios must be 1 before the first update
+        # No dropout anywhere in PPO (ratios must be 1 before the first update), yet training mode
+        # for the update's forward passes, where gradient checkpointing needs it.
+        disable_dropout(self.model)
+        self.model.eval()
         self.sampler = PromptSampler(prompts, args.batch_size, args.seed,
                                      self.accelerator.process_index, self.accelerator.num_processes)
         self.params = registry.parameters_of("policy") + registry.parameters_of("value")
@@ -272,6 +270,15 @@ class PPOTrainer:
         self.history: list[dict[str, float]] = []
         self._negative_kl_run = 0
         self._warned: set[str] = set()
+
+    @contextlib.contextmanager
+    def _training_mode(self):
+        """Forward passes that will be backpropagated: training mode (dropout is off, see __init__)."""
+        self.model.train()
+        try:
+            yield
+        finally:
+            self.model.eval()
 
     # -- step 2 -------------------------------------------------------------------------------
 
@@ -359,54 +366,64 @@ class PPOTrainer:
         sums: dict[str, float] = {}
         weight_total = 0.0
         generator = torch.Generator().manual_seed(args.seed * 100003 + self.step)
-        for _ in range(args.ppo_epochs):
-            order = torch.randperm(mask.shape[0], generator=generator)
-            for start in range(0, len(order), args.mini_batch_size):
-                minibatch = order[start : start + args.mini_batch_size]
-                # Loss = sum over every process's real tokens / their total, so N processes with
-                # b/N replies each take the same step as one process with b replies.
-                mb_tokens = max(self._sum(mask[minibatch].sum().float()), 1.0)
-                self.optimizer.zero_grad(set_to_none=True)
-                for micro_start in range(0, len(minibatch), args.micro_batch_size):
-                    rows = minibatch[micro_start : micro_start + args.micro_batch_size]
-                    m = mask[rows]
-                    # Token-weighted accumulation: equal to one pass over the whole minibatch.
-                    share = m.sum().item() / mb_tokens
-                    if first_logits:
-                        # One minibatch of every row: their order only changes summation order.
-                        rows, logits = slice(None), first_logits.pop()
-                        m = mask
-                    else:
-                        logits = self.reply_logits("policy", rollout, rows)  # (micro, t, v)
-                    logprobs = self._logprobs(logits, rollout, rows)
-                    pg_loss, pg_stats = pm.ppo_policy_loss(logprobs, scored.logprobs[rows], advantages[rows], m,
-                                                           args.clip_range)
-                    self._guard_finite(pg_loss, "policy loss")
-                    with torch.no_grad():
-                        entropy = pm.masked_mean(pm.entropy_from_logits(logits, self.sampling.temperature), m)
-                    # The two roles share no trainable parameter, so backpropagating each loss as soon
-                    # as it exists gives the same gradients as one backward of their sum, while only
-                    # one role's activations are alive at a time (half the peak memory).
-                    self.accelerator.backward(pg_loss * share)
-                    del logits, logprobs
-                    values = self.reply_values(rollout, rows)
-                    vf_loss, vf_stats = pm.ppo_value_loss(values, scored.values[rows], returns[rows], m,
-                                                          args.clip_range_value)
-                    self._guard_finite(vf_loss, "value loss")
-                    self.accelerator.backward(args.vf_coef * vf_loss * share)
-                    w = float(m.sum())
-                    weight_total += w
-                    for name, value in (("policy_loss", pg_loss), ("value_loss", vf_loss), ("entropy", entropy),
-                                        ("clipfrac", pg_stats.clipfrac), ("approx_kl", pg_stats.approx_kl),
-                                        ("ratio", pg_stats.ratio_mean), ("value_clipfrac", vf_stats.vf_clipfrac)):
-                        sums[name] = sums.get(name, 0.0) + float(value.detach()) * w
-                self._sync_gradients()
-                grad_norm = torch.nn.utils.clip_grad_norm_(self.params, args.max_grad_norm)
-                self._guard_finite(grad_norm, "gradient norm")
-                self.optimizer.step()
+        with self._training_mode():
+            for _ in range(args.ppo_epochs):
+                order = torch.randperm(mask.shape[0], generator=generator)
+                for start in range(0, len(order), args.mini_batch_size):
+                    minibatch = order[start : start + args.mini_batch_size]
+                    # Loss = sum over every process's real tokens / their total, so N processes with
+                    # b/N replies each take the same step as one process with b replies.
+                    mb_tokens = max(self._sum(mask[minibatch].sum().float()), 1.0)
+                    self.optimizer.zero_grad(set_to_none=True)
+                    for micro_start in range(0, len(minibatch), args.micro_batch_size):
+                        rows = minibatch[micro_start : micro_start + args.micro_batch_size]
+                        weight_total += self._micro_step(rollout, scored, advantages, returns, rows, mb_tokens,
+                                                         sums, first_logits)
+                    self._sync_gradients()
+                    grad_norm = torch.nn.utils.clip_grad_norm_(self.params, args.max_grad_norm)
+                    self._guard_finite(grad_norm, "gradient norm")
+                    self.optimizer.step()
         self.scheduler.step()
         total = max(self._sum(torch.tensor(weight_total)), 1.0)
         return {k: self._sum(torch.tensor(v)) / total for k, v in sums.items()}
+
+    def _micro_step(self, rollout: Rollout, scored: Scored, advantages: torch.Tensor, returns: torch.Tensor,
+                    rows: torch.Tensor, mb_tokens: float, sums: dict[str, float],
+                    first_logits: list[torch.Tensor] | None = None) -> float:
+        """Policy and value losses of one micro-batch, backpropagated with weight (its real tokens /
+        the minibatch's), their statistics added to ``sums``; returns its real-token count.
+        ``first_logits``: see :meth:`update`; when it holds the single-pass forward's logits over every
+        row, they are taken out of it and ``rows`` is ignored."""
+        args = self.args
+        logits = first_logits.pop() if first_logits else None
+        if logits is not None:
+            # One minibatch of every row: their order only changes summation order.
+            rows = slice(None)
+        m = rollout.response_mask[rows]
+        # Token-weighted accumulation: equal to one pass over the whole minibatch.
+        share = m.sum().item() / mb_tokens
+        if logits is None:
+            logits = self.reply_logits("policy", rollout, rows)  # (micro, t, v)
+        logprobs = self._logprobs(logits, rollout, rows)
+        pg_loss, pg_stats = pm.ppo_policy_loss(logprobs, scored.logprobs[rows], advantages[rows], m, args.clip_range)
+        self._guard_finite(pg_loss, "policy loss")
+        with torch.no_grad():
+            entropy = pm.masked_mean(pm.entropy_from_logits(logits, self.sampling.temperature), m)
+        # The two roles share no trainable parameter, so backpropagating each loss as soon as it
+        # exists gives the same gradients as one backward of their sum, while only one role's
+        # activations are alive at a time (half the peak memory).
+        self.accelerator.backward(pg_loss * share)
+        del logits, logprobs
+        values = self.reply_values(rollout, rows)
+        vf_loss, vf_stats = pm.ppo_value_loss(values, scored.values[rows], returns[rows], m, args.clip_range_value)
+        self._guard_finite(vf_loss, "value loss")
+        self.accelerator.backward(args.vf_coef * vf_loss * share)
+        w = float(m.sum())
+        for name, value in (("policy_loss", pg_loss), ("value_loss", vf_loss), ("entropy", entropy),
+                            ("clipfrac", pg_stats.clipfrac), ("approx_kl", pg_stats.approx_kl),
+                            ("ratio", pg_stats.ratio_mean), ("value_clipfrac", vf_stats.vf_clipfrac)):
+            sums[name] = sums.get(name, 0.0) + float(value.detach()) * w
+        return w
 
     # -- one whole step -----------------------------------------------------------------------
 
@@ -419,7 +436,8 @@ class PPOTrainer:
         scored = self.score(rollout, with_policy=not self.single_pass())  # 3. scores, logprobs, values
         first_logits: list[torch.Tensor] = []  # handed to the update, which empties it
         if self.single_pass():
-            logits = self.reply_logits("policy", rollout)  # with its graph: the update's forward
+            with self._training_mode():
+                logits = self.reply_logits("policy", rollout)  # with its graph: the update's forward
             with torch.no_grad():
                 scored = scored._replace(logprobs=self._logprobs(logits, rollout))
             first_logits.append(logits)

@@ -105,8 +105,9 @@ def capture_registry(monkeypatch) -> list:
     return built
 
 
-def make_trainer(pipeline: dict[str, Path], *extra: str, sft_model: Path | None = None):
-    """A PPOTrainer built the way rlhf.ppo.run builds it, without a run directory."""
+def make_trainer(pipeline: dict[str, Path], *extra: str, sft_model: Path | None = None, edit_model=None):
+    """A PPOTrainer built the way rlhf.ppo.run builds it, without a run directory.
+    ``edit_model(peft_model)`` runs on the loaded roles before the trainer is made."""
     from rlhf.models import load_tokenizer
     from rlhf.ppo import PPOTrainer, build_roles, parse_ppo
 
@@ -116,6 +117,8 @@ def make_trainer(pipeline: dict[str, Path], *extra: str, sft_model: Path | None 
     model_args, data_args, args, sampling, _ = parse_ppo(argv)
     prompts = [r["prompt"] for r in data_args.load("prompt")["train"]]
     registry, reference = build_roles(model_args, args, torch.device("cpu"))
+    if edit_model is not None:
+        edit_model(registry.peft_model)
     tokenizer = load_tokenizer(str(pipeline["sft"]))
     return PPOTrainer(args, sampling, registry, tokenizer, prompts, reference)
 
@@ -570,3 +573,71 @@ def test_negative_kl_and_collapse_warnings(pipeline, caplog):
         steady._watch(stats)
         steady.history.append(stats)
     assert not [r for r in caplog.records if "collapsing" in r.getMessage()]
+
+
+def update_with_saved_bytes(trainer, rollout, scored) -> tuple[int, dict[str, torch.Tensor]]:
+    """Run one PPO update (lr 0, so the weights stay put); return the largest number of activation
+    bytes held for backward at any moment, and the gradients it left on the policy and value."""
+    from torch.autograd.graph import saved_tensors_hooks
+
+    held, peak = [0], [0]
+
+    def pack(tensor):
+        # Tensors saved inside a checkpointed layer go to the checkpoint's own hooks, not here.
+        held[0] += tensor.numel() * tensor.element_size()
+        peak[0] = max(peak[0], held[0])
+        return tensor
+
+    mask = rollout.response_mask
+    generator = torch.Generator().manual_seed(1)
+    advantages = torch.randn(mask.shape, generator=generator) * mask
+    returns = torch.randn(mask.shape, generator=generator) * mask
+    with saved_tensors_hooks(pack, lambda t: t):
+        trainer.update(rollout, scored, advantages, returns)
+    grads = {name: p.grad.clone() for name, p in trainer.registry.peft_model.named_parameters() if p.grad is not None}
+    grads.update({f"head.{n}": p.grad.clone() for n, p in trainer.registry.heads.named_parameters() if p.grad is not None})
+    return peak[0], grads
+
+
+@pytest.mark.slow
+def test_gradient_checkpointing_holds_less_and_gives_the_same_gradients(pipeline):
+    """PPO's gradient checkpointing really checkpoints (the update holds fewer activations for
+    backward) and recomputes each role under its own adapter: policy and value gradients equal the
+    run without it. The model must be in training mode for transformers to checkpoint, and the value
+    loss is backpropagated after the registry left the value adapter."""
+    results = {}
+    for checkpointing in ("false", "true"):
+        trainer = make_trainer(pipeline, *SINGLE_PASS, "--learning_rate", "0", "--gradient_checkpointing", checkpointing)
+        torch.manual_seed(0)
+        rollout = trainer.generate(trainer.sampler.next_batch())
+        scored = trainer.score(rollout)
+        results[checkpointing] = update_with_saved_bytes(trainer, rollout, scored)
+    (plain_peak, plain_grads), (ckpt_peak, ckpt_grads) = results["false"], results["true"]
+    assert ckpt_peak < 0.7 * plain_peak, (ckpt_peak, plain_peak)
+    assert plain_grads.keys() == ckpt_grads.keys()
+    assert any(".value." in k for k in plain_grads) and any(".policy." in k for k in plain_grads)
+    for key, grad in plain_grads.items():
+        torch.testing.assert_close(ckpt_grads[key], grad, rtol=1e-5, atol=1e-7, msg=key)
+
+
+def test_dropout_is_off_in_the_update_even_in_training_mode(pipeline):
+    """The update runs in training mode (for checkpointing) yet two forwards agree exactly, whatever
+    dropout the model's config and the SFT adapter asked for."""
+
+    def add_dropout(model):
+        for module in model.modules():
+            if hasattr(module, "attention_dropout"):
+                module.attention_dropout = 0.5
+            if isinstance(getattr(module, "lora_dropout", None), torch.nn.ModuleDict):
+                for name in module.lora_dropout:
+                    module.lora_dropout[name] = torch.nn.Dropout(0.5)
+
+    trainer = make_trainer(pipeline, *SINGLE_PASS, edit_model=add_dropout)
+    torch.manual_seed(0)
+    rollout = trainer.generate(trainer.sampler.next_batch())
+    with trainer._training_mode(), torch.no_grad():
+        assert trainer.model.training
+        first = trainer.reply_logits("policy", rollout)
+        second = trainer.reply_logits("policy", rollout)
+    assert not trainer.model.training
+    torch.testing.assert_close(first, second, rtol=0, atol=0)
