@@ -204,23 +204,33 @@ class AdapterRegistry:
             getattr(self.base_model, flag, False) for flag in ("is_loaded_in_4bit", "is_loaded_in_8bit"))
         return config is not None and config.peft_type == PeftType.LORA and not quantized
 
+    def _lora_layers(self, name: str) -> list[nn.Module]:
+        from peft.tuners.lora import LoraLayer
+
+        return [m for m in self.peft_model.modules() if isinstance(m, LoraLayer) and name in m.lora_A]
+
+    def merge_backup_bytes(self, name: str) -> int:
+        """Bytes :meth:`merged` keeps aside for adapter ``name``: every base weight its LoRA wraps."""
+        return sum(p.numel() * p.element_size() for layer in self._lora_layers(name)
+                   for p in layer.get_base_layer().parameters(recurse=False))
+
     @contextlib.contextmanager
-    def merged(self, name: str) -> Iterator[nn.Module]:
+    def merged(self, name: str, backup_device: torch.device | str | None = None) -> Iterator[nn.Module]:
         """Inference with LoRA adapter ``name`` folded into the base weights, restored bit for bit after.
 
         Unmerged, every wrapped layer runs two extra small matmuls (and peft's Python around them)
         per forward; when decoding a few tokens at a time that is 15-20 % of a step. peft's unmerge
         subtracts the update again, which leaves rounding errors in the base weights that the frozen
         roles share, so the merged layers' original weights are kept meanwhile and copied back: a
-        transient copy of the wrapped weights. Not for training (no gradient reaches the adapter).
+        transient copy of the wrapped weights (:meth:`merge_backup_bytes`), on ``backup_device``
+        (default: where the weights are; host memory keeps it off a GPU). Not for training (no
+        gradient reaches the adapter).
         """
-        from peft.tuners.lora import LoraLayer
-
         if not self.can_merge(name):
             raise ValueError(f"adapter {name!r} cannot be merged exactly (not LoRA, or a quantized base)")
-        layers = [m for m in self.peft_model.modules() if isinstance(m, LoraLayer) and name in m.lora_A]
-        originals = [{k: v.detach().clone() for k, v in layer.get_base_layer().named_parameters(recurse=False)}
-                     for layer in layers]
+        layers = self._lora_layers(name)
+        originals = [{k: v.detach().to(backup_device, copy=True)
+                      for k, v in layer.get_base_layer().named_parameters(recurse=False)} for layer in layers]
         try:
             self.peft_model.merge_adapter([name])
             yield self.peft_model

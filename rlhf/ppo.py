@@ -50,6 +50,8 @@ from rlhf.outputs import RunDir, plot_curves, write_json
 
 logger = logging.getLogger(__name__)
 STATE_FILE = "trainer_state.pt"
+MERGE_SETTINGS = ("auto", "true", "false")
+CPU_MERGE_RAM_SHARE = 0.10  # merge_for_generation auto on a CPU: the largest backup, as a share of RAM
 
 
 @dataclass
@@ -100,10 +102,12 @@ class PPOArguments:
     """fixed or adaptive (Ziegler et al. 2019)."""
     kl_coef: float = 0.05
     """(Initial) KL penalty coefficient beta."""
-    target_kl: float = 4.0
-    """Adaptive controller: target KL per reply (nats, summed over tokens)."""
-    kl_horizon: int = 10000
-    """Adaptive controller horizon, in replies."""
+    kl_target: float = 4.0
+    """Adaptive controller: the KL per reply (nats, summed over tokens) it steers towards. Not an
+    early-stopping threshold (TRL's and CleanRL's target_kl)."""
+    kl_horizon: int | None = None
+    """Adaptive controller horizon, in replies; null = a fifth of the run's replies, so a KL that stays
+    off target can move the coefficient by up to e (2.7x) either way over the run."""
     kl_estimator: str = "k1"
     """Per-token KL estimate in the reward: k1, k2 or k3."""
     missing_eos_penalty: float | None = -1.0
@@ -123,11 +127,17 @@ class PPOArguments:
     """Warn when the KL estimate stays negative this many steps in a row."""
     gradient_checkpointing: bool = False
     """Recompute activations in the backward pass: less memory, about 30 % more compute."""
-    merge_for_generation: bool = True
-    """Fold the policy LoRA into the base weights while sampling: about 15 % faster rollouts, logits
-    equal up to rounding; holds a copy of the wrapped base weights meanwhile. Ignored on a quantized base."""
+    merge_for_generation: str = "auto"
+    """Fold the policy LoRA into the base weights while sampling (about 15 % faster rollouts, logits equal
+    up to rounding), keeping a copy of the wrapped base weights meanwhile: true, false, or auto = merge
+    when that copy fits where it costs the step nothing (host RAM when the model is on a GPU) or, on a
+    CPU, when it is under 10 % of the machine's RAM; never on a quantized base or a non-LoRA policy."""
 
     def __post_init__(self) -> None:
+        self.merge_for_generation = str(self.merge_for_generation).lower()
+        if self.merge_for_generation not in MERGE_SETTINGS:
+            raise UserError(f"merge_for_generation: expected one of {', '.join(MERGE_SETTINGS)}, "
+                            f"found {self.merge_for_generation!r}")
         if self.mini_batch_size > self.batch_size or self.batch_size % self.mini_batch_size:
             raise UserError(f"mini_batch_size: expected a divisor of batch_size ({self.batch_size}), "
                             f"found {self.mini_batch_size}")
@@ -238,6 +248,39 @@ def build_roles(model_args: ModelArguments, args: PPOArguments, device: torch.de
     return registry, reference
 
 
+def merge_backup_device(setting: str, registry: AdapterRegistry, device: torch.device) -> torch.device | None:
+    """Where the policy's merge keeps its backup of the wrapped base weights; None = do not merge.
+
+    The backup is what makes the merge exact (see AdapterRegistry.merged) and it is as large as the
+    weights the LoRA wraps: several GB at 7B. On a GPU it goes to host memory, so it costs no GPU
+    memory; on a CPU it adds to the step's RAM, so ``auto`` merges only where it is small.
+    """
+    import psutil
+
+    if setting == "false":
+        return None
+    if not registry.can_merge("policy"):
+        if setting == "true":
+            raise UserError("merge_for_generation: true needs a LoRA policy on an unquantized base; this base is "
+                            "quantized or the policy is not LoRA (set merge_for_generation: auto or false)")
+        logger.info("merge_for_generation auto: not merging (quantized base or non-LoRA policy)")
+        return None
+    backup = registry.merge_backup_bytes("policy")
+    ram = psutil.virtual_memory()
+    host = torch.device("cpu")
+    if setting == "true":
+        return host
+    if device.type != "cpu":
+        fits = backup < 0.5 * ram.available
+        where = "host RAM (no GPU memory)"
+    else:
+        fits = backup <= CPU_MERGE_RAM_SHARE * ram.total
+        where = f"RAM (at most {CPU_MERGE_RAM_SHARE:.0%} of {ram.total / 2**30:.0f} GiB)"
+    logger.info("merge_for_generation auto: %s; the backup of the wrapped weights is %.0f MB in %s",
+                "merging" if fits else "not merging", backup / 2**20, where)
+    return host if fits else None
+
+
 class PPOTrainer:
     """The PPO loop on an :class:`AdapterRegistry`; see the module docstring for the steps."""
 
@@ -257,6 +300,7 @@ class PPOTrainer:
         # for the update's forward passes, where gradient checkpointing needs it.
         disable_dropout(self.model)
         self.model.eval()
+        self.merge_backup = merge_backup_device(args.merge_for_generation, registry, self.device)
         self.sampler = PromptSampler(prompts, args.batch_size, args.seed,
                                      self.accelerator.process_index, self.accelerator.num_processes)
         self.params = registry.parameters_of("policy") + registry.parameters_of("value")
@@ -264,8 +308,9 @@ class PPOTrainer:
         self.optimizer = torch.optim.AdamW(self.params, lr=args.learning_rate, eps=1e-5, weight_decay=0.0)
         self.scheduler = get_scheduler(args.lr_scheduler_type, self.optimizer, num_warmup_steps=0,
                                        num_training_steps=args.max_steps)
-        self.kl_ctl = pm.make_kl_controller(args.kl_controller, kl_coef=args.kl_coef, target=args.target_kl,
-                                            horizon=args.kl_horizon)
+        run_replies = args.max_steps * args.batch_size * self.accelerator.num_processes
+        self.kl_ctl = pm.make_kl_controller(args.kl_controller, kl_coef=args.kl_coef, target=args.kl_target,
+                                            horizon=args.kl_horizon or max(1, round(run_replies / 5)))
         self.step = 0
         self.history: list[dict[str, float]] = []
         self._negative_kl_run = 0
@@ -299,9 +344,9 @@ class PPOTrainer:
     def _sampling_model(self, adapter: str | None):
         """The model that samples as ``adapter`` (None = the base): the LoRA folded into the base
         weights where it can be (``merge_for_generation``), else the adapter switched on."""
-        merge = adapter is not None and self.args.merge_for_generation and self.registry.can_merge(adapter)
+        merge = adapter == "policy" and self.merge_backup is not None
         with self.registry.use(adapter) as model, \
-                self.registry.merged(adapter) if merge else contextlib.nullcontext():
+                self.registry.merged(adapter, self.merge_backup) if merge else contextlib.nullcontext():
             yield model
 
     # -- forward passes over reply positions ---------------------------------------------------

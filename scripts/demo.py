@@ -53,7 +53,7 @@ def build_report(root: Path, examples: int = 4) -> str:
         f"| {ppo_metrics['eval_policy_response_length']:.1f} |",
         "",
         f"PPO reply scored higher than the SFT reply by the annotator on {wins}/{len(samples)} prompts "
-        f"({ties} ties). KL target of the adaptive controller: {ppo_config['target_kl']} nats per reply.",
+        f"({ties} ties). KL target of the adaptive controller: {ppo_config['kl_target']} nats per reply.",
         "",
         "## Replies before and after",
         "",

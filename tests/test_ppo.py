@@ -463,7 +463,7 @@ def test_merged_rollout_samples_the_same_replies_and_restores_the_base(pipeline)
     prompts = trainer.sampler.next_batch()
     rollouts = {}
     for merge in (True, False):
-        trainer.args.merge_for_generation = merge
+        trainer.merge_backup = torch.device("cpu") if merge else None
         torch.manual_seed(3)
         rollouts[merge] = trainer.generate(prompts)
     assert registry.can_merge("policy")
@@ -475,6 +475,45 @@ def test_merged_rollout_samples_the_same_replies_and_restores_the_base(pipeline)
     with registry.use("policy"), registry.merged("policy"):
         assert any(not torch.equal(p, base_before[n]) for n, p in registry.peft_model.named_parameters()
                    if n in base_before)
+
+
+class FakeRegistry:
+    def __init__(self, mergeable: bool, backup_bytes: int):
+        self.mergeable, self.backup_bytes = mergeable, backup_bytes
+
+    def can_merge(self, name):
+        return self.mergeable
+
+    def merge_backup_bytes(self, name):
+        return self.backup_bytes
+
+
+def test_merge_for_generation_auto_merges_only_where_the_backup_fits(monkeypatch):
+    """auto: on a GPU the backup goes to host RAM; on a CPU only when it is a small share of RAM;
+    never on a quantized base, where an explicit true is refused rather than ignored."""
+    import psutil
+
+    import rlhf.ppo as ppo
+    from rlhf.errors import UserError
+
+    gib = 2**30
+    memory = type("Memory", (), {"total": 24 * gib, "available": 20 * gib})
+    monkeypatch.setattr(psutil, "virtual_memory", lambda: memory)
+    cpu, gpu = torch.device("cpu"), torch.device("cuda", 0)
+    small, large = FakeRegistry(True, 1 * gib), FakeRegistry(True, 6 * gib)
+    assert ppo.merge_backup_device("auto", small, cpu) == cpu
+    assert ppo.merge_backup_device("auto", large, cpu) is None  # 6 GiB > 10 % of 24 GiB
+    assert ppo.merge_backup_device("auto", large, gpu) == cpu  # host RAM, not the GPU
+    assert ppo.merge_backup_device("auto", FakeRegistry(True, 12 * gib), gpu) is None  # > half the free RAM
+    assert ppo.merge_backup_device("true", large, cpu) == cpu
+    assert ppo.merge_backup_device("false", small, cpu) is None
+    quantized = FakeRegistry(False, 1 * gib)
+    assert ppo.merge_backup_device("auto", quantized, cpu) is None
+    with pytest.raises(UserError, match="merge_for_generation: true needs a LoRA policy on an unquantized base"):
+        ppo.merge_backup_device("true", quantized, cpu)
+    with pytest.raises(UserError, match="merge_for_generation: expected one of auto, true, false, found 'sometimes'"):
+        ppo.PPOArguments(merge_for_generation="sometimes")
+    assert ppo.PPOArguments(merge_for_generation=True).merge_for_generation == "true"
 
 
 # -- 5. sampling settings -------------------------------------------------------------------------
@@ -641,3 +680,20 @@ def test_dropout_is_off_in_the_update_even_in_training_mode(pipeline):
         second = trainer.reply_logits("policy", rollout)
     assert not trainer.model.training
     torch.testing.assert_close(first, second, rtol=0, atol=0)
+
+
+def test_adaptive_kl_horizon_is_relative_to_the_run(pipeline):
+    """With the default horizon (a fifth of the run's replies) a KL that stays far off target moves the
+    coefficient by a factor that matters within the run; a fixed 10,000-reply horizon moved it 0.3 %."""
+    from rlhf.errors import UserError
+    from rlhf.ppo import parse_ppo
+
+    trainer = make_trainer(pipeline, "--max_steps", "10", "--batch_size", "4", "--mini_batch_size", "4")
+    assert trainer.kl_ctl.horizon == 8  # 10 steps x 4 replies / 5
+    start = trainer.kl_ctl.value
+    for _ in range(10):
+        trainer.kl_ctl.update(0.0, 4)  # KL far below target: lower the coefficient
+    assert trainer.kl_ctl.value < 0.5 * start
+    assert make_trainer(pipeline, "--kl_horizon", "1000").kl_ctl.horizon == 1000
+    with pytest.raises(UserError, match="key 'target_kl' was renamed 'kl_target'"):
+        parse_ppo(ppo_argv(pipeline, pipeline["root"] / "unused", "--target_kl", "3"))
