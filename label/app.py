@@ -14,6 +14,11 @@ was started with ``--tokens``:
   ``duplicate`` and stores nothing. ``choice`` names the pair's response, not a screen side.
 - ``POST /api/skips`` ``{"client_id", "pair_id"}`` -> ``{"status", "progress"}``
 
+The server takes only what it handed out: a label or skip must be for the annotator's open item, with
+the ``left_side`` it was shown with (409 otherwise; a retry of a committed one is still ``duplicate``).
+Errors answer ``{"detail": "<one line>"}``; a refused body (422) names the field and what was expected
+and never repeats the input. ``X-Annotator`` must be ASCII: raw UTF-8 bytes are refused (401).
+
 Security: model text is data. The API sends it only as JSON, the page puts it in the DOM with
 ``textContent`` (never as HTML), and a Content-Security-Policy allows scripts from this server's
 ``/static/`` only, so even an injected ``<script>`` or ``onerror=`` would not run. With ``allowed_hosts``
@@ -34,7 +39,8 @@ from typing import Iterator, Literal
 from urllib.parse import unquote
 
 from fastapi import Depends, FastAPI, HTTPException, Request
-from fastapi.responses import FileResponse
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import FileResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.middleware.trustedhost import TrustedHostMiddleware
@@ -58,31 +64,99 @@ SECURITY_HEADERS = {
 }
 LOOPBACK_HOSTS = ["127.0.0.1", "localhost", "[::1]"]
 MIN_TOKEN_CHARS = 16
+MAX_INT = 2**63 - 1
+"""SQLite's largest integer: a bigger one in a request would overflow in the query (HTTP 500)."""
+MAX_RATIONALE_CHARS = 10_000
+# The bidirectional embedding, override and isolate controls reorder the text around them (e.g. the
+# `stats` table a name is printed in); other format characters, such as the zero-width joiner in
+# emoji like 👩‍💻, are allowed.
+BIDI_CONTROLS = frozenset("\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069")
+# Control, surrogate, private-use and unassigned code points, and line and paragraph separators.
+REFUSED_IN_NAMES = ("Cc", "Cs", "Co", "Cn", "Zl", "Zp")
 
 
+# Each field's description says what is expected; validation errors quote it (never the input).
 class LabelIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    client_id: uuid.UUID
-    pair_id: int
-    choice: Literal["a", "b", "tie", "both_bad"]
-    left_side: Literal["a", "b"]
-    rationale: str | None = Field(default=None, max_length=10_000)
-    elapsed_ms: int | None = Field(default=None, ge=0)
+    client_id: uuid.UUID = Field(description="a UUID made by the page, one per submission")
+    pair_id: int = Field(ge=1, le=MAX_INT, description=f"the open item's pair id, an integer from 1 to {MAX_INT}")
+    choice: Literal["a", "b", "tie", "both_bad"] = Field(
+        description="'a', 'b', 'tie' or 'both_bad' (the pair's own reply, not a screen side)")
+    left_side: Literal["a", "b"] = Field(description="'a' or 'b', the reply shown on the left")
+    rationale: str | None = Field(default=None, max_length=MAX_RATIONALE_CHARS,
+                                  description=f"null or text of at most {MAX_RATIONALE_CHARS} characters")
+    elapsed_ms: int | None = Field(default=None, ge=0, le=MAX_INT,
+                                   description=f"null or milliseconds, an integer from 0 to {MAX_INT}")
 
 
 class SkipIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    client_id: uuid.UUID
-    pair_id: int
+    client_id: uuid.UUID = LabelIn.model_fields["client_id"]
+    pair_id: int = LabelIn.model_fields["pair_id"]
+
+
+BODIES = {"/api/labels": LabelIn, "/api/skips": SkipIn}
+
+
+def describe(value: object) -> str:
+    """What a JSON value is, without repeating it: the input may be huge, or not encodable."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true or false"
+    if isinstance(value, int):
+        return str(value) if abs(value) <= MAX_INT else f"an integer of {len(str(abs(value)))} digits"
+    if isinstance(value, float):
+        return "a number"
+    if isinstance(value, str):
+        if any("\ud800" <= ch <= "\udfff" for ch in value):
+            return "a string with a lone surrogate (not valid Unicode)"
+        return f"a string of {len(value)} characters"
+    if isinstance(value, (bytes, bytearray)):
+        return "a body that is not JSON"
+    return {list: "a list", dict: "an object"}.get(type(value), "something else")
+
+
+def validation_message(errors: list[dict], model: type[BaseModel] | None) -> str:
+    """One short line for a refused request body, naming the field and what was expected.
+
+    FastAPI's default answer echoes the input: a 200 KB rationale came back in full, and a lone
+    surrogate could not be encoded at all (HTTP 500, which the page retries forever).
+    """
+    error = errors[0]
+    if model is None:  # every endpoint with a body is in BODIES; this is a safety net
+        return f"request: refused ({error['type']})"
+    fields = model.model_fields
+    loc = [part for part in error["loc"] if part != "body"]
+    name = loc[0] if loc and isinstance(loc[0], str) else None
+    if error["type"] == "json_invalid":
+        message = "request body: expected a JSON object, found invalid JSON"
+    elif name is None and error["type"] != "string_unicode":
+        message = (f"request body: expected a JSON object with the fields {', '.join(fields)}, "
+                   f"found {describe(error.get('input'))}")
+    elif name is None or error["type"] == "extra_forbidden" or name not in fields:
+        # A field the model lacks (one whose name has a lone surrogate fails before it is compared).
+        # Its name came from the client: don't repeat it either.
+        message = f"request body: expected only the fields {', '.join(fields)}, found another one"
+    elif error["type"] == "missing":
+        message = f"field '{name}': expected {fields[name].description}, found nothing"
+    else:
+        message = f"field '{name}': expected {fields[name].description}, found {describe(error.get('input'))}"
+    more = len(errors) - 1
+    return message + (f" (and {more} more problem{'s' if more > 1 else ''})" if more else "")
 
 
 def check_name(name: str) -> str:
-    """An annotator name: 1 to 64 printable characters after trimming; raises ValueError otherwise."""
+    """An annotator name: 1 to 64 characters after trimming, at least one visible, none of those
+    refused above; raises ValueError otherwise."""
     name = name.strip()
     if not 1 <= len(name) <= MAX_NAME_CHARS:
         raise ValueError(f"expected a name of 1 to {MAX_NAME_CHARS} characters, found {len(name)}")
-    if any(unicodedata.category(ch).startswith("C") for ch in name):
-        raise ValueError("expected a name without control characters, found one")
+    for ch in name:
+        if unicodedata.category(ch) in REFUSED_IN_NAMES or ch in BIDI_CONTROLS:
+            raise ValueError(f"expected a name of printable characters, found U+{ord(ch):04X}")
+    if all(unicodedata.category(ch) == "Cf" or ch.isspace() for ch in name):
+        raise ValueError("expected a name with a visible character, found only invisible ones")
     return name
 
 
@@ -101,6 +175,11 @@ def create_app(campaign: Campaign, k: int | None = None, tokens: dict[str, str] 
     if allowed_hosts is not None:
         app.add_middleware(TrustedHostMiddleware, allowed_hosts=allowed_hosts)
 
+    @app.exception_handler(RequestValidationError)
+    async def refused_body(request: Request, exc: RequestValidationError) -> JSONResponse:
+        return JSONResponse({"detail": validation_message(exc.errors(), BODIES.get(request.url.path))},
+                            status_code=422)
+
     @app.middleware("http")
     async def security_headers(request: Request, call_next):
         response = await call_next(request)
@@ -118,8 +197,13 @@ def create_app(campaign: Campaign, k: int | None = None, tokens: dict[str, str] 
             if not names:
                 raise HTTPException(401, "unknown token")
             return names[0]
+        raw = request.headers.get("x-annotator", "")
+        if not raw.isascii():
+            # Header bytes arrive as Latin-1: raw UTF-8 "José" would become "JosÃ©".
+            raise HTTPException(401, "X-Annotator header: expected ASCII, the name percent-encoded as UTF-8 "
+                                "(as the page sends it: José is Jos%C3%A9), found a raw non-ASCII byte")
         try:
-            return check_name(unquote(request.headers.get("x-annotator", ""), errors="strict"))
+            return check_name(unquote(raw, errors="strict"))
         except (ValueError, UnicodeDecodeError) as e:
             raise HTTPException(401, f"X-Annotator header: {e}")
 

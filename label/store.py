@@ -10,6 +10,7 @@ Data model (``campaign.sqlite`` inside the campaign directory)
   random number fixing the order pairs are handed out in, so one prompt's pairs don't come in a row.
 - ``assignments``: the one open item of each annotator (pair and which side is shown on the left),
   so a reload shows the same item in the same order and other annotators avoid it while it is fresh.
+  A label or skip is taken only for the annotator's open item, with the side it was shown on.
 - ``labels``: one row per (pair, annotator): ``choice`` is ``a``, ``b``, ``tie`` or ``both_bad`` in
   the pair's own terms; ``left_side`` says which response the annotator saw on the left.
   ``client_id`` is the UUID the page made for this submission; UNIQUE, so a retried request is
@@ -120,7 +121,8 @@ class UnknownPair(Exception):
 
 
 class LabelConflict(Exception):
-    """A submission contradicts a stored one: same pair twice, or a client id reused (HTTP 409)."""
+    """A submission contradicts what is stored: a pair labeled twice, a client id reused, or a pair or
+    left side other than the annotator's open item (HTTP 409)."""
 
 
 @dataclass
@@ -340,6 +342,26 @@ class Campaign:
         }
 
     @staticmethod
+    def _open_item_side(conn: sqlite3.Connection, annotator: str, pair_id: int) -> str:
+        """The left side of the annotator's open item, which must be ``pair_id``.
+
+        Raises UnknownPair for a pair the campaign lacks, LabelConflict for one the annotator has
+        already labeled or skipped, or was never handed (only ``next_item`` hands pairs out).
+        """
+        if conn.execute("SELECT 1 FROM pairs WHERE id = ?", (pair_id,)).fetchone() is None:
+            raise UnknownPair(f"no pair {pair_id} in this campaign")
+        for table, done in (("labels", "labeled"), ("skips", "skipped")):
+            if conn.execute(f"SELECT 1 FROM {table} WHERE pair_id = ? AND annotator = ?",
+                            (pair_id, annotator)).fetchone() is not None:
+                raise LabelConflict(f"{annotator} has already {done} pair {pair_id}")
+        row = conn.execute("SELECT left_side FROM assignments WHERE annotator = ? AND pair_id = ?",
+                           (annotator, pair_id)).fetchone()
+        if row is None:
+            raise LabelConflict(f"pair {pair_id} is not {annotator}'s open item: labels and skips are "
+                                "taken only for the pair GET /api/next handed out")
+        return row["left_side"]
+
+    @staticmethod
     def _pair(conn: sqlite3.Connection, pair_id: int) -> dict:
         row = conn.execute(
             "SELECT q.prompt, ra.text AS a, rb.text AS b FROM pairs p "
@@ -355,7 +377,9 @@ class Campaign:
         """Store one label in its own transaction; returns ``(stored label, was_duplicate)``.
 
         Idempotent on ``client_id``: a retry of an acknowledged (or committed but unacknowledged)
-        submission returns the stored row and stores nothing.
+        submission returns the stored row and stores nothing. Otherwise the pair must be the
+        annotator's open item and ``left_side`` the side it was shown on (LabelConflict if not), so a
+        client can neither push a pair it was not given past k nor skew the position-bias figures.
         """
         if choice not in CHOICES:
             raise ValueError(f"choice: expected one of {CHOICES}, found {choice!r}")
@@ -367,11 +391,11 @@ class Campaign:
                 if stored["pair_id"] != pair_id or stored["annotator"] != annotator:
                     raise LabelConflict(f"client id {client_id} was already used for another label")
                 return dict(stored), True
-            if conn.execute("SELECT 1 FROM pairs WHERE id = ?", (pair_id,)).fetchone() is None:
-                raise UnknownPair(f"no pair {pair_id} in this campaign")
-            if conn.execute("SELECT 1 FROM labels WHERE pair_id = ? AND annotator = ?",
-                            (pair_id, annotator)).fetchone() is not None:
-                raise LabelConflict(f"{annotator} has already labeled pair {pair_id}")
+            # Checked inside the transaction: the open item can't change between the check and the INSERT.
+            shown_left = self._open_item_side(conn, annotator, pair_id)
+            if left_side != shown_left:
+                raise LabelConflict(f"left_side: expected '{shown_left}', the reply shown on the left of "
+                                    f"{annotator}'s open item (pair {pair_id}), found '{left_side}'")
             label_id = conn.execute(
                 "INSERT INTO labels (client_id, pair_id, annotator, choice, left_side, rationale, "
                 "elapsed_ms, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
@@ -382,7 +406,10 @@ class Campaign:
         return dict(stored), False
 
     def submit_skip(self, client_id: str, annotator: str, pair_id: int) -> bool:
-        """Record that the annotator skipped the pair; returns whether it was a retried duplicate."""
+        """Record that the annotator skipped the pair; returns whether it was a retried duplicate.
+
+        As with labels, only the annotator's open item can be skipped (LabelConflict otherwise).
+        """
         with self._write() as conn:
             stored = conn.execute("SELECT pair_id, annotator FROM skips WHERE client_id = ?",
                                   (client_id,)).fetchone()
@@ -390,10 +417,9 @@ class Campaign:
                 if stored["pair_id"] != pair_id or stored["annotator"] != annotator:
                     raise LabelConflict(f"client id {client_id} was already used for another skip")
                 return True
-            if conn.execute("SELECT 1 FROM pairs WHERE id = ?", (pair_id,)).fetchone() is None:
-                raise UnknownPair(f"no pair {pair_id} in this campaign")
+            self._open_item_side(conn, annotator, pair_id)
             conn.execute(
-                "INSERT OR IGNORE INTO skips (client_id, pair_id, annotator, created_at) VALUES (?, ?, ?, ?)",
+                "INSERT INTO skips (client_id, pair_id, annotator, created_at) VALUES (?, ?, ?, ?)",
                 (client_id, pair_id, annotator, time.time()),
             )
             conn.execute("DELETE FROM assignments WHERE annotator = ? AND pair_id = ?", (annotator, pair_id))

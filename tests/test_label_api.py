@@ -1,8 +1,11 @@
 """`rlhf label`: campaign files, the HTTP API (FastAPI TestClient), XSS safety, export, generate."""
 
 import json
+import sqlite3
 import uuid
+from contextlib import closing
 from pathlib import Path
+from urllib.parse import quote
 
 import pytest
 from fastapi.testclient import TestClient
@@ -54,6 +57,14 @@ def label_body(item: dict, choice: str = "left", **extra) -> dict:
             "left_side": item["left"]["side"], "elapsed_ms": 1500}
     body.update(extra)
     return body
+
+
+def hand_out(campaign: Campaign, name: str, pair_id: int, left_side: str = "a") -> None:
+    """Make ``pair_id`` the annotator's open item, shown with ``left_side`` on the left, as
+    ``next_item`` would: the store takes labels and skips only for it."""
+    with closing(sqlite3.connect(campaign.db_path)) as conn, conn:
+        conn.execute("INSERT OR REPLACE INTO assignments (annotator, pair_id, left_side, assigned_at) "
+                     "VALUES (?, ?, ?, 0)", (name, pair_id, left_side))
 
 
 def label_everything(client: TestClient, name: str, choice: str = "left") -> list[dict]:
@@ -185,6 +196,104 @@ def test_bad_submissions_are_refused(tmp_path, change, status):
     assert campaign.labels() == []
 
 
+def test_only_the_open_item_can_be_labeled_or_skipped(tmp_path):
+    # The server takes only what it handed out: no pair pushed past k by a client it was never
+    # shown to, no left side other than the one shown (which would skew the position-bias figures).
+    campaign = make_campaign(tmp_path)  # k = 1
+    client = client_for(campaign)
+    item = client.get("/api/next", headers=who("ann")).json()["item"]
+    other = next(p["pair_id"] for p in campaign.pairs() if p["pair_id"] != item["pair_id"])
+    shown_left = item["left"]["side"]
+    refused = [
+        ("bob", "/api/labels", label_body(item)),                  # bob was handed nothing
+        ("ann", "/api/labels", label_body(item, pair_id=other)),   # ann was handed another pair
+        ("ann", "/api/skips", {"client_id": str(uuid.uuid4()), "pair_id": other}),
+        ("ann", "/api/labels", label_body(item, left_side="b" if shown_left == "a" else "a")),
+    ]
+    for name, path, body in refused:
+        response = client.post(path, headers=who(name), json=body)
+        assert response.status_code == 409, (name, body)
+    assert "not bob's open item" in client.post("/api/labels", headers=who("bob"), json=label_body(item)).text
+    assert response.json()["detail"].startswith(f"left_side: expected '{shown_left}', the reply shown on the left")
+    assert campaign.labels() == [] and campaign.skips() == []
+
+    body = label_body(item)
+    assert client.post("/api/labels", headers=who("ann"), json=body).json()["status"] == "stored"
+    # Committed, so the open item is gone; a retry of the same label is still answered as a duplicate.
+    assert client.post("/api/labels", headers=who("ann"), json=body).json()["status"] == "duplicate"
+    # The pair now has its k = 1 label; bob, never handed it, can't add a second one.
+    assert client.post("/api/labels", headers=who("bob"), json=label_body(item)).status_code == 409
+    assert [label["annotator"] for label in campaign.labels()] == ["ann"]
+
+
+@pytest.mark.parametrize("path, field, value, found", [
+    ("/api/labels", "pair_id", 2**64, "an integer of 20 digits"),
+    ("/api/skips", "pair_id", 2**64, "an integer of 20 digits"),
+    ("/api/labels", "pair_id", 0, "0"),
+    ("/api/labels", "elapsed_ms", 2**63, "an integer of 19 digits"),
+])
+def test_integers_are_bounded(tmp_path, path, field, value, found):
+    # SQLite integers are 64-bit: 2**64 in a query overflowed (HTTP 500).
+    campaign = make_campaign(tmp_path)
+    client = client_for(campaign)
+    item = client.get("/api/next", headers=who("ann")).json()["item"]
+    body = label_body(item) if path == "/api/labels" else {"client_id": str(uuid.uuid4()), "pair_id": item["pair_id"]}
+    response = client.post(path, headers=who("ann"), json={**body, field: value})
+    assert response.status_code == 422
+    expected = {"pair_id": "the open item's pair id, an integer from 1 to 9223372036854775807",
+                "elapsed_ms": "null or milliseconds, an integer from 0 to 9223372036854775807"}[field]
+    assert response.json() == {"detail": f"field '{field}': expected {expected}, found {found}"}
+    # The largest SQLite integer is a well-formed id; there is just no such pair.
+    assert client.post(path, headers=who("ann"), json={**body, "pair_id": 2**63 - 1}).status_code == 404
+    assert campaign.labels() == [] and campaign.skips() == []
+
+
+@pytest.mark.parametrize("change, detail", [
+    ({"rationale": "\ud800"}, "field 'rationale': expected null or text of at most 10000 characters, "
+                              "found a string with a lone surrogate (not valid Unicode)"),
+    ({"rationale": "x" * 200_000}, "field 'rationale': expected null or text of at most 10000 characters, "
+                                   "found a string of 200000 characters"),
+    ({"client_id": "\udfff" * 1000}, "field 'client_id': expected a UUID made by the page, one per "
+                                     "submission, found a string with a lone surrogate (not valid Unicode)"),
+    ({"choice": "left"}, "field 'choice': expected 'a', 'b', 'tie' or 'both_bad' (the pair's own reply, "
+                         "not a screen side), found a string of 4 characters"),
+    ({"y" * 100_000: 1}, "request body: expected only the fields client_id, pair_id, choice, left_side, "
+                         "rationale, elapsed_ms, found another one"),
+    ({"\ud800": 1}, "request body: expected only the fields client_id, pair_id, choice, left_side, "
+                    "rationale, elapsed_ms, found another one"),
+])
+def test_refused_bodies_are_answered_without_echoing_them(tmp_path, change, detail):
+    # FastAPI's default 422 answer repeats the input: in full (200 KB back), or not at all when it
+    # can't be encoded (a lone surrogate: HTTP 500, which the page retries forever).
+    campaign = make_campaign(tmp_path)
+    client = client_for(campaign)
+    item = client.get("/api/next", headers=who("ann")).json()["item"]
+    content = json.dumps({**label_body(item), **change})  # ASCII, lone surrogates as \ud800 escapes
+    response = client.post("/api/labels", headers={**who("ann"), "Content-Type": "application/json"},
+                           content=content)
+    assert response.status_code == 422 and response.json() == {"detail": detail}
+    assert campaign.labels() == []
+
+
+def test_annotator_header_is_ascii_and_names_may_hold_format_characters(tmp_path):
+    client = client_for(make_campaign(tmp_path))
+    # Header bytes are read as Latin-1, so raw UTF-8 "José" became "JosÃ©"; "李" (e6 9d 8e) was refused
+    # only because 0x9d reads as a control character.
+    for name in ("José", "Zoë", "李"):
+        response = client.get("/api/whoami", headers=[(b"X-Annotator", name.encode())])
+        assert response.status_code == 401
+        assert response.json()["detail"] == (
+            "X-Annotator header: expected ASCII, the name percent-encoded as UTF-8 (as the page sends it: "
+            "José is Jos%C3%A9), found a raw non-ASCII byte")
+    # Format characters are allowed: the zero-width joiner holds the emoji together.
+    for name in ("👩\u200d💻", "Zoë 👨\u200d👩\u200d👧"):
+        assert client.get("/api/whoami", headers=who(quote(name))).json() == {"annotator": name}
+    # Not those that reorder the text around the name, nor a name with nothing visible.
+    for name, message in [("ann\u202e", "found U+202E"), ("\u200d\u200d", "with a visible character")]:
+        response = client.get("/api/whoami", headers=who(quote(name)))
+        assert response.status_code == 401 and message in response.json()["detail"]
+
+
 def test_annotator_names(tmp_path):
     client = client_for(make_campaign(tmp_path))
     assert client.get("/api/next").status_code == 401
@@ -289,6 +398,7 @@ def test_page_script_never_parses_html():
 
 def vote(campaign: Campaign, pair_id: int, choices: dict[str, str]) -> None:
     for name, choice in choices.items():
+        hand_out(campaign, name, pair_id)
         campaign.submit_label(str(uuid.uuid4()), name, pair_id, choice, "a")
 
 
@@ -348,8 +458,6 @@ def test_generate_from_a_model_dir(tmp_path, tiny_model_dir, capsys):
 
 
 def _origins(campaign: Campaign) -> list[str]:
-    import sqlite3
-
     with sqlite3.connect(campaign.db_path) as conn:
         return [row[0] for row in conn.execute("SELECT origin FROM responses")]
 

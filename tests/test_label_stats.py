@@ -9,6 +9,7 @@ from label.cli import main
 from label.stats import (binomial_two_sided_p, campaign_stats, cohen_kappa, krippendorff_alpha_nominal,
                          majority, position_bias)
 from label.store import Campaign
+from test_label_api import hand_out
 
 
 def test_cohen_kappa_by_hand():
@@ -80,7 +81,9 @@ def test_campaign_stats_and_png(tmp_path, capsys):
     for name, choices in plan.items():
         for pair_id, choice in zip(ids, choices):
             # Left side a for every label: a chosen = left chosen.
+            hand_out(campaign, name, pair_id, "a")
             campaign.submit_label(str(uuid.uuid4()), name, pair_id, choice, "a", elapsed_ms=2000)
+    hand_out(campaign, "cy", ids[1])
     campaign.submit_skip(str(uuid.uuid4()), "cy", ids[1])
     report = campaign_stats(campaign)
     assert report["labels"] == 9 and report["skips"] == 1
