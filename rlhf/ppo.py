@@ -248,6 +248,31 @@ def build_roles(model_args: ModelArguments, args: PPOArguments, device: torch.de
     return registry, reference
 
 
+def check_launch(accelerator) -> None:
+    """Refuse launch settings this loop does not honour, before any work is done.
+
+    The loop calls ``accelerator.backward`` on a model it never hands to ``accelerator.prepare``
+    (it syncs gradients itself, see ``_sync_gradients``): under DeepSpeed that dereferences an
+    engine that does not exist, under FSDP nothing is sharded, fp16's loss scale would never be
+    unscaled before clipping, bf16 autocast would never be entered, and accelerate's gradient
+    accumulation would silently divide every loss.
+    """
+    from accelerate.utils import DistributedType
+
+    kind = accelerator.distributed_type
+    if kind not in (DistributedType.NO, DistributedType.MULTI_CPU, DistributedType.MULTI_GPU):
+        raise UserError(f"accelerate launch: PPO runs on one process or plain DDP (multi-GPU or multi-CPU), found "
+                        f"{kind.value}; launch it with configs/accelerate/ddp.yaml (use QLoRA or "
+                        "gradient_checkpointing to fit memory instead of sharding)")
+    if accelerator.mixed_precision != "no":
+        raise UserError(f"accelerate launch: mixed_precision {accelerator.mixed_precision} is not applied by PPO; "
+                        "launch with mixed_precision 'no' and set torch_dtype: bfloat16 (or a QLoRA "
+                        "peft_method) in the PPO config instead")
+    if accelerator.gradient_accumulation_steps != 1:
+        raise UserError(f"accelerate launch: gradient_accumulation_steps {accelerator.gradient_accumulation_steps} is "
+                        "not applied by PPO; launch with 1 and set the PPO config's gradient_accumulation_steps")
+
+
 def merge_backup_device(setting: str, registry: AdapterRegistry, device: torch.device) -> torch.device | None:
     """Where the policy's merge keeps its backup of the wrapped base weights; None = do not merge.
 
@@ -315,6 +340,8 @@ class PPOTrainer:
         self.history: list[dict[str, float]] = []
         self._negative_kl_run = 0
         self._warned: set[str] = set()
+        self._in_step = False  # inside train_step every process runs the same guards (see _guard_finite)
+        self._nonfinite: str | None = None
 
     @contextlib.contextmanager
     def _training_mode(self):
@@ -425,6 +452,7 @@ class PPOTrainer:
                         weight_total += self._micro_step(rollout, scored, advantages, returns, rows, mb_tokens,
                                                          sums, first_logits)
                     self._sync_gradients()
+                    self._agree_finite()
                     grad_norm = torch.nn.utils.clip_grad_norm_(self.params, args.max_grad_norm)
                     self._guard_finite(grad_norm, "gradient norm")
                     self.optimizer.step()
@@ -473,6 +501,13 @@ class PPOTrainer:
     # -- one whole step -----------------------------------------------------------------------
 
     def train_step(self) -> dict[str, float]:
+        self._in_step = True
+        try:
+            return self._train_step()
+        finally:
+            self._in_step = False
+
+    def _train_step(self) -> dict[str, float]:
         args = self.args
         t0 = time.time()
         prompts = self.sampler.next_batch()  # 1. prompts
@@ -487,6 +522,7 @@ class PPOTrainer:
                 scored = scored._replace(logprobs=self._logprobs(logits, rollout))
             first_logits.append(logits)
             del logits
+        self._agree_finite()
         mask = rollout.response_mask
         rewards, kl = pm.compute_rewards(scored.scores, scored.logprobs, scored.ref_logprobs, mask,
                                          self.kl_ctl.value, args.kl_estimator)  # 4. per-token rewards
@@ -573,13 +609,34 @@ class PPOTrainer:
     # -- guards -------------------------------------------------------------------------------
 
     def _guard_finite(self, tensor: torch.Tensor, what: str) -> None:
-        if not torch.isfinite(tensor).all():
-            last = self._last_checkpoint()
-            where = f"the last good checkpoint is {last}" if last else "no checkpoint was written yet"
-            raise NonFiniteError(
-                f"step {self.step + 1}: non-finite values (NaN/Inf) in the {what}; stopped before writing anything "
-                f"from this step; {where}. Lower learning_rate (or check the reward model) and rerun with --resume"
-            )
+        """Stop on a NaN/Inf. Inside a training step of several processes the finding is only noted
+        here and acted on at the next :meth:`_agree_finite`, which every process reaches: one process
+        raising alone would leave the others waiting in the next all-reduce until the timeout."""
+        if torch.isfinite(tensor).all():
+            return
+        if self.accelerator.num_processes > 1 and self._in_step:
+            self._nonfinite = self._nonfinite or what
+            return
+        self._raise_nonfinite(what)
+
+    def _agree_finite(self) -> None:
+        """Every process learns whether any found a NaN/Inf since the last agreement; all stop together."""
+        if self.accelerator.num_processes == 1:
+            return
+        found = torch.zeros(self.accelerator.num_processes, device=self.device)
+        found[self.accelerator.process_index] = float(self._nonfinite is not None)
+        found = self.accelerator.reduce(found, reduction="sum")
+        if found.any():
+            ranks = ", ".join(str(i) for i in found.nonzero().flatten().tolist())
+            self._raise_nonfinite(f"{self._nonfinite or 'values'} (found by process {ranks})")
+
+    def _raise_nonfinite(self, what: str) -> None:
+        last = self._last_checkpoint()
+        where = f"the last good checkpoint is {last}" if last else "no checkpoint was written yet"
+        raise NonFiniteError(
+            f"step {self.step + 1}: non-finite values (NaN/Inf) in the {what}; stopped before writing anything "
+            f"from this step; {where}. Lower learning_rate (or check the reward model) and rerun with --resume"
+        )
 
     def _watch(self, stats: dict[str, float]) -> None:
         """Warn about a persistently negative KL estimate and a collapsing reward."""
@@ -755,6 +812,7 @@ def run(argv: list[str] | None = None, values: dict[str, Any] | None = None, on_
         os.environ.setdefault("WANDB_MODE", "offline")
     accelerator = Accelerator(cpu=not torch.cuda.is_available(), log_with=log_with,
                               project_dir=str(run_dir.work))
+    check_launch(accelerator)
     checkpoint = run_dir.prepare(bool(given.get("resume")), bool(given.get("overwrite_output_dir"))) \
         if accelerator.is_main_process else None
     accelerator.wait_for_everyone()

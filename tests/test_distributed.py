@@ -181,3 +181,43 @@ def test_fsdp_sft_on_gpu(tiny_model_dir, tmp_path):  # pragma: no cover - GPU on
                     "scripts/gpu_distributed_check.sh runs ZeRO-2/3 on a GPU machine")
 def test_deepspeed_configs_on_gpu():  # pragma: no cover - GPU only
     pytest.importorskip("deepspeed")
+
+
+def test_two_process_ppo_stops_together_on_a_nan_found_by_one_process(stage_outputs, tmp_path):
+    """A NaN reward on process 1 only: both processes stop with the message (none waits in an
+    all-reduce until the timeout), and the last good checkpoint is kept."""
+    script = tmp_path / "ppo_nan_on_rank_1.py"
+    script.write_text(
+        "import os, sys\n"
+        "import torch\n"
+        "import rlhf.ppo as ppo\n"
+        "built, build_roles = [], ppo.build_roles\n"
+        "def keep(*args, **kwargs):\n"
+        "    roles = build_roles(*args, **kwargs)\n"
+        "    built.append(roles[0])\n"
+        "    return roles\n"
+        "ppo.build_roles = keep\n"
+        "rank = int(os.environ['RANK'])\n"
+        "def poison(step):\n"
+        "    if step == 2 and rank == 1:\n"
+        "        with torch.no_grad():\n"
+        "            built[0].heads['reward'].weight.fill_(float('nan'))\n"
+        "try:\n"
+        "    ppo.run(sys.argv[1:], on_checkpoint=poison)\n"
+        "except ppo.NonFiniteError as error:\n"
+        "    print(f'process {rank} stopped: {error}', flush=True)\n"
+        "    sys.exit(3)\n"
+    )
+    out = tmp_path / "ppo"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
+           str(script), *ppo_args(stage_outputs, out, batch_size=2), "--max_steps", "4", "--save_steps", "2"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    result = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=240)
+    assert result.returncode != 0
+    for rank in (0, 1):
+        assert f"process {rank} stopped: step 3: non-finite values (NaN/Inf) in the " in result.stdout, result.stdout
+    assert "(found by process 1)" in result.stdout
+    work = Path(str(out) + ".tmp")
+    assert str(work / "checkpoint-2") in result.stdout
+    assert sorted(p.name for p in work.glob("checkpoint-*")) == ["checkpoint-2"]
+    assert not out.exists()

@@ -697,3 +697,33 @@ def test_adaptive_kl_horizon_is_relative_to_the_run(pipeline):
     assert make_trainer(pipeline, "--kl_horizon", "1000").kl_ctl.horizon == 1000
     with pytest.raises(UserError, match="key 'target_kl' was renamed 'kl_target'"):
         parse_ppo(ppo_argv(pipeline, pipeline["root"] / "unused", "--target_kl", "3"))
+
+
+@pytest.mark.parametrize("setting,value,expected", [
+    ("distributed_type", "DEEPSPEED", "PPO runs on one process or plain DDP (multi-GPU or multi-CPU), found DEEPSPEED"),
+    ("distributed_type", "FSDP", "found FSDP; launch it with configs/accelerate/ddp.yaml"),
+    ("mixed_precision", "fp16", "mixed_precision fp16 is not applied by PPO"),
+    ("mixed_precision", "bf16", "set torch_dtype: bfloat16"),
+    ("gradient_accumulation_steps", 2, "gradient_accumulation_steps 2 is not applied by PPO"),
+])
+def test_launch_settings_ppo_does_not_honour_are_refused(setting, value, expected):
+    from accelerate.utils import DistributedType
+
+    from rlhf.errors import UserError
+    from rlhf.ppo import check_launch
+
+    launch = {"distributed_type": DistributedType.MULTI_GPU, "mixed_precision": "no", "gradient_accumulation_steps": 1}
+    check_launch(type("Launch", (), launch))  # plain DDP passes
+    launch[setting] = DistributedType[value] if setting == "distributed_type" else value
+    with pytest.raises(UserError, match=expected.replace("(", r"\(").replace(")", r"\)")):
+        check_launch(type("Launch", (), launch))
+
+
+def test_accelerate_gradient_accumulation_is_refused_before_any_work(pipeline, tmp_path, monkeypatch, capsys):
+    from rlhf.cli import main
+
+    monkeypatch.setenv("ACCELERATE_GRADIENT_ACCUMULATION_STEPS", "4")
+    out = tmp_path / "ppo"
+    assert main(["ppo", *ppo_argv(pipeline, out)]) == 2
+    assert "gradient_accumulation_steps 4 is not applied by PPO" in capsys.readouterr().err
+    assert not out.exists() and not out.with_name("ppo.tmp").exists()
