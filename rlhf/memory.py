@@ -74,8 +74,8 @@ RUNTIME_CUDA = 512 * MiB
 # by about this term (PPO batch 8 x (64 + 48): 2.5 GiB, measured before this allocator change,
 # against 5.5 GiB now), at a cost in speed.
 # CUDA: the caching allocator reuses its blocks; 0.15 for rounding and fragmentation is an assumption.
-RETENTION = {"cpu": {"sft": 0.95, "reward": 0.75, "ppo": 2.6, "full": 0.4, "qlora": 1.8},
-             "cuda": {"sft": 0.15, "reward": 0.15, "ppo": 0.15, "full": 0.15, "qlora": 0.15}}
+RETENTION = {"cpu": {"sft": 0.95, "reward": 0.75, "ppo": 2.6, "full": 0.4, "qlora": 1.8, "separate": 2.6},
+             "cuda": {"sft": 0.15, "reward": 0.15, "ppo": 0.15, "full": 0.15, "qlora": 0.15, "separate": 0.15}}
 # TRL's fused LM head (SFT) projects at most 4096 tokens x 32768 vocabulary entries at a time.
 FUSED_TOKENS, FUSED_VOCAB = 4096, 32768
 # Tiles alive at once. Without Triton (CPU) the backward folds a tile with plain torch ops (scaled
@@ -109,15 +109,19 @@ class MemoryEstimate:
     """Training step: tensors saved for backward, freed memory the allocator keeps, the LM head."""
     kv_cache: int
     """PPO generation's key/value cache (freed before scoring and training)."""
+    merged_copy: int
+    """PPO generation with ``merge_for_generation``: the copy of every LoRA-wrapped base weight kept
+    while the policy adapter is folded into them (freed with the KV cache)."""
     total: int
     """Expected peak: runtime + weights + adapters + optimizer + the largest of gradients,
-    activations, kv_cache and PPO's scoring (phases that do not overlap)."""
+    activations, kv_cache + merged_copy and PPO's scoring (phases that do not overlap)."""
     trainable_params: int = 0
     """Parameters the optimizer updates."""
     notes: list[str] = field(default_factory=list)
     """Caveats about this stage/method combination."""
 
-    COMPONENTS = ("runtime", "weights", "adapters", "gradients", "optimizer", "activations", "kv_cache")
+    COMPONENTS = ("runtime", "weights", "adapters", "gradients", "optimizer", "activations", "kv_cache",
+                  "merged_copy")
 
     def components(self) -> dict[str, int]:
         return {name: getattr(self, name) for name in self.COMPONENTS}
@@ -208,7 +212,7 @@ def architecture(config) -> Architecture:
 
 
 def saved_bytes_per_token_layer(arch: Architecture, *, width: int, trainable_base: bool, lora_r: int,
-                                lora_dropout: bool, act_bytes: int, device: str) -> float:
+                                lora_dropout: bool, act_bytes: int, device: str, autocast: bool = False) -> float:
     """Bytes one decoder layer saves for backward, per token.
 
     Derived from what autograd keeps in a pre-norm block (checked tensor by tensor with
@@ -228,7 +232,10 @@ def saved_bytes_per_token_layer(arch: Architecture, *, width: int, trainable_bas
       and with a float32 base, that is the shared linear input above; on a bf16/fp16 base peft first
       casts the input to the adapter's float32, one copy per module; with dropout (training mode, SFT
       and reward) each module saves its dropped-out input (float32) and the dropout mask (a float
-      tensor on CPU, a byte mask on CUDA).
+      tensor on CPU, a byte mask on CUDA). Under bf16/fp16 autocast (SFT and reward with ``bf16:
+      true`` on a bf16 base) the float32 copy is cast back for the matmul and the half-precision
+      copy is what is saved, rank-r intermediate included (checked the same way: 5,971 bytes per
+      token against 5,928 from this formula on a 1-layer bf16 model).
     """
     h, i, q = arch.hidden, arch.intermediate, arch.heads * arch.head_dim
     per_layer = len(arch.lora_shapes) / arch.layers
@@ -244,6 +251,8 @@ def saved_bytes_per_token_layer(arch: Architecture, *, width: int, trainable_bas
         lora += lora_in * (4 + mask)
     elif act_bytes == 4:
         elements += linear_inputs
+    elif autocast:
+        lora = per_layer * lora_r * act_bytes + lora_in * act_bytes
     else:
         lora += lora_in * 4
     return elements * act_bytes + fp32 + lora
@@ -297,7 +306,8 @@ def _check(stage: str, method: str, dtype: str, device: str, qlora_bits: int, si
 def estimate_memory(config, stage: str, method: str, *, batch_size: int = 8, seq_len: int = 256,
                     max_new_tokens: int = 48, lora_r: int = 16, dtype: str = "float32", qlora_bits: int = 4,
                     gradient_checkpointing: bool = False, device: str = "cpu", micro_batch_size: int | None = None,
-                    lora_dropout: float = 0.0, arch: Architecture | None = None) -> MemoryEstimate:
+                    lora_dropout: float = 0.0, merge_for_generation: bool = True,
+                    arch: Architecture | None = None) -> MemoryEstimate:
     """Expected peak memory of ``stage`` trained with ``method`` on the model ``config`` describes.
 
     Args:
@@ -313,7 +323,10 @@ def estimate_memory(config, stage: str, method: str, *, batch_size: int = 8, seq
         gradient_checkpointing: recompute activations in the backward pass.
         device: cpu (the estimate is the process's peak RSS) or cuda (GPU memory, nvidia-smi).
         micro_batch_size: PPO replies per forward/backward (default: batch_size).
-        lora_dropout: LoRA dropout of SFT/reward training (PPO runs in eval mode, no dropout).
+        lora_dropout: LoRA dropout of SFT/reward training (PPO forces every dropout to 0).
+        merge_for_generation: PPO samples with the policy LoRA folded into the base weights, keeping
+            a copy of every wrapped weight meanwhile (``rlhf.adapters.AdapterRegistry.merged``);
+            never on a quantized base, which cannot be merged exactly.
         arch: :func:`architecture` of ``config``, when the caller already has it.
 
     Returns:
@@ -367,8 +380,11 @@ def estimate_memory(config, stage: str, method: str, *, batch_size: int = 8, seq
     optimizer = 2 * trainable * trainable_bytes
     # Activations of the training phase: saved tensors, what the allocator keeps, the LM head.
     trains_base = full and stage != "ppo"
+    # SFT and reward train a half-precision base with autocast (bf16: true, as the configs say for
+    # GPUs); PPO runs the bf16 base as it is, with float32 adapters.
     layer = dict(trainable_base=trains_base, lora_r=lora_r, act_bytes=act_bytes, device=device,
-                 lora_dropout=lora_dropout > 0 and not trains_base and stage != "ppo")
+                 lora_dropout=lora_dropout > 0 and not trains_base and stage != "ppo",
+                 autocast=stage != "ppo" and act_bytes == 2)
     retention_key = "full" if trains_base else "qlora" if method == "qlora" and stage != "ppo" else stage
     retention = RETENTION[device][retention_key]
 
@@ -378,7 +394,7 @@ def estimate_memory(config, stage: str, method: str, *, batch_size: int = 8, seq
         unchecked = body_activations(arch, sequences=sequences, width=width, gradient_checkpointing=False, **layer)
         return saved + retention * unchecked
 
-    kv_cache = scoring = 0
+    kv_cache = scoring = merged_copy = 0
     if stage == "sft":
         activations = forward(batch_size, seq_len) + fused_head_bytes(
             arch, batch_size * seq_len, trainable_head=trains_base, act_bytes=act_bytes, device=device)
@@ -393,6 +409,10 @@ def estimate_memory(config, stage: str, method: str, *, batch_size: int = 8, seq
         # reply positions only: (micro, t, v) logits.
         activations = forward(micro, width) + PPO_LOGIT_COPIES * micro * max_new_tokens * arch.vocab * 4
         kv_cache = 2 * arch.layers * batch_size * width * arch.kv_heads * arch.head_dim * act_bytes
+        if merge_for_generation and method != "qlora":
+            # AdapterRegistry.merged keeps the wrapped layers' original weights to restore them bit
+            # for bit: every adapted linear weight, once more, while sampling.
+            merged_copy = arch.linear_weights * w_bytes
         # Scoring (no gradients): the whole batch's reply logits, log-softmaxed one row at a time.
         scoring = (batch_size * act_bytes + 4) * max_new_tokens * arch.vocab
     if method == "qlora" and device == "cpu":
@@ -403,10 +423,55 @@ def estimate_memory(config, stage: str, method: str, *, batch_size: int = 8, seq
     persistent = runtime + weights + adapters + optimizer
     # Gradients are set to None after every optimizer step and grow during the backward while the
     # activations are freed, so the training phase holds about the larger of the two.
-    total = persistent + max(gradients, activations, kv_cache, scoring)
+    total = persistent + max(gradients, activations, kv_cache + merged_copy, scoring)
     return MemoryEstimate(runtime=int(runtime), weights=int(weights), adapters=int(adapters), gradients=int(gradients),
                           optimizer=int(optimizer), activations=int(activations), kv_cache=int(kv_cache),
-                          total=int(total), trainable_params=int(trainable), notes=notes)
+                          merged_copy=int(merged_copy), total=int(total), trainable_params=int(trainable),
+                          notes=notes)
+
+
+def estimate_separate_models_ppo(config, *, batch_size: int = 8, seq_len: int = 64, max_new_tokens: int = 48,
+                                 lora_r: int = 16, dtype: str = "float32", device: str = "cpu",
+                                 gradient_checkpointing: bool = False,
+                                 arch: Architecture | None = None) -> MemoryEstimate:
+    """Expected peak of the PPO layout of TRL 0.19's ``PPOTrainer`` with a LoRA policy, for comparison.
+
+    That layout (rebuilt in ``scripts/bench_scale.py``, row ``trl019-lora``): the policy is the base
+    + a LoRA adapter, the reference is the policy with its adapter off, and the reward model and the
+    value model are two more full copies of the model with a score head; the value model trains in
+    full, so it has gradients and AdamW state in its dtype. Its update runs the value backbone and
+    the policy in one forward and backpropagates the sum of the losses, so both graphs are alive at
+    once, and it computes the LM head over the whole sequence. Generation keeps every step's
+    float32 scores ``(b, t, v)``.
+    """
+    sizes = dict(batch_size=batch_size, seq_len=seq_len, max_new_tokens=max_new_tokens, lora_r=lora_r)
+    _check("ppo", "lora", dtype, device, 4, sizes)
+    arch = arch or architecture(config)
+    w_bytes = DTYPES[dtype]
+    scorer = arch.params + arch.hidden - arch.untied_head_params  # a model with a (hidden -> 1) score head
+    lora = arch.lora_params(lora_r)
+    weights = (arch.params + 2 * scorer) * w_bytes
+    gradients = lora * 4 + scorer * w_bytes
+    optimizer = 2 * gradients
+    b, t, width = batch_size, max_new_tokens, seq_len + max_new_tokens
+    common = dict(sequences=b, width=width, lora_r=lora_r, lora_dropout=False, act_bytes=w_bytes, device=device)
+    saved = (body_activations(arch, gradient_checkpointing=gradient_checkpointing, trainable_base=False, **common)
+             + body_activations(arch, gradient_checkpointing=gradient_checkpointing, trainable_base=True, **common))
+    unchecked = (body_activations(arch, gradient_checkpointing=False, trainable_base=False, **common)
+                 + body_activations(arch, gradient_checkpointing=False, trainable_base=True, **common))
+    # Full-sequence logits, then on reply positions: the temperature-scaled copy, the float32
+    # log-softmax logprobs_from_logits saves, and the logits' gradient.
+    logits = b * width * arch.vocab * w_bytes + b * t * arch.vocab * (w_bytes + 4 + 4)
+    activations = saved + logits + RETENTION[device]["separate"] * unchecked
+    kv_cache = 2 * arch.layers * b * width * arch.kv_heads * arch.head_dim * w_bytes + b * t * arch.vocab * 4
+    scoring = b * width * arch.vocab * w_bytes + b * t * arch.vocab * (4 + 4)  # reference logits + the scores
+    runtime = RUNTIME_CPU if device == "cpu" else RUNTIME_CUDA
+    total = runtime + weights + lora * 4 + optimizer + max(gradients, activations, kv_cache, scoring)
+    return MemoryEstimate(runtime=int(runtime), weights=int(weights), adapters=int(lora * 4), gradients=int(gradients),
+                          optimizer=int(optimizer), activations=int(activations), kv_cache=int(kv_cache),
+                          merged_copy=0, total=int(total), trainable_params=int(lora + scorer),
+                          notes=["TRL 0.19's PPO layout: a LoRA policy (reference = adapter off), full reward and "
+                                 "value models, the value model trained in full"])
 
 
 def _four_models(params: int, w_bytes: int) -> int:

@@ -1,0 +1,34 @@
+"""scripts/bench_scale.py --quick: every kind of row runs in its own process and is printed beside its estimate."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.slow
+def test_quick_rows_run_and_get_an_estimate(default_model_dir, tmp_path):
+    out = tmp_path / "scale.json"
+    rows = "sft-lora,ppo-lora,ppo-lora-ckpt,trl019-lora"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, str(REPO / "scripts/bench_scale.py"), "--quick", "--rows", rows,
+                           "--tokenizer", str(default_model_dir), "--cache", str(tmp_path / "cache"),
+                           "--json", str(out)], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-4000:]
+    result = json.loads(out.read_text())
+    assert [r["row"] for r in result["results"].values()] == rows.split(",")
+    for r in result["results"].values():
+        assert r["peak_rss_mib"] > 200  # python + torch at least
+        assert r["estimate_mib"] > 0
+        assert r["kept_heap"] is not None
+    ppo = result["results"]["ppo-lora-ckpt/rlhf"]
+    assert ppo["reply_lengths"] == [8.0]  # every reply forced to --new_tokens (quick: 8)
+    assert {r["name"] for r in result["ratios"]} == {"PPO / SFT peak, lora", "TRL 0.19 layout / our PPO peak, lora"}
+    assert "| ppo-lora-ckpt | rlhf |" in done.stdout
