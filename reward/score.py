@@ -11,7 +11,6 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from rlhf.errors import UserError
 from rlhf.formatting import encode_prompt_reply
 
 
@@ -94,23 +93,14 @@ def plot_calibration(path: str | Path, calibration: list[dict], title: str) -> N
 
 
 def load_reward_model(run_dir: str):
-    """(model, tokenizer) of a reward stage output: the base with the reward adapter and score head."""
-    from peft import PeftModel
+    """(model, tokenizer) of a reward stage output: the base with the reward adapter and score head.
 
-    from rlhf.adapters import adapter_base_model
-    from rlhf.models import ModelArguments, load_base_model, load_tokenizer
+    See :func:`rlhf.runs.load_run`: a QLoRA reward adapter goes onto the same quantised base; any
+    other stage's output (an SFT run, say) is refused with a one-line error naming what it is.
+    """
+    from rlhf.runs import load_run
 
-    path = Path(run_dir)
-    if (path / "adapter_config.json").exists():
-        base = load_base_model(ModelArguments(model_name_or_path=adapter_base_model(path), peft_method="full"), "seq-cls")
-        model = PeftModel.from_pretrained(base, str(path))
-    elif (path / "config.json").exists():
-        model = load_base_model(ModelArguments(model_name_or_path=str(path), peft_method="full"), "seq-cls")
-    else:
-        raise UserError(f"{path}: expected a reward stage output (adapter_config.json or config.json), found neither")
-    tokenizer = load_tokenizer(str(path))
-    model.eval()
-    return model, tokenizer
+    return load_run(run_dir, "seq-cls")
 
 
 def score_file(model_dir: str, input_path: str, out_path: str, batch_size: int = 16) -> int:

@@ -7,9 +7,7 @@ known temperature / top-k / top-p, and the logprobs used by PPO are computed wit
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
@@ -117,37 +115,14 @@ def generate_replies(model, tokenizer, prompts: list, sampling: SamplingArgument
 
 
 def load_for_generation(run_dir: str, device: str | None = None):
-    """Load (model, tokenizer) from any stage's output directory, a model directory, or a hub id.
+    """Load (model, tokenizer) from any stage's output directory (SFT, PPO), a model directory, or a hub id.
 
-    A stage's output holds either a full model (``config.json``) or a peft adapter
-    (``adapter_config.json``) at its root, plus the tokenizer. An adapter trained on a quantised
-    base (QLoRA) is loaded onto the same quantised base, in the dtype the stage used (its
-    ``config.yaml``), so it generates from the weights it was trained against.
+    See :func:`rlhf.runs.load_run`: an adapter goes onto the base it was trained on, quantised as
+    in training (QLoRA) and in the stage's dtype; a reward model is refused with a one-line error.
     """
-    from peft import PeftModel
+    from rlhf.runs import load_run
 
-    from rlhf.config import load_yaml
-    from rlhf.models import ModelArguments, load_base_model, load_tokenizer, resolve_model_path
-
-    path = Path(run_dir)
-    if (path / "adapter_config.json").exists():
-        base = json.loads((path / "adapter_config.json").read_text())["base_model_name_or_path"]
-        stage_config = load_yaml(path / "config.yaml") if (path / "config.yaml").exists() else {}
-        method = stage_config.get("peft_method", "full")
-        model = load_base_model(ModelArguments(
-            model_name_or_path=base, peft_method=method if method.startswith("qlora") else "full",
-            torch_dtype=stage_config.get("torch_dtype", "float32")))
-        model = PeftModel.from_pretrained(model, str(path))
-        tokenizer = load_tokenizer(str(path) if (path / "tokenizer_config.json").exists() else base)
-    else:
-        resolved = resolve_model_path(run_dir)
-        model = load_base_model(ModelArguments(model_name_or_path=resolved, peft_method="full"))
-        tokenizer = load_tokenizer(resolved)
-    if device:
-        model.to(device)
-    model.eval()
-    return model, tokenizer
-
+    return load_run(run_dir, "causal-lm", device)
 
 
 def generate_command(argv: list[str]) -> int:

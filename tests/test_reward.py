@@ -168,3 +168,47 @@ def test_reward_score_command(reward_run, tmp_path, capsys):
     assert [r["score"] for r in scored] == pytest.approx(expected, abs=1e-5)
     assert len(set(round(s, 6) for s in expected)) == 3
     assert "scored 3 rows" in capsys.readouterr().out
+
+
+def test_reward_score_of_an_sft_run_is_one_line(tiny_model_dir, tmp_path, capsys):
+    # `rlhf reward score --model runs/demo/sft`: an SFT output where a reward output is expected.
+    from sft.train import run as sft_run
+
+    write_jsonl(tmp_path / "sft.jsonl", [{"prompt": f"write a short review of the {w}", "completion": f"the {w} is good ."}
+                                         for w in WORDS[:8]])
+    sft = tmp_path / "sft"
+    sft_run(["--model_name_or_path", str(tiny_model_dir), "--train_file", str(tmp_path / "sft.jsonl"),
+             "--output_dir", str(sft), "--validation_size", "0", "--test_size", "0", "--max_steps", "1",
+             "--per_device_train_batch_size", "4", "--lora_r", "4", "--lora_alpha", "8", "--warmup_steps", "0"])
+    write_jsonl(tmp_path / "rows.jsonl", [{"prompt": "write a short review of the tea", "response": "the tea is good ."}])
+    capsys.readouterr()  # the SFT run's progress bars
+    code = main(["reward", "score", "--model", str(sft), "--input", str(tmp_path / "rows.jsonl"),
+                 "--out", str(tmp_path / "scored.jsonl")])
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert code == 2 and "Traceback" not in err
+    assert len(lines) == 1 and lines[0].startswith(f"error: {sft}: expected a reward model"), err
+    assert "found an SFT stage output (a LoRA adapter for a causal LM)" in lines[0]
+    assert not (tmp_path / "scored.jsonl").exists()
+
+
+@pytest.mark.slow
+def test_qlora_reward_model_loads_onto_the_quantised_base_it_trained_on(tiny_model_dir_4bit, tmp_path):
+    root = tmp_path
+    write_jsonl(root / "train.jsonl", pref_rows(WORDS[:8]))
+    write_jsonl(root / "test.jsonl", pref_rows(WORDS[8:]))
+    out = root / "out"
+    run(["--model_name_or_path", str(tiny_model_dir_4bit), "--peft_method", "qlora-4bit",
+         "--train_file", str(root / "train.jsonl"), "--validation_size", "0", "--test_file", str(root / "test.jsonl"),
+         "--output_dir", str(out), "--max_steps", "2", "--per_device_train_batch_size", "4", "--lora_r", "4",
+         "--lora_alpha", "8", "--learning_rate", "1e-2", "--warmup_steps", "0"])
+    metrics = json.loads((out / "metrics.json").read_text())
+    model, tokenizer = load_reward_model(str(out))
+    assert any(type(m).__name__ == "Linear4bit" for m in model.modules())
+    # Scored on the base it trained against, the test pairs give the stage's own test metrics back
+    # (bitsandbytes' inference kernels differ from its training ones in the last digits).
+    rows = pref_rows(WORDS[8:])
+    prompts = [r["prompt"] for r in rows]
+    again = pair_metrics(score_replies(model, tokenizer, prompts, [r["chosen"] for r in rows]),
+                         score_replies(model, tokenizer, prompts, [r["rejected"] for r in rows]))
+    assert again["mean_margin"] == pytest.approx(metrics["test_mean_margin"], abs=1e-2)
