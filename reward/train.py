@@ -42,35 +42,38 @@ def run(argv: list[str] | None = None, values: dict[str, Any] | None = None, cal
     splits = stage.data_args.load("preference")
     tokenizer = load_tokenizer(stage.model_args.model_name_or_path, stage.model_args.trust_remote_code)
     data = {name: Dataset.from_dict(tokenize_pairs(tokenizer, rows)) for name, rows in splits.items() if rows}
-    checkpoint = stage.prepare()
+    # Nothing is left on disk when the run fails before its first checkpoint (bad input found late, a crash).
+    with stage.run.removed_on_error():
+        checkpoint = stage.prepare()
 
-    model, peft_config = build_stage_model(stage, "seq-cls")
-    model.config.pad_token_id = tokenizer.pad_token_id
-    trainer = make_trainer(stage, RewardTrainer, model, tokenizer, data, callbacks)
-    metrics: dict[str, Any] = train_with_resume(trainer, checkpoint)
-    metrics.update(stage.parameter_counts, train_pairs=len(splits["train"]), validation_pairs=len(splits["validation"]))
+        model, peft_config = build_stage_model(stage, "seq-cls")
+        model.config.pad_token_id = tokenizer.pad_token_id
+        trainer = make_trainer(stage, RewardTrainer, model, tokenizer, data, callbacks)
+        metrics: dict[str, Any] = train_with_resume(trainer, checkpoint)
+        metrics.update(stage.parameter_counts, train_pairs=len(splits["train"]),
+                       validation_pairs=len(splits["validation"]))
 
-    held_out = {}
-    # The trainer's evaluations already give validation accuracy (eval_accuracy); the held-out
-    # figures and the calibration plot come from the test split, or validation when there is none.
-    for name in ("test",) if splits["test"] else ("validation",):
-        rows = splits[name]
-        if not rows:
-            continue
-        prompts = [r["prompt"] for r in rows]
-        chosen = score_replies(trainer.model, tokenizer, prompts, [r["chosen"] for r in rows], progress=True)
-        rejected = score_replies(trainer.model, tokenizer, prompts, [r["rejected"] for r in rows], progress=True)
-        held_out[name] = pair_metrics(chosen, rejected, stage.stage_args.calibration_bins)
-        metrics.update({f"{name}_{k}": v for k, v in held_out[name].items() if k != "calibration"})
+        held_out = {}
+        # The trainer's evaluations already give validation accuracy (eval_accuracy); the held-out
+        # figures and the calibration plot come from the test split, or validation when there is none.
+        for name in ("test",) if splits["test"] else ("validation",):
+            rows = splits[name]
+            if not rows:
+                continue
+            prompts = [r["prompt"] for r in rows]
+            chosen = score_replies(trainer.model, tokenizer, prompts, [r["chosen"] for r in rows], progress=True)
+            rejected = score_replies(trainer.model, tokenizer, prompts, [r["rejected"] for r in rows], progress=True)
+            held_out[name] = pair_metrics(chosen, rejected, stage.stage_args.calibration_bins)
+            metrics.update({f"{name}_{k}": v for k, v in held_out[name].items() if k != "calibration"})
 
-    def write_extras(work) -> None:
-        if held_out:
-            name = "test" if "test" in held_out else "validation"
-            plot_calibration(work / "calibration.png", held_out[name]["calibration"],
-                             f"reward model calibration ({name}, acc {held_out[name]['accuracy']:.0%})")
-            metrics["calibration"] = {k: v["calibration"] for k, v in held_out.items()}
-        if not (work / HEAD_FILE).exists() and read_score_head(work) is None and peft_config is not None:
-            logger.warning("the saved reward adapter has no score head; PPO could not load it")
+        def write_extras(work) -> None:
+            if held_out:
+                name = "test" if "test" in held_out else "validation"
+                plot_calibration(work / "calibration.png", held_out[name]["calibration"],
+                                 f"reward model calibration ({name}, acc {held_out[name]['accuracy']:.0%})")
+                metrics["calibration"] = {k: v["calibration"] for k, v in held_out.items()}
+            if not (work / HEAD_FILE).exists() and read_score_head(work) is None and peft_config is not None:
+                logger.warning("the saved reward adapter has no score head; PPO could not load it")
 
-    return finish_stage(stage, trainer, tokenizer, metrics, "reward model",
-                        [["loss", "eval_loss"], ["accuracy", "eval_accuracy"]], extra=write_extras)
+        return finish_stage(stage, trainer, tokenizer, metrics, "reward model",
+                            [["loss", "eval_loss"], ["accuracy", "eval_accuracy"]], extra=write_extras)

@@ -3,7 +3,9 @@
 A stage's config is a set of dataclasses (model, data, the stage's own fields, and for SFT/reward
 TRL's ``SFTConfig``/``RewardConfig``, so argument names are TRL's and transformers'). The YAML is
 flat; ``--key value`` on the command line overrides it. An unknown key is an error that names the key
-and the closest valid ones. ``--help`` lists every key with its default and help text.
+and the closest valid ones, a renamed key (:data:`RENAMED_KEYS`) one that gives the new name and why,
+and a size, length or step count below its range (:data:`RANGE_RULES`) one that names the key, before
+any work is done. ``--help`` lists every key with its default and help text.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from typing import Any
 
 import yaml
 
-from rlhf.errors import UserError
+from rlhf.errors import UserError, read_utf8
 
 
 def _field_types(cls: type) -> dict[str, Any]:
@@ -106,7 +108,7 @@ def load_yaml(path: str | os.PathLike) -> dict[str, Any]:
     if not path.exists():
         raise UserError(f"{path}: no such config file")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = yaml.safe_load(read_utf8(path)) or {}
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f"{path}:{mark.line + 1}" if mark else str(path)
@@ -114,6 +116,79 @@ def load_yaml(path: str | os.PathLike) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise UserError(f"{path}: expected a mapping of key: value, found a {type(data).__name__}")
     return data
+
+
+# ----------------------------------------------------------------------------------------------
+# Renamed keys and value ranges, checked for every class a config is built from
+# ----------------------------------------------------------------------------------------------
+
+# A key that was renamed: old name -> (new name, why). A config that still uses the old name is
+# refused with the new one, rather than read silently, because the old name may mean something
+# else in the libraries users come from.
+RENAMED_KEYS: dict[str, tuple[str, str]] = {
+    "target_kl": ("kl_target", ("in TRL and CleanRL target_kl is an early-stopping threshold on the policy's "
+                                "approximate KL, while ours is the target of the adaptive KL controller")),
+}
+
+POSITIVE, NON_NEGATIVE = "positive", "non-negative"
+# The range of a setting that counts or sizes something, by the end of its field name, so that one
+# table covers our dataclasses, TRL's configs and transformers' TrainingArguments alike; the first
+# matching rule wins. "positive" is >= 1 for an int and > 0 for a float (transformers reads
+# logging/eval/save steps below 1 as fractions of the run, and epochs may be fractional).
+RANGE_RULES: tuple[tuple[str, str], ...] = (
+    ("warmup_steps", NON_NEGATIVE),  # 0 = no warm-up; below 1, a fraction of the steps
+    ("batch_size", POSITIVE),
+    ("validation_size", NON_NEGATIVE),  # 0 = hold out nothing; below 1, a fraction of the rows
+    ("test_size", NON_NEGATIVE),
+    ("_steps", POSITIVE),
+    ("_epochs", POSITIVE),
+    ("_length", POSITIVE),
+    ("_tokens", POSITIVE),
+    ("_samples", POSITIVE),
+    ("_patience", POSITIVE),
+    ("_horizon", POSITIVE),
+    ("_num_proc", POSITIVE),
+    ("lora_r", POSITIVE),
+    ("lora_alpha", POSITIVE),
+    ("seed", NON_NEGATIVE),  # numpy refuses negative seeds
+    ("_workers", NON_NEGATIVE),  # 0 = load in the main process
+    ("top_k", NON_NEGATIVE),  # 0 = off
+    ("eval_prompts", NON_NEGATIVE),  # 0 = no final evaluation
+    ("learning_rate", NON_NEGATIVE),
+)
+# Out-of-range values that mean something, keyed by (class name in the MRO, field), so this module
+# needs no transformers import: transformers reads max_steps = -1 (its default) as "unset".
+SENTINELS: dict[tuple[str, str], dict[Any, str]] = {
+    ("TrainingArguments", "max_steps"): {-1: "train for num_train_epochs"},
+}
+
+
+def range_problem(cls: type, key: str, value: Any) -> str | None:
+    """What ``value`` of ``cls.key`` should have been if it is out of range (``expected ...``), else None."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    kind = next((k for ending, k in RANGE_RULES if key.endswith(ending)), None)
+    sentinels = {v: meaning for klass in cls.__mro__ for v, meaning in SENTINELS.get((klass.__name__, key), {}).items()}
+    if kind is None or value in sentinels or (value > 0 if kind == POSITIVE else value >= 0):
+        return None
+    tp, optional = _unwrap_optional(_field_types(cls).get(key, type(value)))
+    expected = {(POSITIVE, True): "an integer >= 1", (POSITIVE, False): "a number > 0",
+                (NON_NEGATIVE, True): "an integer >= 0", (NON_NEGATIVE, False): "a number >= 0"}[kind, tp is int]
+    expected += "".join(f" or {v} ({meaning})" for v, meaning in sentinels.items())
+    return expected + (" or null" if optional else "")
+
+
+def check_ranges(obj: Any) -> None:
+    """Check every field of a dataclass instance against :data:`RANGE_RULES` (for ``__post_init__``)."""
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        expected = range_problem(type(obj), f.name, value)
+        if expected:
+            raise UserError(f"{f.name}: expected {expected}, found {_number(value)}")
+
+
+def _number(value: float) -> str:
+    return f"{value:g}" if isinstance(value, float) else str(value)  # 0.0 -> "0", as the user wrote it
 
 
 # Keys a stage accepts beyond its dataclasses' fields.
@@ -217,6 +292,9 @@ def build_config(
     valid = set(extra_keys).union(*types_by_class)
     for key, (_, source) in given.items():
         if key not in valid:
+            if key in RENAMED_KEYS and RENAMED_KEYS[key][0] in valid:
+                new_name, why = RENAMED_KEYS[key]
+                raise UserError(f"{source}: key '{key}' was renamed '{new_name}': {why}")
             close = difflib.get_close_matches(key, sorted(valid), n=3, cutoff=0.6)
             hint = f"; did you mean {' or '.join(close)}?" if close else ""
             raise UserError(f"{source}: unknown key '{key}'{hint}")
@@ -231,6 +309,11 @@ def build_config(
         for i in owners:
             kwargs_per_class[i][key] = _coerce(key, value, types_by_class[i][key], source)
             resolved[key] = kwargs_per_class[i][key]
+            # Before any class is built: transformers and TRL take a negative batch size or a zero
+            # max_length and fail only once training starts, with a traceback.
+            expected = range_problem(classes[i], key, resolved[key])
+            if expected:
+                raise UserError(f"{source}: key '{key}': expected {expected}, found {_number(resolved[key])}")
 
     instances = []
     for cls, kwargs in zip(classes, kwargs_per_class):

@@ -1,6 +1,7 @@
 """One data loader for every stage: read, validate, normalise and split rows.
 
-Files: JSONL, JSON (an array of objects), CSV, Parquet, or a ``datasets`` ``save_to_disk`` directory.
+Files: JSONL, JSON (an array of objects), CSV, Parquet, or a ``datasets`` ``save_to_disk`` directory;
+text files are UTF-8 (a byte that is not is an error naming its line and byte offset).
 Every row is validated before any training starts; a bad row is a :class:`~rlhf.errors.DataError`
 naming ``file:line``, the field, what was expected and what was found.
 
@@ -17,6 +18,7 @@ Normalised rows always carry ``prompt`` (a string or a list of messages) and, by
 from __future__ import annotations
 
 import csv
+import io
 import json
 import logging
 import os
@@ -25,7 +27,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable
 
-from rlhf.errors import DataError, UserError
+from rlhf.config import check_ranges
+from rlhf.errors import DataError, UserError, read_utf8
 
 logger = logging.getLogger(__name__)
 
@@ -70,24 +73,23 @@ def read_records(path: str | os.PathLike) -> list[Record]:
 
 def _read_jsonl(path: Path) -> list[Record]:
     records = []
-    with open(path, encoding="utf-8") as f:
-        for line_no, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{path}:{line_no}", None, "a JSON object", f"<invalid JSON ({e.msg})>")
-            if not isinstance(row, dict):
-                raise DataError(f"{path}:{line_no}", None, "a JSON object", f"<a JSON {type(row).__name__}>")
-            records.append(Record(f"{path}:{line_no}", row))
+    for line_no, line in enumerate(io.StringIO(read_utf8(path)), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}:{line_no}", None, "a JSON object", f"<invalid JSON ({e.msg})>")
+        if not isinstance(row, dict):
+            raise DataError(f"{path}:{line_no}", None, "a JSON object", f"<a JSON {type(row).__name__}>")
+        records.append(Record(f"{path}:{line_no}", row))
     if not records:
         raise UserError(f"{path}: expected at least one row, found an empty file")
     return records
 
 
 def _read_json_array(path: Path) -> list[Record]:
-    text = path.read_text(encoding="utf-8")
+    text = read_utf8(path)
     decoder = json.JSONDecoder()
 
     def line_of(pos: int) -> int:
@@ -125,16 +127,15 @@ def _skip_ws(text: str, pos: int) -> int:
 
 def _read_csv(path: Path) -> list[Record]:
     records = []
-    with open(path, encoding="utf-8", newline="") as f:
-        reader = csv.DictReader(f)
-        if reader.fieldnames is None:
-            raise UserError(f"{path}: expected a CSV header row, found an empty file")
+    reader = csv.DictReader(io.StringIO(read_utf8(path), newline=""))
+    if reader.fieldnames is None:
+        raise UserError(f"{path}: expected a CSV header row, found an empty file")
+    start = reader.line_num
+    for row in reader:
+        # JSON-encoded chat messages are allowed in CSV cells.
+        parsed = {k: _maybe_json_list(v) for k, v in row.items() if k is not None}
+        records.append(Record(f"{path}:{start + 1}", parsed))
         start = reader.line_num
-        for row in reader:
-            # JSON-encoded chat messages are allowed in CSV cells.
-            parsed = {k: _maybe_json_list(v) for k, v in row.items() if k is not None}
-            records.append(Record(f"{path}:{start + 1}", parsed))
-            start = reader.line_num
     if not records:
         raise UserError(f"{path}: expected at least one row, found only a header")
     return records
@@ -378,6 +379,9 @@ class DataArguments:
     """Seed of the deterministic train/validation/test split."""
     max_train_samples: int | None = None
     """Keep only the first N training rows (after the split), for quick runs."""
+
+    def __post_init__(self) -> None:
+        check_ranges(self)  # also when built in code rather than by build_config
 
     def load(self, kind: str) -> dict[str, list[dict]]:
         if not self.train_file:

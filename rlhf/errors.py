@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import codecs
+import os
+from pathlib import Path
+
 
 class UserError(Exception):
     """Bad input from the user (file, key, value). The CLI prints ``error: <message>`` and exits 2.
@@ -28,3 +32,20 @@ def _describe(value: object) -> str:
         return value[1:-1]  # already a description, e.g. "<missing>"
     text = repr(value)
     return text if len(text) <= 80 else text[:77] + "..."
+
+
+def read_utf8(path: str | os.PathLike) -> str:
+    """A data or config file's text, decoded as UTF-8 (a leading byte-order mark, as Excel writes, is dropped).
+
+    A byte that is not UTF-8 (a Latin-1 or Windows-1252 export, say) is a :class:`DataError` naming
+    the line and the byte offset in the file, so the user can find it in an editor or with ``xxd``.
+    """
+    raw = Path(path).read_bytes()
+    start = len(codecs.BOM_UTF8) if raw.startswith(codecs.BOM_UTF8) else 0
+    try:
+        return raw[start:].decode("utf-8")
+    except UnicodeDecodeError as e:
+        offset = start + e.start  # in the file, counting from 0
+        line = raw.count(b"\n", 0, offset) + 1
+        raise DataError(f"{path}:{line}", None, "UTF-8 text",
+                        f"<byte 0x{raw[offset]:02x} at byte offset {offset}; save the file as UTF-8>") from None

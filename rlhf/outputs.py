@@ -2,11 +2,13 @@
 
 A run works in ``<output_dir>.tmp`` (checkpoints, logs) and only when it finishes is that directory
 renamed to ``<output_dir>``: a directory at ``output_dir`` is always a complete run, and an
-interrupted run leaves its checkpoints in ``<output_dir>.tmp`` for ``--resume``.
+interrupted run leaves its checkpoints in ``<output_dir>.tmp`` for ``--resume``. A run that fails
+before its first checkpoint leaves nothing (:meth:`RunDir.removed_on_error`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -14,7 +16,7 @@ import os
 import re
 import shutil
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Iterator
 
 from rlhf.errors import UserError
 
@@ -29,6 +31,7 @@ class RunDir:
     def __init__(self, output_dir: str | os.PathLike):
         self.final = Path(output_dir)
         self.work = self.final.with_name(self.final.name + ".tmp")
+        self.created = False  # prepare() made the work dir in this process: only this one may remove it
 
     def is_complete(self) -> bool:
         return (self.final / "metrics.json").exists()
@@ -60,7 +63,26 @@ class RunDir:
                 logger.warning("discarding the interrupted run in %s (pass --resume to continue it)", self.work)
             shutil.rmtree(self.work)
         self.work.mkdir(parents=True, exist_ok=True)
+        self.created = True
         return checkpoint
+
+    @contextlib.contextmanager
+    def removed_on_error(self) -> Iterator[RunDir]:
+        """Remove the work directory when an exception leaves the block before a checkpoint exists.
+
+        Wrap everything from :meth:`prepare` to :meth:`finalize` in it: a run that fails (bad input
+        found after the directory was made, a crash, Ctrl-C) before its first finished checkpoint
+        has nothing to resume, so it leaves nothing behind; one that has a checkpoint keeps the
+        directory for ``--resume``. Only the process whose :meth:`prepare` made the directory removes
+        it, so every process of a distributed run may use the block. The exception propagates.
+        """
+        try:
+            yield self
+        except BaseException:
+            if self.created and self.work.exists() and self.last_checkpoint() is None:
+                shutil.rmtree(self.work, ignore_errors=True)
+                logger.info("removed %s: the run stopped before its first checkpoint", self.work)
+            raise
 
     def finalize(self, keep_checkpoints: bool = False) -> Path:
         """Drop checkpoints and rename the work directory into place."""

@@ -191,13 +191,50 @@ def match_trainable_dtype(model, dtype: torch.dtype) -> None:
             param.data = param.data.to(dtype)
 
 
+def log_at_checkpoints():
+    """A TrainerCallback that makes every checkpoint step a logging step.
+
+    A resumed Trainer starts a fresh logging window at the checkpoint, and the losses of the steps
+    before it are known only through the logged windows (:func:`whole_run_train_loss`). With a
+    checkpoint inside a window (the demo's save_steps 9, logging_steps 5) the resumed run logged
+    a different loss at step 10 than an uninterrupted one and its train_loss was off. Logging at
+    each save, in every run, closes a window there, so both runs log the same windows.
+    """
+    from transformers import TrainerCallback
+
+    class LogAtCheckpoints(TrainerCallback):
+        def _log_if_saving(self, args, control):
+            # "best" decides to save after evaluating, which comes after logging: log at every evaluation.
+            if control.should_save or (args.save_strategy == "best" and control.should_evaluate):
+                control.should_log = True
+            return control
+
+        def on_step_end(self, args, state, control, **kwargs):
+            return self._log_if_saving(args, control)
+
+        def on_epoch_end(self, args, state, control, **kwargs):
+            return self._log_if_saving(args, control)
+
+    return LogAtCheckpoints()
+
+
 def train_with_resume(trainer, checkpoint: str | None) -> dict[str, float]:
+    """Train (from ``checkpoint`` when resuming); ``train_loss`` is the whole run's either way."""
+    trainer.add_callback(log_at_checkpoints())  # in uninterrupted runs too, so their logs match resumed ones
+    if checkpoint:
+        logger.info("resuming from %s", checkpoint)
     result = trainer.train(resume_from_checkpoint=checkpoint)
     metrics = {k: v for k, v in result.metrics.items() if k not in ("total_flos",)}
     if checkpoint and "train_loss" in metrics:
         resumed_at = json.loads((Path(checkpoint) / "trainer_state.json").read_text())["global_step"]
+        since_resume = metrics["train_loss"]
         metrics["train_loss"] = whole_run_train_loss(
-            trainer.state.log_history, metrics["train_loss"], resumed_at, trainer.state.global_step)
+            trainer.state.log_history, since_resume, resumed_at, trainer.state.global_step)
+        # The Trainer also logged its since-resume mean as the run's last entry (log_history.json).
+        for entry in reversed(trainer.state.log_history):
+            if entry.get("train_loss") == since_resume:
+                entry["train_loss"] = metrics["train_loss"]
+                break
     return metrics
 
 
@@ -207,7 +244,8 @@ def whole_run_train_loss(log_history: list[dict], resumed_loss: float, resumed_a
     The Trainer reports the mean over the steps trained since the resume only, so a resumed run's
     metrics would differ from an uninterrupted one. The steps before the checkpoint are recovered
     from the logged ``loss`` values, each the mean of its logging window (weighted by its length);
-    this is exact when the checkpoint step is a logging step (save_steps a multiple of logging_steps).
+    this is exact when the checkpoint step is a logging step, which :func:`log_at_checkpoints`
+    ensures (a checkpoint written without it may fall inside a window: then it is an estimate).
     """
     total, covered, last = 0.0, 0, 0
     for entry in log_history:

@@ -45,19 +45,21 @@ def run(argv: list[str] | None = None, values: dict[str, Any] | None = None, cal
     splits = stage.data_args.load("sft")  # validates every row before anything is written
     tokenizer = load_tokenizer(stage.model_args.model_name_or_path, stage.model_args.trust_remote_code)
     data = {name: Dataset.from_dict(tokenize_sft_rows(tokenizer, rows)) for name, rows in splits.items() if rows}
-    checkpoint = stage.prepare()
+    # Nothing is left on disk when the run fails before its first checkpoint (bad input found late, a crash).
+    with stage.run.removed_on_error():
+        checkpoint = stage.prepare()
 
-    model, _ = build_stage_model(stage, "causal-lm")
-    trainer = make_trainer(stage, SFTTrainer, model, tokenizer, data, callbacks)
-    metrics: dict[str, Any] = train_with_resume(trainer, checkpoint)
-    metrics.update(stage.parameter_counts, train_rows=len(splits["train"]))
-    for name in ("validation", "test"):
-        if name in data:
-            # TRL logs its token metrics (entropy, mean_token_accuracy) as "eval_*" whatever the
-            # prefix, so the test run would overwrite the validation ones: file them under the split.
-            found = trainer.evaluate(data[name], metric_key_prefix=name)
-            metrics.update({(f"{name}_{k[5:]}" if k.startswith("eval_") else k): v for k, v in found.items()})
-    if "test" in data:
-        metrics["test_perplexity"] = math.exp(min(metrics["test_loss"], 50.0))
-    return finish_stage(stage, trainer, tokenizer, metrics, "SFT loss",
-                        [["loss", "eval_loss"]])
+        model, _ = build_stage_model(stage, "causal-lm")
+        trainer = make_trainer(stage, SFTTrainer, model, tokenizer, data, callbacks)
+        metrics: dict[str, Any] = train_with_resume(trainer, checkpoint)
+        metrics.update(stage.parameter_counts, train_rows=len(splits["train"]))
+        for name in ("validation", "test"):
+            if name in data:
+                # TRL logs its token metrics (entropy, mean_token_accuracy) as "eval_*" whatever the
+                # prefix, so the test run would overwrite the validation ones: file them under the split.
+                found = trainer.evaluate(data[name], metric_key_prefix=name)
+                metrics.update({(f"{name}_{k[5:]}" if k.startswith("eval_") else k): v for k, v in found.items()})
+        if "test" in data:
+            metrics["test_perplexity"] = math.exp(min(metrics["test_loss"], 50.0))
+        return finish_stage(stage, trainer, tokenizer, metrics, "SFT loss",
+                            [["loss", "eval_loss"]])

@@ -211,3 +211,149 @@ def test_prompt_in_train_and_test_files_warns(tmp_path, caplog):
         load_splits(str(tmp_path / "train.jsonl"), "sft", validation_file=str(tmp_path / "val.jsonl"),
                     test_file=str(tmp_path / "test.jsonl"))
     assert not [r for r in caplog.records if r.levelno == logging.WARNING]
+
+
+# ----------------------------------------------------------------------------------------------
+# Files that are not UTF-8
+# ----------------------------------------------------------------------------------------------
+
+
+# (file name, content as bytes, stage, expected line, byte offset of the bad byte): 0xe9 is "é" in
+# Latin-1 / Windows-1252, what a spreadsheet or an old editor writes.
+LATIN1 = "café".encode("latin-1")
+ENCODING_CASES = [
+    ("train.jsonl", jsonl(GOOD_SFT).encode() + b'{"prompt": "' + LATIN1 + b'", "completion": "x"}\n', "sft",
+     2, len(jsonl(GOOD_SFT).encode()) + len(b'{"prompt": "caf')),
+    ("train.json", b'[\n  {"prompt": "a", "completion": "b"},\n  {"prompt": "' + LATIN1 + b'", "completion": "x"}\n]\n',
+     "sft", 3, len(b'[\n  {"prompt": "a", "completion": "b"},\n  {"prompt": "caf')),
+    ("prefs.csv", b"prompt,chosen,rejected\nhi,good,bad\nhi," + LATIN1 + b",bad\n", "reward",
+     3, len(b"prompt,chosen,rejected\nhi,good,bad\nhi,caf")),
+]
+
+
+@pytest.mark.parametrize("name,content,stage,line,offset", ENCODING_CASES, ids=[c[0] for c in ENCODING_CASES])
+def test_file_that_is_not_utf8_names_the_line_and_byte(name, content, stage, line, offset, tiny_model_dir, tmp_path,
+                                                       capsys):
+    data = tmp_path / name
+    data.write_bytes(content)
+    assert content[offset] == 0xE9
+    out = tmp_path / "out"
+    code, err = run_cli(capsys, [stage, "--model_name_or_path", str(tiny_model_dir), "--train_file", str(data),
+                                 "--output_dir", str(out)])
+    assert_one_line_error(code, err, f"{data}:{line}:", "expected UTF-8 text",
+                          f"found byte 0xe9 at byte offset {offset}", "save the file as UTF-8")
+    assert_nothing_written(out)
+
+
+def test_utf8_byte_order_mark_is_accepted(tmp_path):
+    # Excel's "CSV UTF-8" starts the file with a byte-order mark; it is not part of the first header.
+    path = tmp_path / "train.csv"
+    path.write_bytes(b"\xef\xbb\xbfprompt,completion\nhi,the tea is good .\n")
+    assert load_splits(str(path), "sft", validation_size=0, test_size=0)["train"] == [
+        {"prompt": "hi", "completion": "the tea is good ."}]
+
+
+def test_config_file_that_is_not_utf8(tmp_path, capsys):
+    config = tmp_path / "c.yaml"
+    config.write_bytes(b"learning_rate: 1.0e-4\n# r\xe9glages\n")
+    code, err = run_cli(capsys, ["sft", "--config", str(config)])
+    offset = len(b"learning_rate: 1.0e-4\n# r")
+    assert_one_line_error(code, err, f"{config}:2:", "expected UTF-8 text", f"found byte 0xe9 at byte offset {offset}")
+
+
+# ----------------------------------------------------------------------------------------------
+# Sizes, lengths and step counts out of range
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("stage,key,value,expected", [
+    ("sft", "per_device_train_batch_size", "-3", "expected an integer >= 1, found -3"),
+    ("sft", "per_device_eval_batch_size", "0", "expected an integer >= 1, found 0"),
+    ("sft", "max_length", "0", "expected an integer >= 1 or null, found 0"),
+    # -1 is transformers' "unset" (train for num_train_epochs); other values below 1 mean nothing
+    ("sft", "max_steps", "-5", "expected an integer >= 1 or -1 (train for num_train_epochs), found -5"),
+    ("sft", "max_steps", "0", "expected an integer >= 1 or -1 (train for num_train_epochs), found 0"),
+    ("sft", "gradient_accumulation_steps", "0", "expected an integer >= 1, found 0"),
+    ("sft", "logging_steps", "0", "expected a number > 0, found 0"),  # below 1 is a fraction of the run
+    ("sft", "num_train_epochs", "-1", "expected a number > 0, found -1"),
+    ("sft", "lora_r", "0", "expected an integer >= 1, found 0"),
+    ("sft", "max_train_samples", "0", "expected an integer >= 1 or null, found 0"),
+    ("sft", "validation_size", "-2", "expected a number >= 0, found -2"),
+    ("sft", "seed", "-1", "expected an integer >= 0, found -1"),
+    ("reward", "max_length", "-8", "expected an integer >= 1 or null, found -8"),
+    ("reward", "eval_steps", "-1", "expected a number > 0 or null, found -1"),
+    ("ppo", "batch_size", "0", "expected an integer >= 1, found 0"),
+    ("ppo", "max_steps", "-1", "expected an integer >= 1, found -1"),  # ours has no "unset" value
+    ("ppo", "max_new_tokens", "0", "expected an integer >= 1, found 0"),
+])
+def test_size_out_of_range_is_refused_before_any_work(stage, key, value, expected, tmp_path, capsys):
+    # The data file and the model do not exist: the range is checked first, before anything loads.
+    out = tmp_path / "out"
+    code, err = run_cli(capsys, [stage, "--model_name_or_path", str(tmp_path / "no-model"),
+                                 "--train_file", str(tmp_path / "no-data.jsonl"), "--output_dir", str(out),
+                                 f"--{key}", value])
+    assert_one_line_error(code, err, f"command line: key '{key}': {expected}")
+    assert_nothing_written(out)
+
+
+# ----------------------------------------------------------------------------------------------
+# An error after the run directory was made leaves nothing behind
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def model_without_weights(tiny_model_dir, tmp_path) -> Path:
+    """A model directory whose tokenizer and config load but whose weights are missing."""
+    import shutil
+
+    path = tmp_path / "no-weights"
+    shutil.copytree(tiny_model_dir, path)
+    for weights in path.glob("*.safetensors"):
+        weights.unlink()
+    return path
+
+
+@pytest.mark.parametrize("stage", ["sft", "reward"])
+def test_error_after_the_run_dir_was_made_leaves_nothing(stage, model_without_weights, tiny_model_dir, tmp_path,
+                                                         capsys, monkeypatch):
+    import importlib
+
+    train_file = tmp_path / "train.jsonl"
+    write_jsonl(train_file, [GOOD_SFT] * 6 if stage == "sft" else [GOOD_PREF] * 6)
+    module = importlib.import_module({"sft": "sft.train", "reward": "reward.train"}[stage])
+    made = []
+    real_prepare = module.StageRun.prepare
+
+    def prepare_and_note(self):
+        checkpoint = real_prepare(self)
+        made.append(self.run.work.is_dir())
+        return checkpoint
+
+    monkeypatch.setattr(module.StageRun, "prepare", prepare_and_note)
+
+    # The model's weights are found missing only once the run directory exists.
+    out = tmp_path / "out"
+    with pytest.raises(OSError, match="model.safetensors"):
+        module.run(["--model_name_or_path", str(model_without_weights), "--train_file", str(train_file),
+                    "--output_dir", str(out)])
+    assert made == [True]
+    assert_nothing_written(out)
+
+    # Bad input reported as one line after the directory was made: still nothing written.
+    def bad_model(stage_run, task):
+        raise UserError(f"{stage_run.model_args.model_name_or_path}: expected a usable model, found none")
+
+    monkeypatch.setattr(module, "build_stage_model", bad_model)
+    code, err = run_cli(capsys, [stage, "--model_name_or_path", str(tiny_model_dir), "--train_file", str(train_file),
+                                 "--output_dir", str(out)])
+    assert_one_line_error(code, err, "expected a usable model")
+    assert made == [True, True]
+    assert_nothing_written(out)
+
+
+def test_renamed_key_names_the_new_one_and_why(tmp_path, capsys):
+    out = tmp_path / "out"
+    code, err = run_cli(capsys, ["ppo", "--output_dir", str(out), "--target_kl", "3"])
+    assert_one_line_error(code, err, "command line: key 'target_kl' was renamed 'kl_target'",
+                          "in TRL and CleanRL target_kl is an early-stopping threshold", "adaptive KL controller")
+    assert_nothing_written(out)

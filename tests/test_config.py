@@ -151,3 +151,70 @@ def test_help_of_a_trainer_stage_shows_trl_help_and_our_defaults(capsys):
     out = capsys.readouterr().out
     assert "  --learning_rate (float, default: 0.0002)\n      The initial learning rate" in out  # TRL's metadata
     assert "  --early_stopping_patience (int, default: 3)\n      Stop after" in out
+
+
+# ----------------------------------------------------------------------------------------------
+# Renamed keys and value ranges
+# ----------------------------------------------------------------------------------------------
+
+
+def test_renamed_key_is_refused_with_the_new_name_and_why(tmp_path):
+    from dataclasses import dataclass
+
+    from rlhf.config import RENAMED_KEYS
+
+    @dataclass
+    class Controller:
+        kl_target: float = 4.0
+        """Adaptive KL controller target."""
+
+    assert RENAMED_KEYS["target_kl"][0] == "kl_target"
+    with pytest.raises(UserError) as raised:
+        build_config([Controller], ["--target_kl", "3"])
+    message = str(raised.value)
+    assert message.startswith("command line: key 'target_kl' was renamed 'kl_target': ")
+    assert "in TRL and CleanRL target_kl is an early-stopping threshold" in message
+    assert "adaptive KL controller" in message and "\n" not in message
+    config = write_yaml(tmp_path / "c.yaml", "target_kl: 3\n")
+    with pytest.raises(UserError, match=r"c.yaml: key 'target_kl' was renamed 'kl_target'"):
+        build_config([Controller], ["--config", config])
+    (controller,), _ = build_config([Controller], ["--kl_target", "3"])
+    assert controller.kl_target == 3.0
+    # Where the new name is no key either, the old one is just unknown (no hint about another stage).
+    with pytest.raises(UserError, match="unknown key 'target_kl'"):
+        build_config([ModelArguments], ["--target_kl", "3"])
+
+
+def test_ranges_cover_trl_and_our_fields_and_keep_meaningful_sentinels():
+    from rlhf.config import range_problem
+    from rlhf.ppo import PPOArguments
+
+    SFTConfig = sft_config()
+    assert range_problem(SFTConfig, "max_steps", -1) is None  # transformers: -1 = train num_train_epochs
+    assert range_problem(SFTConfig, "max_steps", -2) == "an integer >= 1 or -1 (train for num_train_epochs)"
+    assert range_problem(PPOArguments, "max_steps", -1) == "an integer >= 1"  # PPO has no "unset"
+    assert range_problem(SFTConfig, "logging_steps", 0.5) is None  # a fraction of the run
+    assert range_problem(SFTConfig, "warmup_steps", 0) is None and range_problem(SFTConfig, "warmup_steps", -1)
+    assert range_problem(SFTConfig, "eval_steps", None) is None  # null: same as logging_steps
+    assert range_problem(SFTConfig, "num_train_epochs", 0) == "a number > 0"
+    assert range_problem(SFTConfig, "dataloader_num_workers", 0) is None
+    assert range_problem(SFTConfig, "bf16", False) is None
+    assert range_problem(PPOArguments, "eval_prompts", 0) is None  # 0 = no final evaluation
+    assert range_problem(PPOArguments, "eval_batch_size", 0) == "an integer >= 1"
+    assert range_problem(DataArguments, "test_size", 0) is None
+
+
+def test_range_is_checked_where_the_value_came_from(tmp_path):
+    config = write_yaml(tmp_path / "c.yaml", "per_device_train_batch_size: 0\n")
+    with pytest.raises(UserError, match=r"c.yaml: key 'per_device_train_batch_size': expected an integer >= 1, "
+                                        r"found 0$"):
+        parse_stage(TrainerStageArguments, sft_config(), ["--config", config])
+    stage = parse_stage(TrainerStageArguments, sft_config(), ["--max_steps", "-1", "--num_train_epochs", "0.5"])
+    assert stage.training_args.max_steps == -1 and stage.training_args.num_train_epochs == 0.5
+
+
+def test_data_arguments_built_in_code_are_checked():
+    with pytest.raises(UserError, match="max_train_samples: expected an integer >= 1 or null, found 0"):
+        DataArguments(train_file="x.jsonl", max_train_samples=0)
+    with pytest.raises(UserError, match="validation_size: expected a number >= 0, found -0.5"):
+        DataArguments(validation_size=-0.5)

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import importlib
 import json
+import logging
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -63,6 +65,20 @@ KILL_AT_STEP_2 = textwrap.dedent("""
 """)
 
 
+def kill_after_the_step_2_checkpoint(module: str, argv: list[str], cwd: Path) -> Path:
+    """Run the stage in a child process killed right after its step-2 checkpoint; returns the work dir."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    child = subprocess.run([sys.executable, "-c", KILL_AT_STEP_2.format(module=module, argv=argv)],
+                           cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+    assert child.returncode == 137, child.stderr[-3000:]
+    out = Path(argv[argv.index("--output_dir") + 1])
+    work = out.with_name(out.name + ".tmp")
+    assert not out.exists()  # a killed run never looks finished
+    assert (work / "checkpoint-2" / "trainer_state.json").exists()
+    assert not (work / "checkpoint-4").exists()
+    return work
+
+
 def adapter_tensors(run_dir: Path) -> dict[str, torch.Tensor]:
     return load_file(str(run_dir / "adapter_model.safetensors"))
 
@@ -86,14 +102,7 @@ def test_killed_run_resumes_to_the_same_result(stage, tiny_model_dir, tmp_path):
 
     resumed = tmp_path / "resumed"
     argv = stage_argv(tiny_model_dir, train_file, resumed)
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
-    child = subprocess.run([sys.executable, "-c", KILL_AT_STEP_2.format(module=module, argv=argv)],
-                           cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
-    assert child.returncode == 137, child.stderr[-3000:]
-    work = resumed.with_name("resumed.tmp")
-    assert not resumed.exists()  # a killed run never looks finished
-    assert (work / "checkpoint-2" / "trainer_state.json").exists()
-    assert not (work / "checkpoint-4").exists()
+    work = kill_after_the_step_2_checkpoint(module, argv, tmp_path)
 
     seen_steps: list[int] = []
 
@@ -164,3 +173,65 @@ def test_resume_skips_a_checkpoint_cut_off_while_being_written(tmp_path):
     assert run.last_checkpoint() == run.work / "checkpoint-14"
     assert run.prepare(resume=True) == run.work / "checkpoint-14"
     assert run.prepare(resume=False) is None and not list(run.work.iterdir())  # a fresh start clears it
+
+
+@pytest.mark.slow
+def test_resume_from_a_checkpoint_that_is_not_a_logging_step(tiny_model_dir, tmp_path, caplog):
+    """The demo's save_steps 9 / logging_steps 5 case, small: a checkpoint at step 2, logs every 3 steps.
+
+    The resumed Trainer only knows the losses before its checkpoint through the logged windows; a
+    window crossing the checkpoint used to leave the resumed run's train_loss (and its step-3 log) off.
+    """
+    from sft.train import run
+
+    train_file = tmp_path / "train.jsonl"
+    write_jsonl(train_file, sft_rows())
+    schedule = ["--logging_steps", "3"]
+    straight = tmp_path / "straight"
+    run(stage_argv(tiny_model_dir, train_file, straight) + schedule)
+
+    resumed = tmp_path / "resumed"
+    argv = stage_argv(tiny_model_dir, train_file, resumed) + schedule
+    work = kill_after_the_step_2_checkpoint("sft.train", argv, tmp_path)
+    with caplog.at_level(logging.INFO, logger="rlhf.stage"):
+        run(argv + ["--resume"])
+    assert f"resuming from {work / 'checkpoint-2'}" in [r.getMessage() for r in caplog.records]
+
+    found, expected = comparable_metrics(resumed), comparable_metrics(straight)
+    assert found["train_loss"] == pytest.approx(expected["train_loss"], rel=0, abs=1e-6)
+    assert_same(found, expected, "metrics")
+    assert_same(losses_by_step(resumed), losses_by_step(straight), "log_history")
+    # The Trainer's own end-of-training entry in log_history.json says the same.
+    logged = [e["train_loss"] for e in json.loads((resumed / "log_history.json").read_text()) if "train_loss" in e]
+    assert logged == [pytest.approx(expected["train_loss"], rel=0, abs=1e-6)]
+
+
+def test_a_run_that_fails_before_its_first_checkpoint_leaves_nothing(tmp_path):
+    from rlhf.outputs import RunDir
+
+    run = RunDir(tmp_path / "out")
+    with pytest.raises(ValueError, match="bad input"), run.removed_on_error():
+        run.prepare(resume=False)
+        (run.work / "logs").mkdir()  # what a run writes before its first checkpoint
+        raise ValueError("bad input")
+    assert not run.work.exists() and not run.final.exists()
+
+    # A finished checkpoint is kept for --resume, whatever stopped the run.
+    with pytest.raises(KeyboardInterrupt), run.removed_on_error():
+        run.prepare(resume=False)
+        (run.work / "checkpoint-2").mkdir()
+        (run.work / "checkpoint-2" / "trainer_state.json").write_text("{}")
+        raise KeyboardInterrupt
+    assert (run.work / "checkpoint-2").is_dir()
+
+    # A process that did not make the directory (a non-main rank) never removes it.
+    shutil.rmtree(run.work / "checkpoint-2")
+    other = RunDir(tmp_path / "out")
+    with pytest.raises(RuntimeError), other.removed_on_error():
+        raise RuntimeError("rank 1 failed")
+    assert run.work.is_dir()
+
+    # No exception: the block changes nothing.
+    with run.removed_on_error():
+        assert run.prepare(resume=True) is None
+    assert run.work.is_dir()
