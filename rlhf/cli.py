@@ -8,6 +8,7 @@
     rlhf pipeline --config configs/pipeline.yaml
     rlhf generate --model runs/ppo --prompts prompts.jsonl --out replies.jsonl
     rlhf label generate|import|serve|stats|export ...
+    rlhf export runs/ppo --out exported/ppo   adapters merged into a standalone model directory
 
 Stage options are the config keys (TRL/transformers names): ``--learning_rate 1e-4``.
 Errors a user can cause print one line and exit with status 2.
@@ -104,6 +105,12 @@ def _estimate_memory(argv: list[str]) -> int:
     return estimate_command(argv)
 
 
+def _export(argv: list[str]) -> int:
+    from rlhf.export import export_command
+
+    return export_command(argv)
+
+
 COMMANDS = {
     "model": _model,
     "sft": _sft,
@@ -113,6 +120,7 @@ COMMANDS = {
     "generate": _generate,
     "label": _label,
     "estimate-memory": _estimate_memory,
+    "export": _export,
 }
 
 
