@@ -9,6 +9,7 @@
     rlhf generate --model runs/ppo --prompts prompts.jsonl --out replies.jsonl
     rlhf label generate|import|serve|stats|export ...
     rlhf export runs/ppo --out exported/ppo   adapters merged into a standalone model directory
+    rlhf chat exported/ppo                    interactive terminal chat (/reset, /exit)
 
 Stage options are the config keys (TRL/transformers names): ``--learning_rate 1e-4``.
 Errors a user can cause print one line and exit with status 2.
@@ -111,6 +112,12 @@ def _export(argv: list[str]) -> int:
     return export_command(argv)
 
 
+def _chat(argv: list[str]) -> int:
+    from rlhf.chat import chat_command
+
+    return chat_command(argv)
+
+
 COMMANDS = {
     "model": _model,
     "sft": _sft,
@@ -121,6 +128,7 @@ COMMANDS = {
     "label": _label,
     "estimate-memory": _estimate_memory,
     "export": _export,
+    "chat": _chat,
 }
 
 
