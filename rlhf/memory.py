@@ -82,6 +82,10 @@ FUSED_TOKENS, FUSED_VOCAB = 4096, 32768
 # logits, log-probabilities, probabilities, gradient...): measured 7.8 float32 tiles above the
 # forward's end, at 1024 and at 2048 tokens. With Triton (CUDA) the tile is folded in place: 1.
 FUSED_TILES = {"cpu": 8, "cuda": 1}
+# PPO's merge_for_generation auto on a CPU merges when the weight backup is at most this share of
+# RAM: the value of rlhf.ppo.CPU_MERGE_RAM_SHARE (tests/test_memory.py checks they agree; the core
+# does not import a stage).
+CPU_MERGE_RAM_SHARE = 0.10
 # PPO's (micro, t, v) reply logits: the logits, the per-row float32 temperature-scaled copies that
 # logprobs_from_logits saves for backward, and the logits' gradient (rlhf/ppo_math.py).
 PPO_LOGIT_COPIES = 3
@@ -235,7 +239,11 @@ def saved_bytes_per_token_layer(arch: Architecture, *, width: int, trainable_bas
       tensor on CPU, a byte mask on CUDA). Under bf16/fp16 autocast (SFT and reward with ``bf16:
       true`` on a bf16 base) the float32 copy is cast back for the matmul and the half-precision
       copy is what is saved, rank-r intermediate included (checked the same way: 5,971 bytes per
-      token against 5,928 from this formula on a 1-layer bf16 model).
+      token against 5,928 from this formula on a 1-layer bf16 model);
+    - QLoRA under autocast (``act_bytes`` 4: the upcast norms and embeddings keep the residual
+      stream in float32): attention runs in half precision, the MLP outputs come back from
+      bitsandbytes in float32, the LoRA inputs are saved as half-precision copies (7,507 bytes per
+      token-layer measured on a 2-layer 4-bit model, 7,464 from this formula).
     """
     h, i, q = arch.hidden, arch.intermediate, arch.heads * arch.head_dim
     per_layer = len(arch.lora_shapes) / arch.layers
@@ -245,6 +253,9 @@ def saved_bytes_per_token_layer(arch: Architecture, *, width: int, trainable_bas
     linear_inputs = 2 * h + i
     if trainable_base:
         return (elements + linear_inputs + 2 * h) * act_bytes + fp32
+    if autocast and act_bytes == 4:  # QLoRA: see the docstring
+        mlp = 3 * i if arch.gated_mlp else i
+        return (4 * q + width) * 2 + mlp * 4 + fp32 + (lora_in + per_layer * lora_r) * 2
     lora = per_layer * lora_r * 4
     if lora_dropout:
         mask = 4 if device == "cpu" else 1
@@ -306,8 +317,8 @@ def _check(stage: str, method: str, dtype: str, device: str, qlora_bits: int, si
 def estimate_memory(config, stage: str, method: str, *, batch_size: int = 8, seq_len: int = 256,
                     max_new_tokens: int = 48, lora_r: int = 16, dtype: str = "float32", qlora_bits: int = 4,
                     gradient_checkpointing: bool = False, device: str = "cpu", micro_batch_size: int | None = None,
-                    lora_dropout: float = 0.0, merge_for_generation: bool = True,
-                    arch: Architecture | None = None) -> MemoryEstimate:
+                    lora_dropout: float = 0.0, merge_for_generation: str | bool = "auto",
+                    ram_bytes: int | None = None, arch: Architecture | None = None) -> MemoryEstimate:
     """Expected peak memory of ``stage`` trained with ``method`` on the model ``config`` describes.
 
     Args:
@@ -324,9 +335,12 @@ def estimate_memory(config, stage: str, method: str, *, batch_size: int = 8, seq
         device: cpu (the estimate is the process's peak RSS) or cuda (GPU memory, nvidia-smi).
         micro_batch_size: PPO replies per forward/backward (default: batch_size).
         lora_dropout: LoRA dropout of SFT/reward training (PPO forces every dropout to 0).
-        merge_for_generation: PPO samples with the policy LoRA folded into the base weights, keeping
-            a copy of every wrapped weight meanwhile (``rlhf.adapters.AdapterRegistry.merged``);
-            never on a quantized base, which cannot be merged exactly.
+        merge_for_generation: PPO's setting (auto, true, false): sampling with the policy LoRA
+            folded into the base weights keeps a copy of every wrapped weight meanwhile
+            (``rlhf.adapters.AdapterRegistry.merged``), in host memory, so on CUDA it costs no GPU
+            memory; on CPU ``auto`` merges only when that copy is at most 10 % of ``ram_bytes``
+            (default: this machine's RAM), as ``rlhf.ppo.merge_backup_device`` decides. Never on a
+            quantized base.
         arch: :func:`architecture` of ``config``, when the caller already has it.
 
     Returns:
@@ -384,7 +398,7 @@ def estimate_memory(config, stage: str, method: str, *, batch_size: int = 8, seq
     # GPUs); PPO runs the bf16 base as it is, with float32 adapters.
     layer = dict(trainable_base=trains_base, lora_r=lora_r, act_bytes=act_bytes, device=device,
                  lora_dropout=lora_dropout > 0 and not trains_base and stage != "ppo",
-                 autocast=stage != "ppo" and act_bytes == 2)
+                 autocast=stage != "ppo" and dtype != "float32")
     retention_key = "full" if trains_base else "qlora" if method == "qlora" and stage != "ppo" else stage
     retention = RETENTION[device][retention_key]
 
@@ -409,10 +423,11 @@ def estimate_memory(config, stage: str, method: str, *, batch_size: int = 8, seq
         # reply positions only: (micro, t, v) logits.
         activations = forward(micro, width) + PPO_LOGIT_COPIES * micro * max_new_tokens * arch.vocab * 4
         kv_cache = 2 * arch.layers * batch_size * width * arch.kv_heads * arch.head_dim * act_bytes
-        if merge_for_generation and method != "qlora":
-            # AdapterRegistry.merged keeps the wrapped layers' original weights to restore them bit
-            # for bit: every adapted linear weight, once more, while sampling.
-            merged_copy = arch.linear_weights * w_bytes
+        # AdapterRegistry.merged keeps the wrapped layers' original weights to restore them bit for
+        # bit: every adapted linear weight once more, in host memory, while sampling.
+        backup = arch.linear_weights * w_bytes
+        if device == "cpu" and method != "qlora" and _merges_on_cpu(merge_for_generation, backup, ram_bytes):
+            merged_copy = backup
         # Scoring (no gradients): the whole batch's reply logits, log-softmaxed one row at a time.
         scoring = (batch_size * act_bytes + 4) * max_new_tokens * arch.vocab
     if method == "qlora" and device == "cpu":
@@ -474,6 +489,20 @@ def estimate_separate_models_ppo(config, *, batch_size: int = 8, seq_len: int = 
                                  "value models, the value model trained in full"])
 
 
+def _merges_on_cpu(setting: str | bool, backup: float, ram_bytes: int | None) -> bool:
+    """Whether PPO on a CPU merges the policy for sampling (rlhf.ppo.merge_backup_device)."""
+    setting = str(setting).lower()
+    if setting not in ("auto", "true", "false"):
+        raise UserError(f"merge_for_generation: expected auto, true or false, found {setting!r}")
+    if setting != "auto":
+        return setting == "true"
+    if ram_bytes is None:
+        import psutil
+
+        ram_bytes = psutil.virtual_memory().total
+    return backup <= CPU_MERGE_RAM_SHARE * ram_bytes
+
+
 def _four_models(params: int, w_bytes: int) -> int:
     """Extra bytes of full-parameter PPO over one shared base: 3 more model copies, and gradients +
     AdamW state for the policy and value models."""
@@ -511,6 +540,8 @@ def estimate_command(argv: list[str]) -> int:
     parser.add_argument("--lora_dropout", type=float, default=0.0, help="LoRA dropout (SFT and reward)")
     parser.add_argument("--dtype", default="float32", help="float32, bfloat16 or float16")
     parser.add_argument("--gradient_checkpointing", action="store_true", help="recompute activations in backward")
+    parser.add_argument("--merge_for_generation", default="auto",
+                        help="PPO: auto, true or false (true on a CPU keeps a copy of the wrapped weights)")
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     parser.add_argument("--trust_remote_code", action="store_true", help="allow a hub config's own code")
     args = parser.parse_args(argv)
@@ -522,7 +553,7 @@ def estimate_command(argv: list[str]) -> int:
         config, args.stage, args.method, batch_size=args.batch_size, seq_len=seq_len,
         max_new_tokens=args.max_new_tokens, lora_r=args.lora_r, dtype=args.dtype, qlora_bits=args.bits,
         gradient_checkpointing=args.gradient_checkpointing, device=device, micro_batch_size=args.micro_batch_size,
-        lora_dropout=args.lora_dropout,
+        lora_dropout=args.lora_dropout, merge_for_generation=args.merge_for_generation,
     )
     method = f"qlora {args.bits}-bit" if args.method == "qlora" else args.method
     if args.method != "full" or args.stage == "ppo":

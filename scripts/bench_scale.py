@@ -63,9 +63,8 @@ SIZES = {"quick": (2, 40, 8)}
 DEFAULT_SIZES = (8, 64, 128)
 STAGE_ROWS = [f"{s}-{m}{c}" for s in ("sft", "reward", "ppo") for m in ("lora", "qlora") for c in ("", "-ckpt")]
 DEFAULT_ROWS = {"quick": ["empty", "sft-lora", "reward-lora", "ppo-lora", "ppo-lora-nomerge", "trl019-lora"],
-                "360m": ["empty", *STAGE_ROWS, "ppo-lora-merge", "ppo-lora-nomerge", "trl019-lora"],
-                "1.7b": ["empty", "sft-lora", "sft-lora-ckpt", "reward-lora", "ppo-lora", "ppo-lora-ckpt",
-                         "ppo-lora-merge", "ppo-lora-nomerge", "sft-qlora", "ppo-qlora"]}
+                "360m": ["empty", *STAGE_ROWS, "ppo-lora-nomerge", "trl019-lora"],
+                "1.7b": ["sft-lora", "ppo-lora"]}
 ROW = re.compile(r"^(empty|trl019-lora|(sft|reward|ppo)-(lora|qlora)(-ckpt)?(-merge|-nomerge)?)$")
 # glibc malloc settings a child can run under (--malloc). "keep" / "glibc" are what
 # RLHF_KEEP_FREED_MEMORY=1 / 0 give; "rlhf" is whatever rlhf/allocator.py does by default.
@@ -100,7 +99,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--cache", default=str(REPO / "runs" / "bench_scale"), help="where the random models are kept")
     p.add_argument("--json", default=None, help="also write every figure to this JSON file")
     p.add_argument("--markdown", default=None, help="also write the table to this Markdown file")
-    p.add_argument("--from_json", default=None, help="print the table of an earlier --json run with today's estimator")
+    p.add_argument("--fits", action="store_true", help="print the README's what-fits-where table (estimates, CUDA)")
+    p.add_argument("--from_json", default=None, help="print the table of earlier --json runs (comma-separated) with today's estimator")
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
     p.add_argument("--workdir", default=None, help=argparse.SUPPRESS)
     a = p.parse_args(argv)
@@ -316,27 +316,19 @@ def child_ppo(a: argparse.Namespace, row: dict, model_dir: Path, work: Path) -> 
                          ppo_prompts(a, tokenizer), reference)
     load_seconds = time.perf_counter() - started
     phases: dict[str, list[float]] = {"generate": [], "score": [], "update": []}
-
-    def timed(name, fn):
-        def wrapper(*args, **kwargs):
-            start = time.perf_counter()
-            out = fn(*args, **kwargs)
-            phases[name].append(time.perf_counter() - start)
-            return out
-        return wrapper
-
-    for name in phases:
-        setattr(trainer, name, timed(name, getattr(trainer, name)))
     steps, lengths = [], []
     for i in range(a.steps):
         start = time.perf_counter()
         stats = trainer.train_step()
         steps.append(time.perf_counter() - start)
         lengths.append(stats["response_length"])
+        for name in phases:  # the trainer times its own numbered steps
+            phases[name].append(stats.get(f"{name}_seconds", float("nan")))
         progress(f"PPO step {i + 1}/{a.steps}: {steps[-1]:.1f} s (generate {phases['generate'][-1]:.1f}, score "
                  f"{phases['score'][-1]:.1f}, update {phases['update'][-1]:.1f})")
     return {"step_seconds": steps, "phase_seconds": phases, "load_seconds": load_seconds,
-            "reply_lengths": lengths, "merge_for_generation": args.merge_for_generation}
+            "reply_lengths": lengths, "merge_for_generation": args.merge_for_generation,
+            "merged": trainer.roles.merge_backup is not None}
 
 
 def child_trl019(a: argparse.Namespace, row: dict, model_dir: Path, work: Path) -> dict:
@@ -487,7 +479,7 @@ def estimate_row(a: argparse.Namespace, row_name: str) -> float | None:
     return estimate_memory(config, row["stage"], row["method"], seq_len=seq_len, **common, **extra).total / MiB
 
 
-def run_child(a: argparse.Namespace, row: str, malloc: str, work: Path) -> dict:
+def run_child(a: argparse.Namespace, row: str, malloc: str, work: Path, retry: bool = True) -> dict:
     env = {k: v for k, v in os.environ.items() if not (k.startswith("MALLOC_") or k == "GLIBC_TUNABLES"
                                                          or k == "RLHF_KEEP_FREED_MEMORY")}
     env.update({"TQDM_DISABLE": "1", "TRANSFORMERS_VERBOSITY": "error", "TOKENIZERS_PARALLELISM": "false",
@@ -500,6 +492,11 @@ def run_child(a: argparse.Namespace, row: str, malloc: str, work: Path) -> dict:
     started = time.perf_counter()
     child = subprocess.run(argv, env=env, stdout=subprocess.PIPE, text=True)
     results = [line for line in child.stdout.splitlines() if line.startswith(RESULT_TAG)]
+    if (child.returncode != 0 or not results) and retry:  # e.g. a working tree caught mid-edit
+        print(f"    {row} ({malloc}) failed (exit {child.returncode}); once more in 30 s", file=sys.stderr, flush=True)
+        time.sleep(30)
+        (work / "retry").mkdir(exist_ok=True)
+        return run_child(a, row, malloc, work / "retry", retry=False)
     if child.returncode != 0 or not results:
         raise SystemExit(f"bench child {row!r} ({malloc}) failed (exit {child.returncode}):\n{child.stdout[-4000:]}")
     return {**json.loads(results[-1][len(RESULT_TAG):]), "wall_seconds": time.perf_counter() - started}
@@ -535,6 +532,8 @@ def build_table(a: argparse.Namespace, results: dict[str, dict]) -> tuple[str, l
     if trl and ours:
         ratios.append(("TRL 0.19 layout / our PPO peak, lora", trl / ours, ">= 3"))
     on, off = results.get("ppo-lora-merge/rlhf"), results.get("ppo-lora-nomerge/rlhf")
+    if not on and results.get("ppo-lora/rlhf", {}).get("merged"):  # the default (auto) merged
+        on = results["ppo-lora/rlhf"]
     if on and off:
         g_on, g_off = _last(on["phase_seconds"]["generate"]), _last(off["phase_seconds"]["generate"])
         ratios.append(("rollout seconds, merge on / off", g_on / g_off, ""))
@@ -545,8 +544,49 @@ def build_table(a: argparse.Namespace, results: dict[str, dict]) -> tuple[str, l
     return "\n".join(lines), [{"name": n, "value": v, "goal": g} for n, v, g in ratios]
 
 
+# Shapes of the "what fits where" table (README), read off their configs (STACK-NOTES).
+FIT_MODELS = {
+    "SmolLM2-1.7B": ("llama", dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=24,
+                                   num_attention_heads=32, num_key_value_heads=32, vocab_size=49152,
+                                   tie_word_embeddings=True)),
+    "Qwen2.5-3B": ("qwen2", dict(hidden_size=2048, intermediate_size=11008, num_hidden_layers=36,
+                                 num_attention_heads=16, num_key_value_heads=2, vocab_size=151936,
+                                 tie_word_embeddings=True)),
+    "Llama-3-8B": ("llama", dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                                 num_attention_heads=32, num_key_value_heads=8, vocab_size=128256,
+                                 tie_word_embeddings=False)),
+}
+GPUS_GIB = (8, 12, 16, 24)
+
+
+def fits_table(a: argparse.Namespace) -> str:
+    """Markdown: the estimate (CUDA, bf16 / QLoRA 4-bit) of every stage of FIT_MODELS, and the GPUs it fits."""
+    from transformers import AutoConfig
+
+    from rlhf.memory import architecture, estimate_memory
+
+    lines = ["| model | stage | method | GiB, checkpointing off / on | " + " | ".join(f"{g} GB" for g in GPUS_GIB) + " |",
+             "|---|---|---|---:|" + "---|" * len(GPUS_GIB)]
+    for name, (kind, shape) in FIT_MODELS.items():
+        config = AutoConfig.for_model(kind, **shape)
+        arch = architecture(config)
+        for stage in ("sft", "reward", "ppo"):
+            for method in ("lora", "qlora"):
+                seq_len = a.prompt_len if stage == "ppo" else a.prompt_len + a.new_tokens
+                gib = [estimate_memory(config, stage, method, batch_size=a.batch_size, seq_len=seq_len,
+                                       max_new_tokens=a.new_tokens, dtype="bfloat16", device="cuda",
+                                       gradient_checkpointing=ck, arch=arch).total / 2**30 for ck in (False, True)]
+                cells = ["yes" if gib[0] <= g else "with checkpointing" if gib[1] <= g else "no" for g in GPUS_GIB]
+                label = "LoRA bf16" if method == "lora" else "QLoRA 4-bit"
+                lines.append(f"| {name} | {stage} | {label} | {gib[0]:.1f} / {gib[1]:.1f} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> dict | None:
     a = parse_args(argv)
+    if a.fits:
+        print(fits_table(a))
+        return None
     if a.child == "prepare":
         print(prepare(a))
         return None
@@ -555,8 +595,10 @@ def main(argv: list[str] | None = None) -> dict | None:
         print(RESULT_TAG + json.dumps(result), flush=True)
         return None
     started = time.time()
-    if a.from_json:  # the table again, with the estimator as it is now
-        out = json.loads(Path(a.from_json).read_text())
+    if a.from_json:  # the table again, with the estimator as it is now; several runs are joined
+        out = {"results": {}}
+        for name in a.from_json.split(","):
+            out["results"].update(json.loads(Path(name).read_text())["results"])
         for r in out["results"].values():
             r["estimate_mib"] = estimate_row(a, r["row"])
         table, out["ratios"] = build_table(a, out["results"])

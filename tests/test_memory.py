@@ -233,6 +233,41 @@ def test_reward_and_ppo_roles():
     assert ppo.total == persistent + ppo.activations < sum(ppo.components().values())
 
 
+def test_ppo_merge_copy_follows_merge_for_generation():
+    from rlhf.memory import CPU_MERGE_RAM_SHARE, estimate_memory
+    from rlhf.ppo import CPU_MERGE_RAM_SHARE as ppo_share
+
+    assert CPU_MERGE_RAM_SHARE == ppo_share  # the same rule as rlhf.ppo.merge_backup_device
+    # Merging keeps a copy of every wrapped linear weight (4608 of them, float32) while sampling.
+    merged = estimate_memory(tiny_config(), "ppo", "lora", **SIZES, merge_for_generation="true")
+    assert merged.merged_copy == 4608 * 4
+    assert estimate_memory(tiny_config(), "ppo", "lora", **SIZES, merge_for_generation="false").merged_copy == 0
+    # auto: only when the copy is at most 10 % of RAM (18,432 bytes: merges with 184,320 bytes of RAM)
+    for ram, copy in ((184_320, 4608 * 4), (184_319, 0)):
+        auto = estimate_memory(tiny_config(), "ppo", "lora", **SIZES, ram_bytes=ram)
+        assert auto.merged_copy == copy
+    # On CUDA the copy goes to host memory; a quantized base is never merged.
+    assert estimate_memory(tiny_config(), "ppo", "lora", **{**SIZES, "device": "cuda"},
+                           merge_for_generation="true").merged_copy == 0
+    assert estimate_memory(tiny_config(), "ppo", "qlora", **SIZES, merge_for_generation="true").merged_copy == 0
+    # Generation (KV cache + the copy) and training never overlap.
+    assert merged.total == merged.runtime + merged.weights + merged.adapters + merged.optimizer + max(
+        merged.activations, merged.kv_cache + merged.merged_copy)
+
+
+def test_separate_models_layout_holds_three_models():
+    from rlhf.memory import estimate_memory, estimate_separate_models_ppo
+
+    trl = estimate_separate_models_ppo(tiny_config(), **{k: v for k, v in SIZES.items()})
+    # policy (6288) + reward and value models with a 16 -> 1 score head instead of the tied LM head
+    assert trl.weights == (PARAMS + 2 * (PARAMS + HIDDEN)) * 4
+    # the value model trains in full: gradients and two AdamW states for its 6304 parameters + the LoRA
+    assert trl.gradients == (LORA_R2 + PARAMS + HIDDEN) * 4
+    assert trl.optimizer == 2 * trl.gradients
+    ours = estimate_memory(tiny_config(), "ppo", "lora", **SIZES)
+    assert trl.total > ours.total
+
+
 def test_qlora_weights():
     from rlhf.memory import estimate_memory
 
