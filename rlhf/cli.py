@@ -10,6 +10,7 @@
     rlhf label generate|import|serve|stats|export ...
     rlhf export runs/ppo --out exported/ppo   adapters merged into a standalone model directory
     rlhf chat exported/ppo                    interactive terminal chat (/reset, /exit)
+    rlhf monitor --reference ref.jsonl --current now.jsonl [--out dir]   drift check, exit 3 on drift
 
 Stage options are the config keys (TRL/transformers names): ``--learning_rate 1e-4``.
 Errors a user can cause print one line and exit with status 2.
@@ -118,6 +119,12 @@ def _chat(argv: list[str]) -> int:
     return chat_command(argv)
 
 
+def _monitor(argv: list[str]) -> int:
+    from rlhf.monitor import monitor_command
+
+    return monitor_command(argv)
+
+
 COMMANDS = {
     "model": _model,
     "sft": _sft,
@@ -129,6 +136,7 @@ COMMANDS = {
     "estimate-memory": _estimate_memory,
     "export": _export,
     "chat": _chat,
+    "monitor": _monitor,
 }
 
 
