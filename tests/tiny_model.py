@@ -1,4 +1,4 @@
-"""Tiny random-weight Llama models with a word-level tokenizer and a chat template, for fast tests."""
+"""Tiny random-weight Llama and GPT-2 models with a word-level tokenizer and a chat template, for fast tests."""
 
 from __future__ import annotations
 
@@ -68,6 +68,42 @@ def make_tiny_model_dir(path: str | Path, hidden_size: int = 64, layers: int = 2
     )
     torch.manual_seed(seed)
     model = LlamaForCausalLM(config)
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def make_tiny_gpt2_dir(path: str | Path, hidden_size: int = 64, layers: int = 2, heads: int = 4,
+                       dropout: float = 0.1, seed: int = 0) -> Path:
+    """Save a random-weight GPT-2 causal LM + tokenizer into ``path`` and return it.
+
+    Llama's rotary embeddings see only position differences, so positions shifted by a row's left
+    padding change (almost) nothing; GPT-2's learned absolute position embeddings change every hidden
+    state. Its config also carries dropout (resid, embd and attn, ``dropout`` each), live in training
+    mode. Tests that pin left padding, position ids and dropout being off want both.
+    """
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    path = Path(path)
+    tokenizer = build_tokenizer()
+    config = GPT2Config(
+        vocab_size=len(tokenizer),
+        n_embd=hidden_size,
+        n_layer=layers,
+        n_head=heads,
+        n_inner=hidden_size * 2,
+        n_positions=512,
+        resid_pdrop=dropout,
+        embd_pdrop=dropout,
+        attn_pdrop=dropout,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        tie_word_embeddings=True,
+    )
+    torch.manual_seed(seed)
+    model = GPT2LMHeadModel(config)
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
