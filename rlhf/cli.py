@@ -11,6 +11,7 @@
     rlhf export runs/ppo --out exported/ppo   adapters merged into a standalone model directory
     rlhf chat exported/ppo                    interactive terminal chat (/reset, /exit)
     rlhf monitor --reference ref.jsonl --current now.jsonl [--out dir]   drift check, exit 3 on drift
+    rlhf data scan data.jsonl [--scrub --out clean.jsonl]   emails, phones, cards, IPs, API keys
 
 Stage options are the config keys (TRL/transformers names): ``--learning_rate 1e-4``.
 Errors a user can cause print one line and exit with status 2.
@@ -125,6 +126,12 @@ def _monitor(argv: list[str]) -> int:
     return monitor_command(argv)
 
 
+def _data(argv: list[str]) -> int:
+    from rlhf.privacy import data_command
+
+    return data_command(argv)
+
+
 COMMANDS = {
     "model": _model,
     "sft": _sft,
@@ -137,6 +144,7 @@ COMMANDS = {
     "export": _export,
     "chat": _chat,
     "monitor": _monitor,
+    "data": _data,
 }
 
 
