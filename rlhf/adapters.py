@@ -12,7 +12,6 @@ value) in one step, so the registry re-applies each adapter's own trainable flag
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 from pathlib import Path
 from typing import Iterator
@@ -261,10 +260,6 @@ class AdapterRegistry:
     def lm_head(self) -> nn.Module:
         return self.peft_model.get_base_model().get_output_embeddings()
 
-    def logits(self, name: str | None, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """LM logits ``(b, s, v)`` under adapter ``name`` (None = base model)."""
-        return self.lm_head()(self.hidden_states(name, input_ids, attention_mask))
-
     def score(self, name: str, input_ids: torch.Tensor, attention_mask: torch.Tensor, pad_token_id: int) -> torch.Tensor:
         """Scalar score ``(b,)`` of each sequence at its last non-pad token (reward model)."""
         hidden = self.hidden_states(name, input_ids, attention_mask)  # (b, s, h)
@@ -272,28 +267,19 @@ class AdapterRegistry:
         last = hidden[torch.arange(hidden.shape[0], device=hidden.device), index]  # (b, h)
         return self.heads[name](last.to(self.heads[name].weight.dtype)).squeeze(-1)
 
-    def values(self, name: str, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """Per-token scalar values ``(b, s)`` (value model)."""
-        hidden = self.hidden_states(name, input_ids, attention_mask)
-        return self.heads[name](hidden.to(self.heads[name].weight.dtype)).squeeze(-1)
-
     # -- saving -------------------------------------------------------------------------------
 
     def save(self, name: str, directory: str | os.PathLike) -> None:
-        """Save adapter ``name`` (and its head) so :meth:`load` or peft can read it back."""
+        """Save adapter ``name`` (and its head, or only a head) so :meth:`load` or peft can read it back."""
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        self.peft_model.save_pretrained(str(directory), selected_adapters=[name])
-        nested = directory / name  # peft nests non-default adapter names in a sub-folder
-        if nested.is_dir():
-            for item in nested.iterdir():
-                os.replace(item, directory / item.name)
-            nested.rmdir()
+        if name in self.trainable:  # else a head without an adapter of its own (a value head on the policy)
+            self.peft_model.save_pretrained(str(directory), selected_adapters=[name])
+            nested = directory / name  # peft nests non-default adapter names in a sub-folder
+            if nested.is_dir():
+                for item in nested.iterdir():
+                    os.replace(item, directory / item.name)
+                nested.rmdir()
         if name in self.heads:
             save_file({"weight": self.heads[name].weight.detach().cpu().contiguous()}, str(directory / HEAD_FILE))
 
-
-def adapter_base_model(adapter_dir: str | os.PathLike) -> str:
-    """The base model an adapter was trained on, from its adapter_config.json."""
-    config = json.loads((Path(adapter_dir) / "adapter_config.json").read_text())
-    return config["base_model_name_or_path"]

@@ -15,9 +15,11 @@ import math
 import os
 import re
 import shutil
+import time
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
+from rlhf.config import save_resolved_config
 from rlhf.errors import UserError
 
 logger = logging.getLogger(__name__)
@@ -66,6 +68,15 @@ class RunDir:
         self.created = True
         return checkpoint
 
+    def prepare_on_main(self, resume: bool, overwrite: bool, state) -> Path | None:
+        """:meth:`prepare` on the main process of ``state`` (an accelerate ``PartialState`` or
+        ``Accelerator``) while the others wait; every process gets the checkpoint to resume from."""
+        checkpoint = self.prepare(resume, overwrite) if state.is_main_process else None
+        state.wait_for_everyone()
+        if not state.is_main_process and resume:
+            checkpoint = self.last_checkpoint()
+        return checkpoint
+
     @contextlib.contextmanager
     def removed_on_error(self) -> Iterator[RunDir]:
         """Remove the work directory when an exception leaves the block before a checkpoint exists.
@@ -93,6 +104,12 @@ class RunDir:
             shutil.rmtree(self.final)
         os.replace(self.work, self.final)
         return self.final
+
+
+def wandb_offline_without_key() -> None:
+    """wandb logs offline (into the run directory) unless the user gave an API key: no network here."""
+    if not os.environ.get("WANDB_API_KEY"):
+        os.environ.setdefault("WANDB_MODE", "offline")
 
 
 def write_json(path: str | os.PathLike, data: Any) -> None:
@@ -153,3 +170,20 @@ def history_series(log_history: list[dict], keys: Iterable[str]) -> dict[str, li
             if k in entry and entry[k] is not None:
                 out[k].append((entry.get("step", 0), float(entry[k])))
     return out
+
+
+def write_run_outputs(run: RunDir, tokenizer, configs: list, given: dict[str, Any], metrics: dict[str, Any],
+                      history: list[dict], title: str, curve_keys: list[list[str]], started: float) -> dict[str, Any]:
+    """What every stage writes beside its weights: tokenizer, resolved config.yaml, curves.png,
+    log_history.json and metrics.json (with ``wall_seconds``); then the run is renamed into place.
+    Returns the metrics as written."""
+    work = run.work
+    tokenizer.save_pretrained(str(work))
+    save_resolved_config(work / "config.yaml", configs, given)
+    keys = [k for panel in curve_keys for k in panel]
+    plot_curves(work / "curves.png", history_series(history, keys), title, panels=curve_keys)
+    metrics = {**metrics, "wall_seconds": round(time.time() - started, 1)}
+    write_json(work / "metrics.json", metrics)
+    write_json(work / "log_history.json", history)
+    logger.info("wrote %s", run.finalize())
+    return metrics

@@ -24,29 +24,30 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import math
 import os
 import random
 import shutil
 import time
-import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
 import torch
+from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
 from rlhf import ppo_math as pm
-from rlhf.adapters import HEAD_FILE, AdapterRegistry, adapter_base_model
+from rlhf.adapters import HEAD_FILE, AdapterRegistry
 from rlhf.allocator import keep_freed_memory
-from rlhf.config import build_config, save_resolved_config
+from rlhf.config import build_config
 from rlhf.data import DataArguments, write_jsonl
 from rlhf.errors import UserError
-from rlhf.formatting import encode_prompt
-from rlhf.generation import SamplingArguments, decode_responses, left_pad, sample_responses
+from rlhf.generation import SamplingArguments
 from rlhf.models import ModelArguments, build_peft_config, disable_dropout, load_base_model, load_tokenizer
-from rlhf.outputs import RunDir, plot_curves, write_json
+from rlhf.outputs import RunDir, wandb_offline_without_key, write_run_outputs
+from rlhf.processes import Processes
+from rlhf.rollout import VALUE_MODELS, PromptSampler, Roles, Rollout, Scored
+from rlhf.runs import SharedBase, check_shared_base, read_run
 
 logger = logging.getLogger(__name__)
 STATE_FILE = "trainer_state.pt"
@@ -95,6 +96,10 @@ class PPOArguments:
     """Value clip around the rollout-time values."""
     vf_coef: float = 0.1
     """Weight of the value loss."""
+    value_model: str = "critic"
+    """critic: a LoRA adapter + head of its own, initialised from the reward model (more stable);
+    policy_head: a head on the policy's own LoRA trunk, also initialised from the reward head (saves
+    the critic's forward and backward passes each step; the value loss trains the policy trunk too)."""
     whiten_rewards: bool = False
     """Whiten per-token rewards (without shifting the mean) before GAE."""
     # -- KL --
@@ -144,6 +149,8 @@ class PPOArguments:
         if self.mini_batch_size % self.gradient_accumulation_steps:
             raise UserError(f"gradient_accumulation_steps: expected a divisor of mini_batch_size "
                             f"({self.mini_batch_size}), found {self.gradient_accumulation_steps}")
+        if self.value_model not in VALUE_MODELS:
+            raise UserError(f"value_model: expected one of {', '.join(VALUE_MODELS)}, found {self.value_model!r}")
         if self.kl_controller not in pm.KL_CONTROLLER_KINDS:
             raise UserError(f"kl_controller: expected one of {pm.KL_CONTROLLER_KINDS}, found {self.kl_controller!r}")
         if self.kl_estimator not in pm.KL_KINDS:
@@ -157,82 +164,27 @@ class PPOArguments:
         return self.mini_batch_size // self.gradient_accumulation_steps
 
 
-class Rollout(NamedTuple):
-    """One batch of generated replies.
-
-    Shapes: b = replies, s = prompt width (left-padded), t = reply width.
-    """
-
-    input_ids: torch.Tensor  # (b, s + t) prompt + reply; tokens after the first EOS are pad
-    attention_mask: torch.Tensor  # (b, s + t) 1 = real token
-    response_mask: torch.Tensor  # (b, t) True = reply token up to and including the first EOS
-    ends_with_eos: torch.Tensor  # (b,) bool
-    query_width: int  # s
-
-
-class Scored(NamedTuple):
-    """What step 3 computes for a rollout, all without gradients, shapes (b, t) unless noted."""
-
-    scores: torch.Tensor  # (b,) reward-model score after the missing-EOS penalty
-    raw_scores: torch.Tensor  # (b,) reward-model score as given
-    logprobs: torch.Tensor  # policy logprobs at rollout time (see PPOTrainer.single_pass)
-    ref_logprobs: torch.Tensor  # reference logprobs
-    values: torch.Tensor  # value estimates
-
-
 class NonFiniteError(UserError):
     """A NaN/Inf in a loss or the logits; the run stops and keeps its last good checkpoint."""
 
     exit_code = 1
 
 
-class PromptSampler:
-    """Prompts in a seeded order, epoch after epoch; its position is part of a checkpoint."""
+def build_roles(model_args: ModelArguments, args: PPOArguments, device: torch.device,
+                shared: SharedBase | None = None) -> tuple[AdapterRegistry, str | None]:
+    """Load the base once and put the roles on it; returns (registry, reference adapter name).
 
-    def __init__(self, prompts: list, batch_size: int, seed: int, rank: int = 0, world_size: int = 1):
-        self.prompts, self.batch_size, self.seed = prompts, batch_size, seed
-        self.rank, self.world_size = rank, world_size
-        self.epoch, self.position = 0, 0
-
-    def _order(self) -> list[int]:
-        order = list(range(len(self.prompts)))
-        random.Random(self.seed + self.epoch).shuffle(order)
-        return order
-
-    def next_batch(self) -> list:
-        """This rank's share of the next global batch (world_size * batch_size prompts)."""
-        global_size = self.batch_size * self.world_size
-        order, chosen = self._order(), []
-        while len(chosen) < global_size:
-            if self.position >= len(order):
-                self.epoch, self.position = self.epoch + 1, 0
-                order = self._order()
-            chosen.append(order[self.position])
-            self.position += 1
-        mine = chosen[self.rank * self.batch_size : (self.rank + 1) * self.batch_size]
-        return [self.prompts[i] for i in mine]
-
-    def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "position": self.position}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.epoch, self.position = state["epoch"], state["position"]
-
-
-def build_roles(model_args: ModelArguments, args: PPOArguments, device: torch.device) -> tuple[AdapterRegistry, str | None]:
-    """Load the base once and put the four roles on it; returns (registry, reference adapter name)."""
-    from rlhf.runs import check_shared_base
-
+    ``shared``: :func:`rlhf.runs.check_shared_base`'s verdict on the SFT and reward outputs, if the
+    caller already has it (it refuses, before anything is loaded, outputs that cannot share a base).
+    """
     sft_dir, reward_dir = Path(args.sft_model), Path(args.reward_model)
-    # Refuses, before loading anything, SFT/reward outputs whose roles cannot share one base.
-    sft, _, base_args = check_shared_base(sft_dir, reward_dir, model_args)
-    sft_is_adapter = sft.is_adapter
+    sft, _, base_args = shared or check_shared_base(sft_dir, reward_dir, model_args)
     base = load_base_model(base_args, "causal-lm")
     base.to(device)
     registry = AdapterRegistry(base)
     if args.gradient_checkpointing:
         registry.enable_gradient_checkpointing()
-    if sft_is_adapter:
+    if sft.is_adapter:
         registry.load("policy", sft_dir, trainable=True)
         registry.load("reference", sft_dir, trainable=False)
         reference = "reference"
@@ -241,9 +193,11 @@ def build_roles(model_args: ModelArguments, args: PPOArguments, device: torch.de
         registry.add("policy", build_peft_config(base_args, base), trainable=True)
         reference = None
     registry.load("reward", reward_dir, trainable=False)
-    registry.load("value", reward_dir, trainable=True)
-    if "reward" not in registry.heads:
-        raise UserError(f"{reward_dir}: expected a score head in the reward adapter, found none")
+    if args.value_model == "critic":
+        registry.load("value", reward_dir, trainable=True)
+    else:
+        # The reward head reads the same base's last hidden state: a start that already ranks replies.
+        registry.add_head("value", registry.heads["reward"].weight.detach().clone(), trainable=True)
     registry.heads.to(device)
     return registry, reference
 
@@ -315,25 +269,23 @@ class PPOTrainer:
         from transformers import get_scheduler
 
         self.args, self.sampling, self.registry, self.tokenizer = args, sampling, registry, tokenizer
-        self.reference = reference
         self.accelerator = accelerator or Accelerator(cpu=not torch.cuda.is_available())
-        self.device = self.accelerator.device
+        self.processes = Processes(self.accelerator)
         self.run_dir = run_dir
-        self.work_dir = run_dir.work if run_dir else None
         self.model = registry.peft_model
         # No dropout anywhere in PPO (ratios must be 1 before the first update), yet training mode
         # for the update's forward passes, where gradient checkpointing needs it.
         disable_dropout(self.model)
         self.model.eval()
-        self.merge_backup = merge_backup_device(args.merge_for_generation, registry, self.device)
-        self.sampler = PromptSampler(prompts, args.batch_size, args.seed,
-                                     self.accelerator.process_index, self.accelerator.num_processes)
+        merge_backup = merge_backup_device(args.merge_for_generation, registry, self.accelerator.device)
+        self.roles = Roles(registry, tokenizer, sampling, reference, args.value_model, merge_backup, self._guard_finite)
+        self.sampler = PromptSampler(prompts, args.batch_size, args.seed, self.processes.index, self.processes.count)
         self.params = registry.parameters_of("policy") + registry.parameters_of("value")
         # Adam eps 1e-5 as in the reference implementation (Huang et al. 2024, detail 10).
         self.optimizer = torch.optim.AdamW(self.params, lr=args.learning_rate, eps=1e-5, weight_decay=0.0)
         self.scheduler = get_scheduler(args.lr_scheduler_type, self.optimizer, num_warmup_steps=0,
                                        num_training_steps=args.max_steps)
-        run_replies = args.max_steps * args.batch_size * self.accelerator.num_processes
+        run_replies = args.max_steps * args.batch_size * self.processes.count
         self.kl_ctl = pm.make_kl_controller(args.kl_controller, kl_coef=args.kl_coef, target=args.kl_target,
                                             horizon=args.kl_horizon or max(1, round(run_replies / 5)))
         self.step = 0
@@ -352,151 +304,12 @@ class PPOTrainer:
         finally:
             self.model.eval()
 
-    # -- step 2 -------------------------------------------------------------------------------
-
-    @torch.no_grad()
-    def generate(self, prompts: list) -> Rollout:
-        """Sample one reply per prompt with the policy adapter."""
-        prompt_ids = [encode_prompt(self.tokenizer, p) for p in prompts]
-        with self._sampling_model("policy") as model:
-            query, query_mask, response = sample_responses(model, self.tokenizer, prompt_ids, self.sampling)
-        pad, eos = self.tokenizer.pad_token_id, self.tokenizer.eos_token_id
-        response_mask, ends_with_eos = pm.response_mask_after_eos(response, eos, pad)
-        response = torch.where(response_mask, response, torch.full_like(response, pad))
-        input_ids = torch.cat([query, response], dim=1)  # (b, s + t)
-        attention_mask = torch.cat([query_mask, response_mask.long()], dim=1)  # (b, s + t)
-        return Rollout(input_ids, attention_mask, response_mask, ends_with_eos, query.shape[1])
-
-    @contextlib.contextmanager
-    def _sampling_model(self, adapter: str | None):
-        """The model that samples as ``adapter`` (None = the base): the LoRA folded into the base
-        weights where it can be (``merge_for_generation``), else the adapter switched on."""
-        merge = adapter == "policy" and self.merge_backup is not None
-        with self.registry.use(adapter) as model, \
-                self.registry.merged(adapter, self.merge_backup) if merge else contextlib.nullcontext():
-            yield model
-
-    # -- forward passes over reply positions ---------------------------------------------------
-
-    def _reply_hidden(self, role: str | None, rollout: Rollout, rows: torch.Tensor | slice = slice(None)) -> torch.Tensor:
-        """Hidden states that predict each reply token: ``(b, t, h)``."""
-        hidden = self.registry.hidden_states(role, rollout.input_ids[rows], rollout.attention_mask[rows])
-        return hidden[:, rollout.query_width - 1 : -1]
-
-    def reply_logits(self, role: str | None, rollout: Rollout, rows=slice(None)) -> torch.Tensor:
-        """Logits ``(b, t, v)`` for the reply tokens; the LM head runs on reply positions only."""
-        logits = self.registry.lm_head()(self._reply_hidden(role, rollout, rows))
-        self._guard_finite(logits, f"{role or 'base'} logits")
-        return logits
-
-    def reply_values(self, rollout: Rollout, rows=slice(None)) -> torch.Tensor:
-        """Value estimates ``(b, t)`` of the states before each reply token."""
-        hidden = self._reply_hidden("value", rollout, rows)
-        head = self.registry.heads["value"]
-        return head(hidden.to(head.weight.dtype)).squeeze(-1)
-
-    def _logprobs(self, logits: torch.Tensor, rollout: Rollout, rows=slice(None)) -> torch.Tensor:
-        labels = rollout.input_ids[rows][:, rollout.query_width :]
-        # Logprobs of the sampling distribution: the same temperature as generation (detail 6).
-        return pm.logprobs_from_logits(logits, labels, temperature=self.sampling.temperature)
-
-    # -- step 3 -------------------------------------------------------------------------------
-
-    @torch.no_grad()
-    def score(self, rollout: Rollout, with_policy: bool = True) -> Scored:
-        """Step 3. ``with_policy=False`` leaves the policy logprobs empty, for :meth:`single_pass`."""
-        raw = self.registry.score("reward", rollout.input_ids, rollout.attention_mask, self.tokenizer.pad_token_id)
-        # Checked before the missing-EOS penalty, which would overwrite a NaN score of a cut-off reply.
-        self._guard_finite(raw, "reward-model scores")
-        scores = pm.apply_missing_eos_penalty(raw, rollout.ends_with_eos, self.args.missing_eos_penalty)
-        logprobs = self._logprobs(self.reply_logits("policy", rollout), rollout) if with_policy else None
-        ref_logprobs = self._logprobs(self.reply_logits(self.reference, rollout), rollout)
-        values = self.reply_values(rollout)
-        return Scored(scores, raw, logprobs, ref_logprobs, values)
-
     def single_pass(self) -> bool:
         """Whether the update is one forward + backward over the whole batch (one epoch, one minibatch,
         one micro-batch). Then that forward sees exactly the rollout-time policy, so it also gives step
-        3's policy logprobs: one forward pass fewer per step, the same numbers."""
+        3's policy logprobs (and values, with ``policy_head``): one forward pass fewer per step."""
         a = self.args
         return a.ppo_epochs == 1 and a.mini_batch_size == a.batch_size and a.gradient_accumulation_steps == 1
-
-    # -- step 6 -------------------------------------------------------------------------------
-
-    def update(self, rollout: Rollout, scored: Scored, advantages: torch.Tensor, returns: torch.Tensor,
-               first_logits: list[torch.Tensor] | None = None) -> dict[str, float]:
-        """PPO epochs over shuffled minibatches; returns token-weighted mean statistics.
-
-        ``first_logits``: a list holding one tensor, the policy's reply logits ``(b, t, v)`` with
-        their graph, from the forward that gave step 3's logprobs; used as the forward of a
-        :meth:`single_pass` update. The update takes the tensor out of the list, so that nothing else
-        keeps it (and the graph's saved tensors) alive while the value forward runs.
-        """
-        args, mask = self.args, rollout.response_mask
-        if first_logits is not None and not self.single_pass():
-            raise ValueError("first_logits: only for a single-pass update (one epoch, minibatch and micro-batch)")
-        sums: dict[str, float] = {}
-        weight_total = 0.0
-        generator = torch.Generator().manual_seed(args.seed * 100003 + self.step)
-        with self._training_mode():
-            for _ in range(args.ppo_epochs):
-                order = torch.randperm(mask.shape[0], generator=generator)
-                for start in range(0, len(order), args.mini_batch_size):
-                    minibatch = order[start : start + args.mini_batch_size]
-                    # Loss = sum over every process's real tokens / their total, so N processes with
-                    # b/N replies each take the same step as one process with b replies.
-                    mb_tokens = max(self._sum(mask[minibatch].sum().float()), 1.0)
-                    self.optimizer.zero_grad(set_to_none=True)
-                    for micro_start in range(0, len(minibatch), args.micro_batch_size):
-                        rows = minibatch[micro_start : micro_start + args.micro_batch_size]
-                        weight_total += self._micro_step(rollout, scored, advantages, returns, rows, mb_tokens,
-                                                         sums, first_logits)
-                    self._sync_gradients()
-                    self._agree_finite()
-                    grad_norm = torch.nn.utils.clip_grad_norm_(self.params, args.max_grad_norm)
-                    self._guard_finite(grad_norm, "gradient norm")
-                    self.optimizer.step()
-        self.scheduler.step()
-        total = max(self._sum(torch.tensor(weight_total)), 1.0)
-        return {k: self._sum(torch.tensor(v)) / total for k, v in sums.items()}
-
-    def _micro_step(self, rollout: Rollout, scored: Scored, advantages: torch.Tensor, returns: torch.Tensor,
-                    rows: torch.Tensor, mb_tokens: float, sums: dict[str, float],
-                    first_logits: list[torch.Tensor] | None = None) -> float:
-        """Policy and value losses of one micro-batch, backpropagated with weight (its real tokens /
-        the minibatch's), their statistics added to ``sums``; returns its real-token count.
-        ``first_logits``: see :meth:`update`; when it holds the single-pass forward's logits over every
-        row, they are taken out of it and ``rows`` is ignored."""
-        args = self.args
-        logits = first_logits.pop() if first_logits else None
-        if logits is not None:
-            # One minibatch of every row: their order only changes summation order.
-            rows = slice(None)
-        m = rollout.response_mask[rows]
-        # Token-weighted accumulation: equal to one pass over the whole minibatch.
-        share = m.sum().item() / mb_tokens
-        if logits is None:
-            logits = self.reply_logits("policy", rollout, rows)  # (micro, t, v)
-        logprobs = self._logprobs(logits, rollout, rows)
-        pg_loss, pg_stats = pm.ppo_policy_loss(logprobs, scored.logprobs[rows], advantages[rows], m, args.clip_range)
-        self._guard_finite(pg_loss, "policy loss")
-        with torch.no_grad():
-            entropy = pm.masked_mean(pm.entropy_from_logits(logits, self.sampling.temperature), m)
-        # The two roles share no trainable parameter, so backpropagating each loss as soon as it
-        # exists gives the same gradients as one backward of their sum, while only one role's
-        # activations are alive at a time (half the peak memory).
-        self.accelerator.backward(pg_loss * share)
-        del logits, logprobs
-        values = self.reply_values(rollout, rows)
-        vf_loss, vf_stats = pm.ppo_value_loss(values, scored.values[rows], returns[rows], m, args.clip_range_value)
-        self._guard_finite(vf_loss, "value loss")
-        self.accelerator.backward(args.vf_coef * vf_loss * share)
-        w = float(m.sum())
-        for name, value in (("policy_loss", pg_loss), ("value_loss", vf_loss), ("entropy", entropy),
-                            ("clipfrac", pg_stats.clipfrac), ("approx_kl", pg_stats.approx_kl),
-                            ("ratio", pg_stats.ratio_mean), ("value_clipfrac", vf_stats.vf_clipfrac)):
-            sums[name] = sums.get(name, 0.0) + float(value.detach()) * w
-        return w
 
     # -- one whole step -----------------------------------------------------------------------
 
@@ -508,103 +321,141 @@ class PPOTrainer:
             self._in_step = False
 
     def _train_step(self) -> dict[str, float]:
-        args = self.args
+        args, roles = self.args, self.roles
         t0 = time.time()
         prompts = self.sampler.next_batch()  # 1. prompts
-        rollout = self.generate(prompts)  # 2. replies
-        t_generate = time.time() - t0
-        scored = self.score(rollout, with_policy=not self.single_pass())  # 3. scores, logprobs, values
-        first_logits: list[torch.Tensor] = []  # handed to the update, which empties it
+        rollout = roles.generate("policy", prompts)  # 2. replies
+        t_generated = time.time()
+        scored = roles.score(rollout, args.missing_eos_penalty, with_policy=not self.single_pass())  # 3.
+        first_forward: list = []  # the single-pass update's forward, handed over (and emptied) by update()
         if self.single_pass():
             with self._training_mode():
-                logits = self.reply_logits("policy", rollout)  # with its graph: the update's forward
+                logits, values = roles.policy_forward(rollout)  # with their graph
             with torch.no_grad():
-                scored = scored._replace(logprobs=self._logprobs(logits, rollout))
-            first_logits.append(logits)
-            del logits
+                scored = scored._replace(logprobs=roles.logprobs(logits, rollout))
+                if values is not None:
+                    scored = scored._replace(values=values.detach())
+            first_forward.append((logits, values))
+            del logits, values
         self._agree_finite()
+        t_scored = time.time()
         mask = rollout.response_mask
         rewards, kl = pm.compute_rewards(scored.scores, scored.logprobs, scored.ref_logprobs, mask,
                                          self.kl_ctl.value, args.kl_estimator)  # 4. per-token rewards
         if args.whiten_rewards:
-            rewards = self._whiten(rewards, mask, shift_mean=False)
+            rewards = self.processes.whiten(rewards, mask, shift_mean=False)
         advantages, returns = pm.gae_advantages(rewards, scored.values, mask, args.gamma, args.lam)  # 5.
-        advantages = self._whiten(advantages, mask, shift_mean=True)
-        stats = self.update(rollout, scored, advantages, returns, first_logits or None)  # 6. PPO epochs
-        kl_per_reply = self._mean(pm.masked_sum(kl, mask, dim=1))
-        # 1 - Var[returns - values] / Var[returns], over every process's real tokens.
-        explained = 1.0 - self._var(returns - scored.values, mask) / max(self._var(returns, mask), 1e-12)
-        stats.update(
-            score=self._mean(scored.raw_scores),
-            score_after_eos_penalty=self._mean(scored.scores),
-            non_score_reward=-self.kl_ctl.value * kl_per_reply,
-            kl=kl_per_reply,
-            kl_coef=self.kl_ctl.value,
-            response_length=self._mean(mask.sum(1).float()),
-            eos_fraction=self._mean(rollout.ends_with_eos.float()),
-            explained_variance=float(explained),
-            learning_rate=self.scheduler.get_last_lr()[0],
-            rollout_tokens_per_second=float(mask.sum()) * self.accelerator.num_processes / max(t_generate, 1e-9),
-            step_seconds=time.time() - t0,
-        )
-        self.kl_ctl.update(kl_per_reply, args.batch_size * self.accelerator.num_processes)  # 7.
+        advantages = self.processes.whiten(advantages, mask, shift_mean=True)
+        stats = self.update(rollout, scored, advantages, returns, first_forward or None)  # 6. PPO epochs
+        kl_per_reply = self.processes.mean(pm.masked_sum(kl, mask, dim=1))
+        stats.update(self._rollout_stats(rollout, scored, returns, kl_per_reply))
+        now = time.time()
+        stats.update(rollout_tokens_per_second=float(mask.sum()) * self.processes.count / max(t_generated - t0, 1e-9),
+                     generate_seconds=t_generated - t0, score_seconds=t_scored - t_generated,
+                     update_seconds=now - t_scored, step_seconds=now - t0)
+        self.kl_ctl.update(kl_per_reply, args.batch_size * self.processes.count)  # 7. KL controller
         self.step += 1
         stats["step"] = self.step
         self._watch(stats)
         return stats
 
-    def _whiten(self, values: torch.Tensor, mask: torch.Tensor, shift_mean: bool) -> torch.Tensor:
-        """Masked whitening with mean/variance over every process's real tokens."""
-        if self.accelerator.num_processes == 1:
-            return pm.masked_whiten(values, mask, shift_mean=shift_mean)
-        m = mask.to(values.dtype)
-        totals = torch.stack([(values * m).sum(), (values * values * m).sum(), m.sum()])
-        totals = self.accelerator.reduce(totals.to(self.device), reduction="sum").to(values.device)
-        mean = totals[0] / totals[2]
-        var = (totals[1] / totals[2] - mean**2) * totals[2] / (totals[2] - 1).clamp(min=1)
-        whitened = (values - mean) * torch.rsqrt(var + 1e-8)
-        if not shift_mean:
-            whitened = whitened + mean
-        return torch.where(mask.bool(), whitened, torch.zeros_like(whitened))
+    def _rollout_stats(self, rollout: Rollout, scored: Scored, returns: torch.Tensor, kl_per_reply: float) -> dict:
+        mask, p = rollout.response_mask, self.processes
+        # 1 - Var[returns - values] / Var[returns], over every process's real tokens.
+        explained = 1.0 - p.var(returns - scored.values, mask) / max(p.var(returns, mask), 1e-12)
+        return dict(
+            score=p.mean(scored.raw_scores),
+            score_after_eos_penalty=p.mean(scored.scores),
+            non_score_reward=-self.kl_ctl.value * kl_per_reply,
+            kl=kl_per_reply,
+            kl_coef=self.kl_ctl.value,
+            response_length=p.mean(mask.sum(1).float()),
+            eos_fraction=p.mean(rollout.ends_with_eos.float()),
+            explained_variance=float(explained),
+            learning_rate=self.scheduler.get_last_lr()[0],
+        )
 
-    def _var(self, values: torch.Tensor, mask: torch.Tensor) -> float:
-        """Variance of the masked-in entries over every process."""
-        m = mask.to(values.dtype)
-        n = self._sum(m.sum())
-        mean = self._sum((values * m).sum()) / max(n, 1.0)
-        return self._sum((((values - mean) * m) ** 2).sum()) / max(n - 1, 1.0)
+    # -- step 6 -------------------------------------------------------------------------------
 
-    def _sum(self, value: torch.Tensor) -> float:
-        """Sum of a scalar over every process."""
-        if self.accelerator.num_processes == 1:
-            return float(value)
-        return float(self.accelerator.reduce(value.reshape(1).to(self.device), reduction="sum"))
+    def update(self, rollout: Rollout, scored: Scored, advantages: torch.Tensor, returns: torch.Tensor,
+               first_forward: list | None = None) -> dict[str, float]:
+        """PPO epochs over shuffled minibatches; returns token-weighted mean statistics.
 
-    def _sync_gradients(self) -> None:
-        """Sum gradients over processes in one flat all-reduce.
-
-        We do this by hand rather than wrapping the model in DDP: each micro-batch runs two forward
-        passes (policy and value adapters) before one backward, and the frozen roles' adapters get
-        no gradient at all, both of which DDP's bucketed hooks reject. Missing gradients count as
-        zeros, so every process reduces the same flat buffer.
+        ``first_forward``: a list holding one ``(logits (b, t, v), values (b, t) or None)`` pair with
+        their graph, from the policy forward that gave step 3's logprobs; used as the forward of a
+        :meth:`single_pass` update. The update takes the pair out of the list, so that nothing else
+        keeps it (and the graph's saved tensors) alive while the critic's forward runs.
         """
-        if self.accelerator.num_processes == 1:
-            return
-        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.params]
-        flat = torch.cat([g.reshape(-1) for g in grads]).to(self.device)
-        flat = self.accelerator.reduce(flat, reduction="sum")
-        offset = 0
-        for p, g in zip(self.params, grads):
-            n = g.numel()
-            p.grad = flat[offset : offset + n].view_as(p).to(p.device)
-            offset += n
+        args, mask = self.args, rollout.response_mask
+        if first_forward is not None and not self.single_pass():
+            raise ValueError("first_forward: only for a single-pass update (one epoch, minibatch and micro-batch)")
+        sums: dict[str, float] = {}
+        weight_total = 0.0
+        generator = torch.Generator().manual_seed(args.seed * 100003 + self.step)
+        with self._training_mode():
+            for _ in range(args.ppo_epochs):
+                order = torch.randperm(mask.shape[0], generator=generator)
+                for start in range(0, len(order), args.mini_batch_size):
+                    minibatch = order[start : start + args.mini_batch_size]
+                    # Loss = sum over every process's real tokens / their total, so N processes with
+                    # b/N replies each take the same step as one process with b replies.
+                    mb_tokens = max(self.processes.sum(mask[minibatch].sum().float()), 1.0)
+                    self.optimizer.zero_grad(set_to_none=True)
+                    for micro_start in range(0, len(minibatch), args.micro_batch_size):
+                        rows = minibatch[micro_start : micro_start + args.micro_batch_size]
+                        weight_total += self._micro_step(rollout, scored, advantages, returns, rows, mb_tokens,
+                                                         sums, first_forward)
+                    self.processes.sync_gradients(self.params)
+                    self._agree_finite()
+                    grad_norm = torch.nn.utils.clip_grad_norm_(self.params, args.max_grad_norm)
+                    self._guard_finite(grad_norm, "gradient norm")
+                    self.optimizer.step()
+        self.scheduler.step()
+        total = max(self.processes.sum(torch.tensor(weight_total)), 1.0)
+        return {k: self.processes.sum(torch.tensor(v)) / total for k, v in sums.items()}
 
-    def _mean(self, values: torch.Tensor) -> float:
-        """Mean over every process's rows."""
-        if self.accelerator.num_processes == 1:
-            return float(values.float().mean())
-        gathered = self.accelerator.gather(values.float().to(self.device))
-        return float(gathered.mean())
+    def _micro_step(self, rollout: Rollout, scored: Scored, advantages: torch.Tensor, returns: torch.Tensor,
+                    rows: torch.Tensor, mb_tokens: float, sums: dict[str, float],
+                    first_forward: list | None = None) -> float:
+        """Policy and value losses of one micro-batch, backpropagated with weight (its real tokens /
+        the minibatch's), their statistics added to ``sums``; returns its real-token count.
+        ``first_forward``: see :meth:`update`; when it holds the single-pass forward over every row,
+        that is taken out of it and ``rows`` is ignored."""
+        args = self.args
+        if first_forward:
+            # One minibatch of every row: their order only changes summation order.
+            rows = slice(None)
+            logits, values = first_forward.pop()
+        else:
+            logits, values = self.roles.policy_forward(rollout, rows)  # (micro, t, v), (micro, t) or None
+        m = rollout.response_mask[rows]
+        # Token-weighted accumulation: equal to one pass over the whole minibatch.
+        share = m.sum().item() / mb_tokens
+        logprobs = self.roles.logprobs(logits, rollout, rows)
+        pg_loss, pg_stats = pm.ppo_policy_loss(logprobs, scored.logprobs[rows], advantages[rows], m, args.clip_range)
+        self._guard_finite(pg_loss, "policy loss")
+        with torch.no_grad():
+            entropy = pm.masked_mean(pm.entropy_from_logits(logits, self.sampling.temperature), m)
+        del logits, logprobs
+        if values is None:
+            # A separate critic shares no trainable parameter with the policy, so backpropagating each
+            # loss as soon as it exists gives the same gradients as one backward of their sum, while
+            # only one role's activations are alive at a time (half the peak memory).
+            self.accelerator.backward(pg_loss * share)
+            values = self.roles.reply_values(rollout, rows)
+        vf_loss, vf_stats = pm.ppo_value_loss(values, scored.values[rows], returns[rows], m, args.clip_range_value)
+        self._guard_finite(vf_loss, "value loss")
+        if self.args.value_model == "policy_head":
+            # One trunk: one backward of the summed loss (the value loss trains the policy's LoRA too).
+            self.accelerator.backward((pg_loss + args.vf_coef * vf_loss) * share)
+        else:
+            self.accelerator.backward(args.vf_coef * vf_loss * share)
+        w = float(m.sum())
+        for name, value in (("policy_loss", pg_loss), ("value_loss", vf_loss), ("entropy", entropy),
+                            ("clipfrac", pg_stats.clipfrac), ("approx_kl", pg_stats.approx_kl),
+                            ("ratio", pg_stats.ratio_mean), ("value_clipfrac", vf_stats.vf_clipfrac)):
+            sums[name] = sums.get(name, 0.0) + float(value.detach()) * w
+        return w
 
     # -- guards -------------------------------------------------------------------------------
 
@@ -614,24 +465,21 @@ class PPOTrainer:
         raising alone would leave the others waiting in the next all-reduce until the timeout."""
         if torch.isfinite(tensor).all():
             return
-        if self.accelerator.num_processes > 1 and self._in_step:
+        if self.processes.count > 1 and self._in_step:
             self._nonfinite = self._nonfinite or what
             return
         self._raise_nonfinite(what)
 
     def _agree_finite(self) -> None:
         """Every process learns whether any found a NaN/Inf since the last agreement; all stop together."""
-        if self.accelerator.num_processes == 1:
+        if self.processes.count == 1:
             return
-        found = torch.zeros(self.accelerator.num_processes, device=self.device)
-        found[self.accelerator.process_index] = float(self._nonfinite is not None)
-        found = self.accelerator.reduce(found, reduction="sum")
-        if found.any():
-            ranks = ", ".join(str(i) for i in found.nonzero().flatten().tolist())
-            self._raise_nonfinite(f"{self._nonfinite or 'values'} (found by process {ranks})")
+        found = self.processes.which(self._nonfinite is not None)
+        if found:
+            self._raise_nonfinite(f"{self._nonfinite or 'values'} (found by process {', '.join(map(str, found))})")
 
     def _raise_nonfinite(self, what: str) -> None:
-        last = self._last_checkpoint()
+        last = self.run_dir.last_checkpoint() if self.run_dir else None
         where = f"the last good checkpoint is {last}" if last else "no checkpoint was written yet"
         raise NonFiniteError(
             f"step {self.step + 1}: non-finite values (NaN/Inf) in the {what}; stopped before writing anything "
@@ -658,9 +506,6 @@ class PPOTrainer:
 
     # -- checkpoints --------------------------------------------------------------------------
 
-    def _last_checkpoint(self) -> Path | None:
-        return self.run_dir.last_checkpoint() if self.run_dir else None
-
     def save_checkpoint(self, directory: Path) -> None:
         """Adapters, heads, optimizer, scheduler, KL controller, RNG states and data position; atomic."""
         part = directory.with_name(directory.name + ".part")
@@ -669,7 +514,7 @@ class PPOTrainer:
             part.mkdir(parents=True)
         self.accelerator.wait_for_everyone()
         # Every process keeps its own sampling RNG; only the main process writes the rest.
-        torch.save(self._rng_state(), part / f"rng_{self.accelerator.process_index}.pt")
+        torch.save(self._rng_state(), part / f"rng_{self.processes.index}.pt")
         self.accelerator.wait_for_everyone()
         if not self.accelerator.is_main_process:
             self.accelerator.wait_for_everyone()
@@ -678,7 +523,8 @@ class PPOTrainer:
         self.registry.save("value", part / "value")
         torch.save({
             "step": self.step,
-            "num_processes": self.accelerator.num_processes,
+            "num_processes": self.processes.count,
+            "value_model": self.args.value_model,
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "kl_controller": self.kl_ctl.state_dict(),
@@ -697,23 +543,26 @@ class PPOTrainer:
 
     def load_checkpoint(self, directory: Path) -> None:
         from peft import set_peft_model_state_dict
-        from safetensors.torch import load_file
 
-        for role in ("policy", "value"):
+        state = torch.load(directory / STATE_FILE, weights_only=False)
+        if state.get("num_processes", 1) != self.processes.count:
+            raise UserError(f"{directory}: written by {state.get('num_processes', 1)} process(es); resume with the "
+                            f"same number, found {self.processes.count}")
+        written_with = state.get("value_model", "critic")
+        if written_with != self.args.value_model:
+            raise UserError(f"{directory}: written with value_model {written_with}; resume with the same, found "
+                            f"{self.args.value_model}")
+        for role in ("policy", "value") if self.args.value_model == "critic" else ("policy",):
             weights = load_file(str(directory / role / "adapter_model.safetensors"))
             set_peft_model_state_dict(self.model, weights, adapter_name=role)
         self.registry.heads["value"].weight.data.copy_(load_file(str(directory / "value" / HEAD_FILE))["weight"])
-        state = torch.load(directory / STATE_FILE, weights_only=False)
-        if state.get("num_processes", 1) != self.accelerator.num_processes:
-            raise UserError(f"{directory}: written by {state.get('num_processes', 1)} process(es); resume with the "
-                            f"same number, found {self.accelerator.num_processes}")
         self.step = state["step"]
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.kl_ctl.load_state_dict(state["kl_controller"])
         self.sampler.load_state_dict(state["sampler"])
         self.history = state["history"]
-        rng_file = directory / f"rng_{self.accelerator.process_index}.pt"
+        rng_file = directory / f"rng_{self.processes.index}.pt"
         if not rng_file.exists():
             raise UserError(f"{directory}: expected {rng_file.name}; resume with the same number of processes "
                             "that wrote the checkpoint")
@@ -727,7 +576,8 @@ class PPOTrainer:
 
     # -- the loop -----------------------------------------------------------------------------
 
-    def train(self, checkpoint_every: int | None = None, on_checkpoint=None) -> list[dict[str, float]]:
+    def train(self, on_checkpoint=None) -> list[dict[str, float]]:
+        """Steps until ``max_steps``, checkpointing every ``save_steps``; ``on_checkpoint(step)`` after each."""
         args = self.args
         bar = tqdm(total=args.max_steps, initial=self.step, desc="PPO", disable=not self.accelerator.is_main_process)
         while self.step < args.max_steps:
@@ -737,52 +587,16 @@ class PPOTrainer:
             bar.set_postfix(score=f"{stats['score']:.3f}", kl=f"{stats['kl']:.2f}", len=f"{stats['response_length']:.0f}")
             if self.step % args.logging_steps == 0:
                 self.accelerator.log({f"ppo/{k}": v for k, v in stats.items() if k != "step"}, step=self.step)
-            if self.work_dir is not None and (self.step % args.save_steps == 0 or self.step == args.max_steps):
-                self.save_checkpoint(self.work_dir / f"checkpoint-{self.step}")
+            if self.run_dir is not None and (self.step % args.save_steps == 0 or self.step == args.max_steps):
+                self.save_checkpoint(self.run_dir.work / f"checkpoint-{self.step}")
                 if on_checkpoint:
                     on_checkpoint(self.step)
         bar.close()
         return self.history
 
-    # -- evaluation ---------------------------------------------------------------------------
-
-    @torch.no_grad()
     def evaluate(self, prompts: list, seed: int = 1234) -> tuple[dict[str, float], list[dict]]:
         """Reference vs policy on held-out prompts: reward-model score, KL to the reference, distinct-2."""
-        results: dict[str, dict[str, list]] = {}
-        for role in ("reference", "policy"):
-            adapter = self.reference if role == "reference" else "policy"
-            texts, scores, kls, lengths = [], [], [], []
-            torch.manual_seed(seed)
-            for start in range(0, len(prompts), self.args.eval_batch_size):
-                batch = prompts[start : start + self.args.eval_batch_size]
-                prompt_ids = [encode_prompt(self.tokenizer, p) for p in batch]
-                with self._sampling_model(adapter) as model:
-                    query, query_mask, response = sample_responses(model, self.tokenizer, prompt_ids, self.sampling)
-                pad, eos = self.tokenizer.pad_token_id, self.tokenizer.eos_token_id
-                mask, ends = pm.response_mask_after_eos(response, eos, pad)
-                response = torch.where(mask, response, torch.full_like(response, pad))
-                rollout = Rollout(torch.cat([query, response], 1), torch.cat([query_mask, mask.long()], 1), mask,
-                                  ends, query.shape[1])
-                scores += self.registry.score("reward", rollout.input_ids, rollout.attention_mask, pad).tolist()
-                policy_lp = self._logprobs(self.reply_logits(adapter, rollout), rollout)
-                ref_lp = self._logprobs(self.reply_logits(self.reference, rollout), rollout)
-                kls += pm.masked_sum(policy_lp - ref_lp, mask, dim=1).tolist()
-                lengths += mask.sum(1).tolist()
-                texts += decode_responses(self.tokenizer, response)
-            results[role] = {"texts": texts, "scores": scores, "kl": kls, "lengths": lengths}
-        metrics = {}
-        for role, r in results.items():
-            metrics[f"eval_{role}_reward_model_score"] = sum(r["scores"]) / len(r["scores"])
-            metrics[f"eval_{role}_distinct_2"] = pm.distinct_n(r["texts"], 2)
-            metrics[f"eval_{role}_response_length"] = sum(r["lengths"]) / len(r["lengths"])
-        metrics["eval_policy_kl_to_reference"] = sum(results["policy"]["kl"]) / len(results["policy"]["kl"])
-        samples = [
-            {"prompt": p, "reference": results["reference"]["texts"][i], "policy": results["policy"]["texts"][i],
-             "reference_score": results["reference"]["scores"][i], "policy_score": results["policy"]["scores"][i]}
-            for i, p in enumerate(prompts)
-        ]
-        return metrics, samples
+        return self.roles.compare_with_reference(prompts, self.args.eval_batch_size, seed)
 
 
 def parse_ppo(argv: list[str] | None = None, values: dict[str, Any] | None = None):
@@ -792,6 +606,11 @@ def parse_ppo(argv: list[str] | None = None, values: dict[str, Any] | None = Non
         defaults={"train_file": "data/demo/prompts_train.jsonl", "test_file": "data/demo/prompts_test.jsonl",
                   "validation_size": 0, "test_size": 0},
     )
+    if "peft_method" not in given and (Path(args.sft_model) / "adapter_config.json").exists():
+        # The base is loaded as the SFT adapter was trained on it (quantised for a QLoRA SFT run).
+        sft_method = read_run(args.sft_model).peft_method
+        if sft_method:
+            model_args.peft_method = sft_method
     return model_args, data_args, args, sampling, given
 
 
@@ -805,51 +624,41 @@ def run(argv: list[str] | None = None, values: dict[str, Any] | None = None, on_
     splits = data_args.load("prompt")
     prompts = [r["prompt"] for r in splits["train"]]
     eval_prompts = [r["prompt"] for r in (splits["test"] or splits["validation"])][: args.eval_prompts]
+    shared = check_shared_base(args.sft_model, args.reward_model, model_args)
     run_dir = RunDir(args.output_dir)
     started = time.time()
     log_with = None if args.report_to in ("none", "", None) else args.report_to
-    if log_with == "wandb" and not os.environ.get("WANDB_API_KEY"):
-        os.environ.setdefault("WANDB_MODE", "offline")
-    accelerator = Accelerator(cpu=not torch.cuda.is_available(), log_with=log_with,
-                              project_dir=str(run_dir.work))
+    wandb_offline_without_key()
+    accelerator = Accelerator(cpu=not torch.cuda.is_available(), log_with=log_with, project_dir=str(run_dir.work))
     check_launch(accelerator)
-    checkpoint = run_dir.prepare(bool(given.get("resume")), bool(given.get("overwrite_output_dir"))) \
-        if accelerator.is_main_process else None
-    accelerator.wait_for_everyone()
-    if checkpoint is None and given.get("resume"):
-        checkpoint = run_dir.last_checkpoint()
-    set_seed(args.seed + accelerator.process_index)
-    tokenizer = load_tokenizer(args.sft_model if (Path(args.sft_model) / "tokenizer_config.json").exists()
-                               else model_args.model_name_or_path)
-    registry, reference = build_roles(model_args, args, accelerator.device)
-    trainer = PPOTrainer(args, sampling, registry, tokenizer, prompts, reference, accelerator, run_dir)
-    if checkpoint is not None:
-        logger.info("resuming from %s", checkpoint)
-        trainer.load_checkpoint(Path(checkpoint))
-    if log_with:
-        accelerator.init_trackers("rlhf-ppo", config={k: v for k, v in {**asdict(args), **asdict(sampling)}.items()
-                                                      if isinstance(v, (int, float, str, bool))})
-    history = trainer.train(on_checkpoint=on_checkpoint)
-    metrics: dict[str, Any] = {}
-    samples: list[dict] = []
-    if eval_prompts and accelerator.is_main_process:
-        metrics, samples = trainer.evaluate(eval_prompts)
-    accelerator.end_training()
-    if not accelerator.is_main_process:
-        return metrics
-    final = {k: v for k, v in history[-1].items() if k not in ("step_seconds", "rollout_tokens_per_second")}
-    metrics.update({f"final_{k}": v for k, v in final.items() if k != "step"})
-    metrics.update(steps=trainer.step, replies_seen=trainer.step * args.batch_size * accelerator.num_processes)
-    work = run_dir.work
-    registry.save("policy", work)
-    registry.save("value", work / "value")
-    tokenizer.save_pretrained(str(work))
-    save_resolved_config(work / "config.yaml", [model_args, data_args, args, sampling], given)
-    write_jsonl(work / "eval_samples.jsonl", samples)
-    write_json(work / "log_history.json", history)
-    series = {k: [(h["step"], h[k]) for h in history] for k in ("score", "kl", "response_length", "entropy")}
-    plot_curves(work / "curves.png", series, "PPO", panels=[["score"], ["kl"], ["response_length"], ["entropy"]])
-    metrics["wall_seconds"] = round(time.time() - started, 1)
-    write_json(work / "metrics.json", metrics)
-    run_dir.finalize()
-    return metrics
+    with run_dir.removed_on_error():
+        checkpoint = run_dir.prepare_on_main(bool(given.get("resume")), bool(given.get("overwrite_output_dir")),
+                                             accelerator)
+        set_seed(args.seed + accelerator.process_index)
+        tokenizer = load_tokenizer(args.sft_model if (Path(args.sft_model) / "tokenizer_config.json").exists()
+                                   else model_args.model_name_or_path)
+        registry, reference = build_roles(model_args, args, accelerator.device, shared)
+        trainer = PPOTrainer(args, sampling, registry, tokenizer, prompts, reference, accelerator, run_dir)
+        if checkpoint is not None:
+            logger.info("resuming from %s", checkpoint)
+            trainer.load_checkpoint(Path(checkpoint))
+        if log_with:
+            accelerator.init_trackers("rlhf-ppo", config={k: v for k, v in {**asdict(args), **asdict(sampling)}.items()
+                                                          if isinstance(v, (int, float, str, bool))})
+        history = trainer.train(on_checkpoint=on_checkpoint)
+        metrics: dict[str, Any] = {}
+        samples: list[dict] = []
+        if eval_prompts and accelerator.is_main_process:
+            metrics, samples = trainer.evaluate(eval_prompts)
+        accelerator.end_training()
+        if not accelerator.is_main_process:
+            return metrics
+        timing = ("step_seconds", "rollout_tokens_per_second", "generate_seconds", "score_seconds", "update_seconds")
+        final = {k: v for k, v in history[-1].items() if k not in timing and k != "step"}
+        metrics.update({f"final_{k}": v for k, v in final.items()})
+        metrics.update(steps=trainer.step, replies_seen=trainer.step * args.batch_size * accelerator.num_processes)
+        registry.save("policy", run_dir.work)
+        registry.save("value", run_dir.work / "value")
+        write_jsonl(run_dir.work / "eval_samples.jsonl", samples)
+        return write_run_outputs(run_dir, tokenizer, [model_args, data_args, args, sampling], given, metrics, history,
+                                 "PPO", [["score"], ["kl"], ["response_length"], ["entropy"]], started)

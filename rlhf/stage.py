@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -13,11 +12,11 @@ from typing import Any, Callable
 import torch
 
 from rlhf.allocator import keep_freed_memory
-from rlhf.config import build_config, save_resolved_config
+from rlhf.config import build_config
 from rlhf.data import DataArguments
 from rlhf.errors import UserError
 from rlhf.models import ModelArguments
-from rlhf.outputs import RunDir, history_series, plot_curves, write_json
+from rlhf.outputs import RunDir, wandb_offline_without_key, write_run_outputs
 
 logger = logging.getLogger(__name__)
 
@@ -110,10 +109,7 @@ class StageRun:
 
         # Under several processes only the main one touches the run directory; the others wait.
         state = PartialState(cpu=not torch.cuda.is_available())
-        checkpoint = self.run.prepare(self.resume, self.overwrite) if state.is_main_process else None
-        state.wait_for_everyone()
-        if not state.is_main_process and self.resume:
-            checkpoint = self.run.last_checkpoint()
+        checkpoint = self.run.prepare_on_main(self.resume, self.overwrite, state)
         self.training_args.output_dir = str(self.run.work)
         self.training_args.logging_dir = str(self.run.work / "logs")
         set_seed(self.training_args.seed)
@@ -130,8 +126,7 @@ def parse_stage(stage_class: type, training_class: type, argv: list[str] | None,
         extra_keys=("resume", "overwrite_output_dir"),
         defaults={**trainer_defaults(), **(defaults or {})},
     )
-    if not os.environ.get("WANDB_API_KEY"):
-        os.environ.setdefault("WANDB_MODE", "offline")
+    wandb_offline_without_key()
     keep_freed_memory()
     return StageRun(
         model_args, data_args, stage_args, training_args, given,
@@ -267,21 +262,13 @@ def finish_stage(stage: StageRun, trainer, tokenizer, metrics: dict[str, Any], t
     if not trainer.is_world_process_zero():
         trainer.accelerator.wait_for_everyone()
         return metrics
-    tokenizer.save_pretrained(str(work))
-    save_resolved_config(work / "config.yaml", [stage.model_args, stage.data_args, stage.stage_args], stage.given)
-    history = trainer.state.log_history
-    keys = [k for panel in curve_keys for k in panel]
-    plot_curves(work / "curves.png", history_series(history, keys), title, panels=curve_keys)
     if extra:
         extra(work)
     # Counters that restart on resume or depend on machine speed would make a resumed run's
     # metrics differ from an uninterrupted one; wall time is reported on its own.
     metrics = {k: v for k, v in metrics.items()
                if "num_tokens" not in k and "runtime" not in k and "per_second" not in k}
-    metrics = {**metrics, "wall_seconds": round(time.time() - stage.started, 1)}
-    write_json(work / "metrics.json", metrics)
-    write_json(work / "log_history.json", history)
-    final = stage.run.finalize()
-    logger.info("wrote %s", final)
+    metrics = write_run_outputs(stage.run, tokenizer, [stage.model_args, stage.data_args, stage.stage_args],
+                                stage.given, metrics, trainer.state.log_history, title, curve_keys, stage.started)
     trainer.accelerator.wait_for_everyone()
     return metrics

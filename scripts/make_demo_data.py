@@ -36,7 +36,6 @@ from rlhf.annotator import (
     prefer,
     prob_prefer_a,
     score_parts,
-    subject_of,
     topic_words,
 )
 

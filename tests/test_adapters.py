@@ -20,6 +20,17 @@ PAIRS = [("write a short review of the tea", "the tea is lovely ."),
          ("hi", "no")]
 
 
+def reply_logits(registry, name, ids, mask):
+    """LM logits ``(b, s, v)`` under adapter ``name`` (None = the base)."""
+    return registry.lm_head()(registry.hidden_states(name, ids, mask))
+
+
+def token_values(registry, name, ids, mask):
+    """Per-token scalar values ``(b, s)`` from adapter ``name`` and its head."""
+    head = registry.heads[name]
+    return head(registry.hidden_states(name, ids, mask).to(head.weight.dtype)).squeeze(-1)
+
+
 @pytest.fixture(scope="module")
 def runs(tiny_model_dir, tmp_path_factory):
     """An SFT adapter and a reward adapter (with its score head), trained a few steps on the tiny model."""
@@ -69,8 +80,8 @@ def test_policy_logits_match_a_separately_loaded_peft_model(registry, runs, tiny
     separate = PeftModel.from_pretrained(fresh_base(tiny_model_dir), str(runs[0])).eval()
     with torch.no_grad():
         expected = separate(input_ids=ids, attention_mask=mask).logits
-        found = registry.logits("policy", ids, mask)
-        base = registry.logits(None, ids, mask)
+        found = reply_logits(registry, "policy", ids, mask)
+        base = reply_logits(registry, None, ids, mask)
     assert_close(found, expected, rtol=1e-5, atol=1e-5)
     assert (found - base).abs().max() > 1e-3  # the adapter does something
 
@@ -79,7 +90,7 @@ def test_no_adapter_is_the_plain_base_model(registry, tiny_model_dir, batch):
     ids, mask = batch
     with torch.no_grad():
         expected = fresh_base(tiny_model_dir).eval()(input_ids=ids, attention_mask=mask).logits
-        assert_close(registry.logits(None, ids, mask), expected, rtol=1e-5, atol=1e-5)
+        assert_close(reply_logits(registry, None, ids, mask), expected, rtol=1e-5, atol=1e-5)
 
 
 def test_reward_score_matches_the_stand_alone_reward_model(registry, runs, tiny_model_dir, batch):
@@ -146,11 +157,11 @@ def test_each_adapter_keeps_its_own_requires_grad(registry):
 
 def test_gradients_reach_policy_and_value_in_one_step(registry, batch, tiny_model_dir):
     ids, mask = batch
-    logits = registry.logits("policy", ids, mask)
+    logits = reply_logits(registry, "policy", ids, mask)
     with torch.no_grad():  # the reference pass between the two, in PPO's order
-        registry.logits(None, ids, mask)
+        reply_logits(registry, None, ids, mask)
         registry.score("reward", ids, mask, 2)
-    values = registry.values("value", ids, mask)
+    values = token_values(registry, "value", ids, mask)
     (logits.mean() + values.mean()).backward()
     for name in ("policy", "value"):
         grads = [p.grad for p in registry.parameters_of(name)]
@@ -167,7 +178,7 @@ def test_save_and_load_an_adapter_with_its_head(registry, tiny_model_dir, batch,
             if ".value." in n and "lora_B" in n:
                 p.normal_(std=0.1)
         registry.heads["value"].weight.normal_()
-        before = registry.values("value", ids, mask)
+        before = token_values(registry, "value", ids, mask)
     registry.save("value", tmp_path / "value")
     assert (tmp_path / "value" / "adapter_config.json").exists()
     assert_close(read_score_head(tmp_path / "value"), registry.heads["value"].weight.detach())
@@ -176,7 +187,7 @@ def test_save_and_load_an_adapter_with_its_head(registry, tiny_model_dir, batch,
     other.load("value", tmp_path / "value", trainable=True)
     other.peft_model.eval()
     with torch.no_grad():
-        after = other.values("value", ids, mask)
+        after = token_values(other, "value", ids, mask)
         plain = other.hidden_states(None, ids, mask) @ other.heads["value"].weight.T
     assert_close(after, before, rtol=1e-5, atol=1e-5)
     assert (after - plain.squeeze(-1)).abs().max() > 1e-4  # the adapter was loaded, not only the head

@@ -221,13 +221,13 @@ KILL_AT_STEP_2 = textwrap.dedent("""
 """)
 
 
-@pytest.mark.slow
-def test_killed_run_resumes_to_the_same_result(pipeline, straight_run, tmp_path):
+def assert_killed_run_resumes_to(straight: Path, pipeline, tmp_path: Path, *extra: str) -> None:
+    """Kill a run like ``straight`` (``extra`` args) after its step-2 checkpoint, resume it, and check
+    it ends with the same policy, value model and metrics."""
     from rlhf.ppo import run
 
-    straight, _ = straight_run
     resumed = tmp_path / "ppo"
-    argv = ppo_argv(pipeline, resumed)
+    argv = ppo_argv(pipeline, resumed, *extra)
     env = {**os.environ, "OMP_NUM_THREADS": "1",
            "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
     child = subprocess.run([sys.executable, "-c", KILL_AT_STEP_2.format(argv=argv)], cwd=tmp_path, env=env,
@@ -241,7 +241,9 @@ def test_killed_run_resumes_to_the_same_result(pipeline, straight_run, tmp_path)
     steps_after_resume = []
     run(argv + ["--resume"], on_checkpoint=steps_after_resume.append)
     assert steps_after_resume == [4]  # continued from step 2, did not start over
-    for sub in (".", "value"):
+    adapters = [sub for sub in (".", "value") if (straight / sub / "adapter_model.safetensors").exists()]
+    assert "." in adapters
+    for sub in adapters:
         a, b = load_file(str(straight / sub / "adapter_model.safetensors")), load_file(str(resumed / sub / "adapter_model.safetensors"))
         assert a.keys() == b.keys() and a
         for key in a:
@@ -252,6 +254,51 @@ def test_killed_run_resumes_to_the_same_result(pipeline, straight_run, tmp_path)
     assert found.keys() == expected.keys()
     for key, value in expected.items():
         assert found[key] == pytest.approx(value, rel=1e-6, abs=1e-6), key
+
+
+@pytest.mark.slow
+def test_killed_run_resumes_to_the_same_result(pipeline, straight_run, tmp_path):
+    assert_killed_run_resumes_to(straight_run[0], pipeline, tmp_path)
+
+
+@pytest.mark.slow
+def test_killed_policy_head_run_resumes_to_the_same_result(pipeline, tmp_path):
+    from rlhf.errors import UserError
+    from rlhf.ppo import run
+
+    straight = tmp_path / "straight" / "ppo"
+    run(ppo_argv(pipeline, straight, "--value_model", "policy_head"))
+    assert not (straight / "value" / "adapter_model.safetensors").exists()  # a head, no adapter of its own
+    (tmp_path / "resumed").mkdir()
+    assert_killed_run_resumes_to(straight, pipeline, tmp_path / "resumed", "--value_model", "policy_head")
+    # A checkpoint resumes only with the value model that wrote it.
+    killed = tmp_path / "other"
+    killed.mkdir()
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    argv = ppo_argv(pipeline, killed / "ppo")
+    subprocess.run([sys.executable, "-c", KILL_AT_STEP_2.format(argv=argv)], cwd=tmp_path, env=env, timeout=300)
+    with pytest.raises(UserError, match="written with value_model critic; resume with the same, found policy_head"):
+        run(argv + ["--resume", "--value_model", "policy_head"])
+
+
+def test_policy_head_value_loss_trains_the_policy_trunk(pipeline):
+    """With zero advantages the policy loss has no gradient: the policy's LoRA then gets gradients
+    only through a value head on its own trunk (policy_head), never from a separate critic."""
+    grads = {}
+    for value_model in ("critic", "policy_head"):
+        trainer = make_trainer(pipeline, *SINGLE_PASS, "--learning_rate", "0", "--value_model", value_model)
+        torch.manual_seed(0)
+        rollout = trainer.roles.generate("policy", trainer.sampler.next_batch())
+        scored = trainer.roles.score(rollout, trainer.args.missing_eos_penalty)
+        mask = rollout.response_mask
+        returns = torch.randn(mask.shape, generator=torch.Generator().manual_seed(1)) * mask
+        trainer.update(rollout, scored, torch.zeros(mask.shape), returns)
+        policy = [p.grad for p in trainer.registry.parameters_of("policy")]
+        head = trainer.registry.heads["value"].weight.grad
+        grads[value_model] = (max(float(g.abs().max()) if g is not None else 0.0 for g in policy), head)
+        assert head is not None and float(head.abs().max()) > 0
+    assert grads["critic"][0] == 0.0
+    assert grads["policy_head"][0] > 0.0
 
 
 # -- 3. guard -------------------------------------------------------------------------------------
@@ -300,7 +347,7 @@ def eos_biased_generate(trainer, prompts: list, seed: int = 0):
     hook = trainer.registry.lm_head().register_forward_hook(bias)
     try:
         torch.manual_seed(seed)
-        return trainer.generate(prompts)
+        return trainer.roles.generate("policy", prompts)
     finally:
         hook.remove()
 
@@ -344,7 +391,7 @@ def test_rollout_invariants(pipeline):
     assert stopped_early and not rollout.ends_with_eos.all(), "want rows that stopped early and rows cut off"
 
     # At step 1 the policy is the reference: the KL is exactly 0.
-    scored = trainer.score(rollout)
+    scored = trainer.roles.score(rollout, trainer.args.missing_eos_penalty)
     assert torch.equal(scored.logprobs, scored.ref_logprobs)
     rewards, kl = pm.compute_rewards(scored.scores, scored.logprobs, scored.ref_logprobs, response_mask,
                                      trainer.kl_ctl.value)
@@ -387,14 +434,13 @@ SINGLE_PASS = ("--batch_size", "8", "--mini_batch_size", "8", "--gradient_accumu
 def count_policy_forwards(trainer) -> list:
     """Record whether each policy forward of ``trainer`` ran with gradients."""
     calls = []
-    original = trainer.reply_logits
+    original = trainer.roles.policy_forward
 
-    def counted(role, *args, **kwargs):
-        if role == "policy":
-            calls.append(torch.is_grad_enabled())
-        return original(role, *args, **kwargs)
+    def counted(*args, **kwargs):
+        calls.append(torch.is_grad_enabled())
+        return original(*args, **kwargs)
 
-    trainer.reply_logits = counted
+    trainer.roles.policy_forward = counted
     return calls
 
 
@@ -431,20 +477,21 @@ def test_single_pass_frees_the_policy_logits_before_the_value_forward(pipeline):
 
     trainer = make_trainer(pipeline, *SINGLE_PASS)
     policy_logits, alive_at_value_forward = [], []
-    reply_logits, reply_values = trainer.reply_logits, trainer.reply_values
+    roles = trainer.roles
+    policy_forward, reply_values = roles.policy_forward, roles.reply_values
 
-    def recorded_logits(role, *args, **kwargs):
-        logits = reply_logits(role, *args, **kwargs)
-        if role == "policy" and torch.is_grad_enabled():
+    def recorded_logits(*args, **kwargs):
+        logits, values = policy_forward(*args, **kwargs)
+        if torch.is_grad_enabled():
             policy_logits.append(weakref.ref(logits))
-        return logits
+        return logits, values
 
     def recorded_values(*args, **kwargs):
         if torch.is_grad_enabled():
             alive_at_value_forward.append([ref() is not None for ref in policy_logits])
         return reply_values(*args, **kwargs)
 
-    trainer.reply_logits, trainer.reply_values = recorded_logits, recorded_values
+    roles.policy_forward, roles.reply_values = recorded_logits, recorded_values
     trainer.train_step()
     assert len(policy_logits) == 1 and alive_at_value_forward == [[False]]
 
@@ -463,9 +510,9 @@ def test_merged_rollout_samples_the_same_replies_and_restores_the_base(pipeline)
     prompts = trainer.sampler.next_batch()
     rollouts = {}
     for merge in (True, False):
-        trainer.merge_backup = torch.device("cpu") if merge else None
+        trainer.roles.merge_backup = torch.device("cpu") if merge else None
         torch.manual_seed(3)
-        rollouts[merge] = trainer.generate(prompts)
+        rollouts[merge] = trainer.roles.generate("policy", prompts)
     assert registry.can_merge("policy")
     assert torch.equal(rollouts[True].input_ids, rollouts[False].input_ids)
     base_after = {n: p.detach() for n, p in registry.peft_model.named_parameters() if "lora_" not in n}
@@ -560,7 +607,7 @@ def test_sampling_settings_ignore_the_models_generation_config(pipeline, tmp_pat
     for name, trainer in (("plain", plain), ("weird", weird)):
         for seed in (0, 1):
             torch.manual_seed(seed)
-            rollouts[name, seed] = trainer.generate(prompts)
+            rollouts[name, seed] = trainer.roles.generate("policy", prompts)
     first = rollouts["weird", 0]
     assert first.input_ids.shape[1] - first.query_width == 12
     assert first.response_mask.sum(1).max() == 12  # a random tiny model rarely says EOS
@@ -648,8 +695,8 @@ def test_gradient_checkpointing_holds_less_and_gives_the_same_gradients(pipeline
     for checkpointing in ("false", "true"):
         trainer = make_trainer(pipeline, *SINGLE_PASS, "--learning_rate", "0", "--gradient_checkpointing", checkpointing)
         torch.manual_seed(0)
-        rollout = trainer.generate(trainer.sampler.next_batch())
-        scored = trainer.score(rollout)
+        rollout = trainer.roles.generate("policy", trainer.sampler.next_batch())
+        scored = trainer.roles.score(rollout, trainer.args.missing_eos_penalty)
         results[checkpointing] = update_with_saved_bytes(trainer, rollout, scored)
     (plain_peak, plain_grads), (ckpt_peak, ckpt_grads) = results["false"], results["true"]
     assert ckpt_peak < 0.7 * plain_peak, (ckpt_peak, plain_peak)
@@ -673,11 +720,11 @@ def test_dropout_is_off_in_the_update_even_in_training_mode(pipeline):
 
     trainer = make_trainer(pipeline, *SINGLE_PASS, edit_model=add_dropout)
     torch.manual_seed(0)
-    rollout = trainer.generate(trainer.sampler.next_batch())
+    rollout = trainer.roles.generate("policy", trainer.sampler.next_batch())
     with trainer._training_mode(), torch.no_grad():
         assert trainer.model.training
-        first = trainer.reply_logits("policy", rollout)
-        second = trainer.reply_logits("policy", rollout)
+        first = trainer.roles.reply_logits("policy", rollout)
+        second = trainer.roles.reply_logits("policy", rollout)
     assert not trainer.model.training
     torch.testing.assert_close(first, second, rtol=0, atol=0)
 

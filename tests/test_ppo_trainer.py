@@ -290,13 +290,16 @@ def assert_rows_close(found: torch.Tensor, expected: list[torch.Tensor], mask: t
 # -- the tests ------------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("value_model", ["critic", "policy_head"])
 @pytest.mark.parametrize("reference_kind", ["adapter", "merged"])
 @pytest.mark.parametrize("layout", list(LAYOUTS))
-def test_step_quantities_equal_a_direct_forward_of_each_role(roles, tmp_path, monkeypatch, layout, reference_kind):
+def test_step_quantities_equal_a_direct_forward_of_each_role(roles, tmp_path, monkeypatch, layout, reference_kind,
+                                                             value_model):
     """Scores, policy/reference logprobs and values that enter a step's rewards and advantages are
-    each role's plain forward over the unpadded sequence, in eval mode; twice, across an update."""
+    each role's plain forward over the unpadded sequence, in eval mode; twice, across an update.
+    With ``policy_head`` the values are the value head on the policy's own hidden states."""
     dirs = roles[reference_kind]
-    trainer = make_trainer(dirs, layout)
+    trainer = make_trainer(dirs, layout, value_model=value_model)
     penalty = trainer.args.missing_eos_penalty
     reward_head = read_score_head(dirs["reward"])
     early_stops = cut_offs = padded = 0
@@ -321,7 +324,7 @@ def test_step_quantities_equal_a_direct_forward_of_each_role(roles, tmp_path, mo
                           f"step {step}: reference logprobs")
 
         value_head = read_score_head(tmp_path / f"value_{step}")
-        value = standalone(dirs["base"], tmp_path / f"value_{step}")
+        value = policy if value_model == "policy_head" else standalone(dirs["base"], tmp_path / f"value_{step}")
         assert_rows_close(seen["values"], expected_values(value, value_head, rollout), mask, f"step {step}: values")
 
         raw = expected_scores(standalone(dirs["base"], dirs["reward"]), reward_head, rollout)

@@ -11,7 +11,7 @@ from transformers import TrainerCallback
 
 from rlhf.data import write_jsonl
 from rlhf.formatting import encode_prompt, encode_reply
-from rlhf.models import ModelArguments, load_tokenizer
+from rlhf.models import load_tokenizer
 from rlhf.stage import TrainerStageArguments, parse_stage
 from sft.train import run, tokenize_sft_rows
 
