@@ -107,6 +107,7 @@ def _offline_email_recognizer():
 @lru_cache(maxsize=1)
 def build_analyzer():
     """A presidio AnalyzerEngine with a blank spaCy pipeline and only the recognizers for ENTITIES."""
+    logging.getLogger("presidio-analyzer").setLevel(logging.ERROR)  # before its import logs the device
     import spacy
     from presidio_analyzer import AnalyzerEngine, RecognizerRegistry
     from presidio_analyzer.nlp_engine import SpacyNlpEngine
@@ -118,7 +119,6 @@ def build_analyzer():
         def load(self) -> None:
             self.nlp = {"en": spacy.blank("en")}
 
-    logging.getLogger("presidio-analyzer").setLevel(logging.ERROR)
     engine = BlankSpacyEngine(models=[{"lang_code": "en", "model_name": "blank"}])
     registry = RecognizerRegistry(supported_languages=["en"])
     for recognizer in (_offline_email_recognizer(), PhoneRecognizer(), CreditCardRecognizer(), IpRecognizer(),
