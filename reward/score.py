@@ -12,6 +12,7 @@ import torch
 from tqdm.auto import tqdm
 
 from rlhf.formatting import encode_prompt_reply
+from rlhf.generation import pad_ids
 
 
 @torch.no_grad()
@@ -24,12 +25,7 @@ def score_replies(model, tokenizer, prompts: list, replies: list[str], batch_siz
     for start in tqdm(range(0, len(replies), batch_size), desc="scoring", disable=not progress):
         seqs = [encode_prompt_reply(tokenizer, p, r)[0]
                 for p, r in zip(prompts[start : start + batch_size], replies[start : start + batch_size])]
-        width = max(len(s) for s in seqs)
-        ids = torch.full((len(seqs), width), tokenizer.pad_token_id, dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for i, s in enumerate(seqs):
-            ids[i, : len(s)] = torch.tensor(s)
-            mask[i, : len(s)] = 1
+        ids, mask = pad_ids(seqs, tokenizer.pad_token_id, side="right")
         logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits  # (b, 1)
         scores.extend(logits.squeeze(-1).float().cpu().tolist())
     return scores

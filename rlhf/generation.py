@@ -60,14 +60,21 @@ class SamplingArguments:
         return kwargs
 
 
-def left_pad(sequences: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Left-pad token id lists: ``(ids (b, s), attention_mask (b, s))``, mask 1 = real token."""
+def pad_ids(sequences: list[list[int]], pad_id: int, side: str = "left") -> tuple[torch.Tensor, torch.Tensor]:
+    """Pad token id lists into ``(ids (b, s), attention_mask (b, s))``, mask 1 = real token.
+
+    ``side="left"`` for generation (every prompt ends where the reply starts), ``"right"`` where a
+    model reads whole sequences (training, reward scoring).
+    """
+    if side not in ("left", "right"):
+        raise ValueError(f"side: expected 'left' or 'right', found {side!r}")
     width = max(len(s) for s in sequences)
     ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(sequences), width), dtype=torch.long)
     for i, s in enumerate(sequences):
-        ids[i, width - len(s) :] = torch.tensor(s, dtype=torch.long)
-        mask[i, width - len(s) :] = 1
+        span = slice(width - len(s), width) if side == "left" else slice(0, len(s))
+        ids[i, span] = torch.tensor(s, dtype=torch.long)
+        mask[i, span] = 1
     return ids, mask
 
 
@@ -79,7 +86,7 @@ def sample_responses(model, tokenizer, prompt_ids: list[list[int]], sampling: Sa
     Returns ``(query (b, s), query_mask (b, s), response (b, t))``: the left-padded prompts, their
     attention mask, and the generated tokens (t <= max_new_tokens; rows that stopped early are padded).
     """
-    query, query_mask = left_pad(prompt_ids, tokenizer.pad_token_id)
+    query, query_mask = pad_ids(prompt_ids, tokenizer.pad_token_id)
     device = next(model.parameters()).device
     query, query_mask = query.to(device), query_mask.to(device)
     if generator_seed is not None:

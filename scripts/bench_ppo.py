@@ -368,6 +368,7 @@ def child_sft(a: argparse.Namespace, work: Path) -> dict:
     from peft import PeftModel
 
     from rlhf.formatting import encode_prompt
+    from rlhf.generation import pad_ids
     from rlhf.models import load_base_model, load_tokenizer
 
     tokenizer = load_tokenizer(str(work / "sft"))
@@ -384,14 +385,12 @@ def child_sft(a: argparse.Namespace, work: Path) -> dict:
     for i in range(total):
         prompt_ids = [encode_prompt(tokenizer, p) for p in batches.next_batch()]
         replies = torch.randint(3, len(tokenizer), (len(prompt_ids), a.max_new_tokens), generator=generator)
-        width = max(len(p) for p in prompt_ids) + a.max_new_tokens
-        ids = torch.full((len(prompt_ids), width), tokenizer.pad_token_id)
-        labels, attention = torch.full_like(ids, -100), torch.zeros_like(ids)
-        for r, (p, reply) in enumerate(zip(prompt_ids, replies)):  # right padding, loss on the reply
-            n = len(p) + a.max_new_tokens
-            ids[r, :n] = torch.cat([torch.tensor(p), reply])
-            labels[r, len(p) : n] = reply
-            attention[r, :n] = 1
+        # Right padding, loss on the reply only.
+        ids, attention = pad_ids([p + reply.tolist() for p, reply in zip(prompt_ids, replies)],
+                                 tokenizer.pad_token_id, side="right")
+        labels = torch.full_like(ids, -100)
+        for r, p in enumerate(prompt_ids):
+            labels[r, len(p) : len(p) + a.max_new_tokens] = replies[r]
         start = _now()
         loss = model(input_ids=ids, attention_mask=attention, labels=labels).loss
         loss.backward()
@@ -399,7 +398,7 @@ def child_sft(a: argparse.Namespace, work: Path) -> dict:
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         steps.append(_now() - start)
-        progress(f"SFT step {i + 1}/{total}: {steps[-1]:.2f} s, {width} x {len(prompt_ids)} tokens")
+        progress(f"SFT step {i + 1}/{total}: {steps[-1]:.2f} s, {ids.shape[1]} x {len(prompt_ids)} tokens")
     return {"peak_rss_mb": peak_rss_mb(), "after_load": after_load, "at_end": memory_now_mb(),
             "step_seconds": median(steps)}
 
@@ -416,7 +415,7 @@ def child_generate(a: argparse.Namespace, work: Path) -> dict:
 
     from rlhf import ppo_math as pm
     from rlhf.formatting import encode_prompt
-    from rlhf.generation import left_pad
+    from rlhf.generation import pad_ids
     from rlhf.models import load_base_model, load_tokenizer
     from rlhf.ppo import PPOArguments, PPOTrainer, build_roles
 
@@ -434,7 +433,7 @@ def child_generate(a: argparse.Namespace, work: Path) -> dict:
         return rollout.response_mask
 
     def plain(prompts):
-        query, query_mask = left_pad([encode_prompt(tokenizer, p) for p in prompts], tokenizer.pad_token_id)
+        query, query_mask = pad_ids([encode_prompt(tokenizer, p) for p in prompts], tokenizer.pad_token_id)
         with torch.no_grad():
             out = bare.generate(input_ids=query, attention_mask=query_mask, **kwargs)
         mask, _ = pm.response_mask_after_eos(out[:, query.shape[1] :], tokenizer.eos_token_id, tokenizer.pad_token_id)

@@ -348,7 +348,7 @@ def child_trl019(a: argparse.Namespace, row: dict, model_dir: Path, work: Path) 
 
     from rlhf import ppo_math as pm
     from rlhf.formatting import encode_prompt
-    from rlhf.generation import left_pad
+    from rlhf.generation import pad_ids
     from rlhf.models import ModelArguments, load_base_model, load_tokenizer
 
     tokenizer = load_tokenizer(str(model_dir / "sft"))
@@ -378,7 +378,7 @@ def child_trl019(a: argparse.Namespace, row: dict, model_dir: Path, work: Path) 
     for step in range(a.steps):
         start = time.perf_counter()
         prompts = [encode_prompt(tokenizer, p) for p in ppo_prompts(a, tokenizer)]
-        query, query_mask = left_pad(prompts, pad)
+        query, query_mask = pad_ids(prompts, pad)
         with torch.no_grad():
             out = policy.generate(input_ids=query, attention_mask=query_mask, max_new_tokens=a.new_tokens,
                                   min_new_tokens=a.new_tokens, do_sample=True, temperature=temperature, top_k=0,

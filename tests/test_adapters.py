@@ -10,7 +10,7 @@ from torch.testing import assert_close
 from rlhf.adapters import AdapterRegistry, last_non_pad_index, read_score_head
 from rlhf.data import write_jsonl
 from rlhf.formatting import encode_prompt_reply
-from rlhf.generation import left_pad
+from rlhf.generation import pad_ids
 from rlhf.models import ModelArguments, load_base_model, load_tokenizer
 from reward.score import load_reward_model, score_replies
 
@@ -72,7 +72,7 @@ def batch(tiny_model_dir):
     tokenizer = load_tokenizer(str(tiny_model_dir))
     seqs = [encode_prompt_reply(tokenizer, p, r)[0] for p, r in PAIRS]
     assert len({len(s) for s in seqs}) == 3
-    return left_pad(seqs, tokenizer.pad_token_id)
+    return pad_ids(seqs, tokenizer.pad_token_id)
 
 
 def test_policy_logits_match_a_separately_loaded_peft_model(registry, runs, tiny_model_dir, batch):
