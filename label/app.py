@@ -45,7 +45,7 @@ from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.middleware.trustedhost import TrustedHostMiddleware
 
-from rlhf.errors import DataError, UserError
+from rlhf.errors import DataError, UserError, read_utf8
 
 from label.store import Campaign, LabelConflict, UnknownPair
 
@@ -299,7 +299,7 @@ def read_tokens(path: str) -> dict[str, str]:
     """
     tokens: dict[str, str] = {}
     try:
-        lines = Path(path).read_text(encoding="utf-8").splitlines()
+        lines = read_utf8(path).splitlines()
     except OSError as e:
         raise UserError(f"{path}: cannot read the tokens file ({e.strerror})")
     for line_no, line in enumerate(lines, start=1):

@@ -174,7 +174,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return e.exit_code
     except KeyboardInterrupt:
-        print("interrupted: checkpoints are kept; rerun with --resume to continue", file=sys.stderr)
+        print("interrupted: a run with a checkpoint keeps it (rerun with --resume to continue); one stopped "
+              "before its first checkpoint left nothing", file=sys.stderr)
         return 130
 
 

@@ -187,12 +187,16 @@ def load_base_model(args: ModelArguments, task: str = "causal-lm", gradient_chec
     )
     if args.attn_implementation:
         kwargs["attn_implementation"] = args.attn_implementation
-    if task == "causal-lm":
-        model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
-    elif task == "seq-cls":
-        model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1, **kwargs)
-    else:
+    if task not in ("causal-lm", "seq-cls"):
         raise ValueError(f"unknown task {task!r}")
+    try:
+        if task == "causal-lm":
+            model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+        else:
+            model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1, **kwargs)
+    except OSError as error:  # no weight files, a hub id without network, a truncated file...
+        raise UserError(f"model_name_or_path: could not load a model from {path}: "
+                        f"{str(error).strip().splitlines()[0]}") from error
     if model.config.pad_token_id is None:
         model.config.pad_token_id = model.config.eos_token_id
     # Sampling settings come from our configs only (Huang et al. 2024, detail 6): a checkpoint's
@@ -239,6 +243,12 @@ def build_peft_config(args: ModelArguments, model: nn.Module, task: str = "causa
     method = args.peft_method
     if method == "full":
         return None
+    if args.lora_target_modules and method in ("lora", "qlora-4bit", "qlora-8bit", "ia3"):
+        present = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
+        missing = [t for t in args.lora_target_modules if t not in present]
+        if missing:
+            raise UserError(f"lora_target_modules: {', '.join(missing)} not in {type(model).__name__}; its linear "
+                            f"layers are {', '.join(find_target_modules(model))}")
     if method in ("lora", "qlora-4bit", "qlora-8bit"):
         return LoraConfig(
             task_type=task_type,

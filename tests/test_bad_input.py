@@ -331,11 +331,11 @@ def test_error_after_the_run_dir_was_made_leaves_nothing(stage, model_without_we
 
     monkeypatch.setattr(module.StageRun, "prepare", prepare_and_note)
 
-    # The model's weights are found missing only once the run directory exists.
+    # The model's weights are found missing only once the run directory exists: one line, nothing left.
     out = tmp_path / "out"
-    with pytest.raises(OSError, match="model.safetensors"):
-        module.run(["--model_name_or_path", str(model_without_weights), "--train_file", str(train_file),
-                    "--output_dir", str(out)])
+    code, err = run_cli(capsys, [stage, "--model_name_or_path", str(model_without_weights), "--train_file",
+                                 str(train_file), "--output_dir", str(out)])
+    assert_one_line_error(code, err, f"model_name_or_path: could not load a model from {model_without_weights}")
     assert made == [True]
     assert_nothing_written(out)
 
@@ -356,4 +356,17 @@ def test_renamed_key_names_the_new_one_and_why(tmp_path, capsys):
     code, err = run_cli(capsys, ["ppo", "--output_dir", str(out), "--target_kl", "3"])
     assert_one_line_error(code, err, "command line: key 'target_kl' was renamed 'kl_target'",
                           "in TRL and CleanRL target_kl is an early-stopping threshold", "adaptive KL controller")
+    assert_nothing_written(out)
+
+
+def test_lora_target_modules_not_in_the_model_are_named(tiny_model_dir, tmp_path, capsys):
+    train_file = tmp_path / "train.jsonl"
+    write_jsonl(train_file, [GOOD_SFT] * 6)
+    out = tmp_path / "out"
+    code, err = run_cli(capsys, ["sft", "--model_name_or_path", str(tiny_model_dir), "--train_file", str(train_file),
+                                 "--output_dir", str(out), "--lora_target_modules", "q_proj,query_key_value"])
+    # The model is loaded before its layers can be checked: its progress bar precedes the error.
+    err = "\n".join(line for line in err.splitlines() if not line.startswith("Loading weights"))
+    assert_one_line_error(code, err, "lora_target_modules: query_key_value not in LlamaForCausalLM",
+                          "its linear layers are", "q_proj")
     assert_nothing_written(out)

@@ -345,6 +345,9 @@ def test_tokens_file_errors(tmp_path):
         with pytest.raises(UserError, match=message) as e:
             read_tokens(str(path))
         assert "a" * 20 not in str(e.value) and "short" not in str(e.value)  # never echo a token
+    path.write_bytes(b"ann:" + b"a" * 20 + b"\nJos\xe9:" + b"b" * 20 + b"\n")  # Latin-1, not UTF-8
+    with pytest.raises(UserError, match=r"tokens.txt:2: expected UTF-8 text, found byte 0xe9 at byte offset 28"):
+        read_tokens(str(path))
 
 
 def test_serve_refuses_open_address_without_tokens(tmp_path, capsys):
