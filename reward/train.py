@@ -16,7 +16,8 @@ from rlhf.formatting import encode_prompt_reply
 from rlhf.models import load_tokenizer
 from rlhf.stage import StageRun, build_stage_model, finish_stage, make_trainer, parse_stage, train_with_resume
 from reward.config import RewardStageArguments
-from reward.score import pair_metrics, plot_calibration, score_replies
+from reward.score import pair_metrics, plot_calibration
+from rlhf.scoring import score_replies
 
 logger = logging.getLogger(__name__)
 

@@ -288,7 +288,7 @@ def plot_report(report: dict, reference: Window, current: Window, path: str | os
 def score_windows(reward_model: str, reference: Window, current: Window, batch_size: int = 16):
     """Reward-model scores of both windows' replies, laid out as the reward model was trained."""
     # The reward stage's own scorer, so a reply is laid out exactly as in reward training.
-    from reward.score import score_replies
+    from rlhf.scoring import score_replies
     from rlhf.runs import load_run
 
     model, tokenizer = load_run(reward_model, "seq-cls")

@@ -12,7 +12,8 @@ from rlhf.data import write_jsonl
 from rlhf.formatting import encode_prompt_reply
 from rlhf.generation import pad_ids
 from rlhf.models import ModelArguments, load_base_model, load_tokenizer
-from reward.score import load_reward_model, score_replies
+from reward.score import load_reward_model
+from rlhf.scoring import score_replies
 
 WORDS = ["coffee", "tea", "pizza", "bread", "cheese", "apple", "mango", "pasta"]
 PAIRS = [("write a short review of the tea", "the tea is lovely ."),

@@ -354,7 +354,8 @@ def eos_biased_generate(trainer, prompts: list, seed: int = 0):
 
 @pytest.mark.slow
 def test_rollout_invariants(pipeline):
-    from reward.score import load_reward_model, score_replies
+    from reward.score import load_reward_model
+    from rlhf.scoring import score_replies
     from rlhf.generation import decode_responses
 
     trainer = make_trainer(pipeline, "--batch_size", "8", "--mini_batch_size", "8", "--gradient_accumulation_steps",

@@ -14,7 +14,8 @@ from rlhf.adapters import read_score_head
 from rlhf.cli import main
 from rlhf.data import write_jsonl
 from rlhf.models import ModelArguments, load_base_model, load_tokenizer
-from reward.score import load_reward_model, pair_metrics, score_replies
+from reward.score import load_reward_model, pair_metrics
+from rlhf.scoring import score_replies
 from reward.train import run, tokenize_pairs
 
 WORDS = ["coffee", "tea", "pizza", "bread", "cheese", "apple", "mango", "pasta", "soup", "salad", "book", "song"]
