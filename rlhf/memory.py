@@ -74,8 +74,10 @@ RUNTIME_CUDA = 512 * MiB
 # by about this term (PPO batch 8 x (64 + 48): 2.5 GiB, measured before this allocator change,
 # against 5.5 GiB now), at a cost in speed.
 # CUDA: the caching allocator reuses its blocks; 0.15 for rounding and fragmentation is an assumption.
-RETENTION = {"cpu": {"sft": 0.95, "reward": 0.75, "ppo": 2.6, "full": 0.4, "qlora": 1.8, "separate": 2.6},
-             "cuda": {"sft": 0.15, "reward": 0.15, "ppo": 0.15, "full": 0.15, "qlora": 0.15, "separate": 0.15}}
+RETENTION = {"cpu": {"sft": 0.95, "reward": 0.75, "ppo": 2.6, "ppo-single-pass": 1.1, "full": 0.4, "qlora": 1.8,
+                     "qlora-half": 0.5, "separate": 0.2},
+             "cuda": {key: 0.15 for key in ("sft", "reward", "ppo", "ppo-single-pass", "full", "qlora", "qlora-half",
+                                            "separate")}}
 # TRL's fused LM head (SFT) projects at most 4096 tokens x 32768 vocabulary entries at a time.
 FUSED_TOKENS, FUSED_VOCAB = 4096, 32768
 # Tiles alive at once. Without Triton (CPU) the backward folds a tile with plain torch ops (scaled
@@ -318,7 +320,8 @@ def estimate_memory(config, stage: str, method: str, *, batch_size: int = 8, seq
                     max_new_tokens: int = 48, lora_r: int = 16, dtype: str = "float32", qlora_bits: int = 4,
                     gradient_checkpointing: bool = False, device: str = "cpu", micro_batch_size: int | None = None,
                     lora_dropout: float = 0.0, merge_for_generation: str | bool = "auto",
-                    ram_bytes: int | None = None, arch: Architecture | None = None) -> MemoryEstimate:
+                    ram_bytes: int | None = None, ppo_epochs: int = 1,
+                    arch: Architecture | None = None) -> MemoryEstimate:
     """Expected peak memory of ``stage`` trained with ``method`` on the model ``config`` describes.
 
     Args:
@@ -334,6 +337,8 @@ def estimate_memory(config, stage: str, method: str, *, batch_size: int = 8, seq
         gradient_checkpointing: recompute activations in the backward pass.
         device: cpu (the estimate is the process's peak RSS) or cuda (GPU memory, nvidia-smi).
         micro_batch_size: PPO replies per forward/backward (default: batch_size).
+        ppo_epochs: PPO epochs per rollout batch. One epoch over one micro-batch (PPO's defaults) is
+            the single-pass update: one policy graph per step, so the allocator keeps less.
         lora_dropout: LoRA dropout of SFT/reward training (PPO forces every dropout to 0).
         merge_for_generation: PPO's setting (auto, true, false): sampling with the policy LoRA
             folded into the base weights keeps a copy of every wrapped weight meanwhile
@@ -349,7 +354,7 @@ def estimate_memory(config, stage: str, method: str, *, batch_size: int = 8, seq
     micro = batch_size if micro_batch_size is None else micro_batch_size
     _check(stage, method, dtype, device, qlora_bits,
            dict(batch_size=batch_size, seq_len=seq_len, max_new_tokens=max_new_tokens, lora_r=lora_r,
-                micro_batch_size=micro))
+                micro_batch_size=micro, ppo_epochs=ppo_epochs))
     if stage == "ppo" and batch_size % micro:
         raise UserError(f"micro_batch_size: expected a divisor of batch_size ({batch_size}), found {micro}")
     arch = arch or architecture(config)
@@ -399,7 +404,14 @@ def estimate_memory(config, stage: str, method: str, *, batch_size: int = 8, seq
     layer = dict(trainable_base=trains_base, lora_r=lora_r, act_bytes=act_bytes, device=device,
                  lora_dropout=lora_dropout > 0 and not trains_base and stage != "ppo",
                  autocast=stage != "ppo" and dtype != "float32")
-    retention_key = "full" if trains_base else "qlora" if method == "qlora" and stage != "ppo" else stage
+    if trains_base:
+        retention_key = "full"
+    elif method == "qlora" and stage != "ppo":
+        retention_key = "qlora" if dtype == "float32" else "qlora-half"
+    elif stage == "ppo":
+        retention_key = "ppo-single-pass" if ppo_epochs == 1 and micro == batch_size else "ppo"
+    else:
+        retention_key = stage
     retention = RETENTION[device][retention_key]
 
     def forward(sequences: int, width: int) -> float:

@@ -72,8 +72,7 @@ MALLOC = {
     "rlhf": {},
     "keep": {"RLHF_KEEP_FREED_MEMORY": "1"},
     "glibc": {"RLHF_KEEP_FREED_MEMORY": "0"},
-    # mmap only for blocks of 64 MiB and up (fixed, not glibc's sliding threshold), trim above 256 MiB free.
-    "bounded": {"MALLOC_MMAP_THRESHOLD_": str(64 * 2**20), "MALLOC_TRIM_THRESHOLD_": str(256 * 2**20)},
+    "bounded": {"RLHF_KEEP_FREED_MEMORY": "bounded"},  # mmap from 64 MiB, trim above 256 MiB free
     "bounded256": {"MALLOC_MMAP_THRESHOLD_": str(256 * 2**20), "MALLOC_TRIM_THRESHOLD_": str(2**30)},
     "mmap64k": {"MALLOC_MMAP_THRESHOLD_": "65536"},  # bench_ppo's memory children
 }
@@ -502,6 +501,19 @@ def run_child(a: argparse.Namespace, row: str, malloc: str, work: Path, retry: b
     return {**json.loads(results[-1][len(RESULT_TAG):]), "wall_seconds": time.perf_counter() - started}
 
 
+def wait_for_memory(need_mib: float, patience: float = 600) -> bool:
+    """A shared machine: start a row only when its estimate + 2 GiB is available (never push others out)."""
+    deadline = time.time() + patience
+    while True:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                if int(line.split()[1]) / 1024 >= need_mib + 2048:
+                    return True
+        if time.time() > deadline:
+            return False
+        time.sleep(15)
+
+
 def _last(values) -> float | None:
     return values[-1] if values else None
 
@@ -618,8 +630,12 @@ def main(argv: list[str] | None = None) -> dict | None:
                   flush=True)
             work = Path(tmp) / f"{row}-{malloc}"
             work.mkdir()
+            estimate = estimate_row(a, row)
+            if not wait_for_memory(estimate or 0):
+                print(f"    skipped: less than {estimate:,.0f} + 2,048 MiB available for 10 minutes", file=sys.stderr)
+                continue
             r = run_child(a, row, malloc, work)
-            r.update(row=row, malloc=malloc, estimate_mib=estimate_row(a, row))
+            r.update(row=row, malloc=malloc, estimate_mib=estimate)
             results[f"{row}/{malloc}"] = r
             print(f"    peak {r['peak_rss_mib']:,.0f} MiB, estimate "
                   f"{r['estimate_mib'] or 0:,.0f} MiB, {r['wall_seconds']:.0f} s", file=sys.stderr, flush=True)

@@ -48,3 +48,16 @@ def test_opting_out_keeps_glibc_defaults(env):
     applied, kept_mib = _run(env)
     assert not applied
     assert kept_mib < 50  # glibc served the block with mmap and returned it at once
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc malloc settings are Linux-only")
+def test_bounded_returns_large_blocks_and_keeps_small_ones():
+    applied, kept_mib = _run({"RLHF_KEEP_FREED_MEMORY": "bounded"})
+    assert applied
+    assert kept_mib < 50  # 256 MiB is above the 64 MiB mmap threshold: unmapped when freed
+    small = _CHILD.replace("64 * 2**20", "8 * 2**20")  # a 32 MiB block: heap, and 32 < 256 MiB trim threshold
+    env = {k: v for k, v in os.environ.items()
+           if not (k.startswith("MALLOC_") or k in ("GLIBC_TUNABLES", "RLHF_KEEP_FREED_MEMORY"))}
+    out = subprocess.run([sys.executable, "-c", small, str(REPO)], env={**env, "RLHF_KEEP_FREED_MEMORY": "bounded"},
+                         capture_output=True, text=True, check=True).stdout.split()
+    assert out[0] == "True" and float(out[1]) > 24

@@ -117,7 +117,7 @@ _CHILD = textwrap.dedent(r'''
         micro = spec["micro_batch_size"]
         run(values={**common, "sft_model": str(work / "sft"), "reward_model": str(work / "reward"),
                     "train_file": str(work / "prompts.jsonl"), "max_steps": spec["steps"], "batch_size": b,
-                    "mini_batch_size": b, "gradient_accumulation_steps": b // micro, "ppo_epochs": 2,
+                    "mini_batch_size": b, "gradient_accumulation_steps": b // micro, "ppo_epochs": spec["ppo_epochs"],
                     "max_new_tokens": spec["max_new_tokens"], "eval_prompts": 0, "save_steps": 1000,
                     "gradient_checkpointing": spec["gradient_checkpointing"]})
     print("PEAK_RSS_BYTES", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
@@ -127,13 +127,13 @@ _CHILD = textwrap.dedent(r'''
 def measure_peak_rss(work: Path, model: str, stage: str, method: str = "lora", *, batch_size: int = 8,
                      seq_len: int = 128, max_new_tokens: int = 48, micro_batch_size: int | None = None,
                      lora_r: int = 16, steps: int = 2, gradient_checkpointing: bool = False, qlora_bits: int = 4,
-                     timeout: float = 900) -> tuple[int, float]:
+                     ppo_epochs: int = 2, timeout: float = 900) -> tuple[int, float]:
     """(peak RSS in bytes, wall seconds) of a fresh process running ``stage`` for ``steps`` steps."""
     work.mkdir(parents=True, exist_ok=True)
     method = f"qlora-{qlora_bits}bit" if method == "qlora" else method  # the stages' peft_method
     spec = dict(stage=stage, method=method, model=str(model), work=str(work), batch_size=batch_size,
                 seq_len=seq_len, max_new_tokens=max_new_tokens, micro_batch_size=micro_batch_size or batch_size,
-                lora_r=lora_r, steps=steps, gradient_checkpointing=gradient_checkpointing)
+                lora_r=lora_r, steps=steps, gradient_checkpointing=gradient_checkpointing, ppo_epochs=ppo_epochs)
     # One thread: memory does not depend on it, and on a busy 2-core machine two threads spin-wait
     # each other into a many-fold slowdown (see tests/test_ppo.py).
     env = {**os.environ, "PYTHONPATH": str(REPO), "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1",
@@ -376,7 +376,8 @@ def test_command_prints_the_breakdown(tiny_model_dir, capsys):
 # in docs/memory.md covers larger batches, full fine-tuning and the reward stage.
 ACCEPTANCE = [
     pytest.param("sft", dict(batch_size=4, seq_len=128, steps=2), id="sft-lora-b4-s128"),
-    pytest.param("ppo", dict(batch_size=4, seq_len=40, max_new_tokens=16, steps=1), id="ppo-lora-b4-s40-t16"),
+    pytest.param("ppo", dict(batch_size=4, seq_len=40, max_new_tokens=16, ppo_epochs=2, steps=1),
+                 id="ppo-lora-b4-s40-t16"),
 ]
 
 
@@ -405,9 +406,9 @@ CALIBRATION = [
     ("sft", "full", dict(batch_size=8, seq_len=256)),
     ("sft", "qlora", dict(batch_size=4, seq_len=128)),
     ("reward", "lora", dict(batch_size=4, seq_len=128)),
-    ("ppo", "lora", dict(batch_size=4, seq_len=40, max_new_tokens=16)),
-    ("ppo", "lora", dict(batch_size=8, seq_len=64, max_new_tokens=48)),
-    ("ppo", "lora", dict(batch_size=8, seq_len=64, max_new_tokens=48, micro_batch_size=4)),
+    ("ppo", "lora", dict(batch_size=4, seq_len=40, max_new_tokens=16, ppo_epochs=2)),
+    ("ppo", "lora", dict(batch_size=8, seq_len=64, max_new_tokens=48, ppo_epochs=2)),
+    ("ppo", "lora", dict(batch_size=8, seq_len=64, max_new_tokens=48, micro_batch_size=4, ppo_epochs=2)),
 ]
 
 
