@@ -116,7 +116,12 @@ class PPOArguments:
     kl_estimator: str = "k1"
     """Per-token KL estimate in the reward: k1, k2 or k3."""
     missing_eos_penalty: float | None = -1.0
-    """Score given to replies that end without EOS (null = no penalty)."""
+    """Score given to replies that end without EOS (null = no penalty), after normalization."""
+    normalize_reward: bool = False
+    """Scale reward-model scores by their running mean and std over the run so far, so kl_coef and
+    missing_eos_penalty act on a known scale (mean 0, std 1) whatever scale the reward model learned."""
+    reward_clip: float | None = None
+    """Clip the (normalized, when normalize_reward) score to [-reward_clip, reward_clip]; null = no clip."""
     # -- bookkeeping --
     save_steps: int = 10
     """Checkpoint every N steps (and at the end)."""
@@ -288,6 +293,7 @@ class PPOTrainer:
         run_replies = args.max_steps * args.batch_size * self.processes.count
         self.kl_ctl = pm.make_kl_controller(args.kl_controller, kl_coef=args.kl_coef, target=args.kl_target,
                                             horizon=args.kl_horizon or max(1, round(run_replies / 5)))
+        self.reward_moments = pm.RunningMoments()  # of raw reward-model scores, for normalize_reward
         self.step = 0
         self.history: list[dict[str, float]] = []
         self._negative_kl_run = 0
@@ -326,7 +332,7 @@ class PPOTrainer:
         prompts = self.sampler.next_batch()  # 1. prompts
         rollout = roles.generate("policy", prompts)  # 2. replies
         t_generated = time.time()
-        scored = roles.score(rollout, args.missing_eos_penalty, with_policy=not self.single_pass())  # 3.
+        scored = roles.score(rollout, with_policy=not self.single_pass())  # 3. scores, logprobs, values
         first_forward: list = []  # the single-pass update's forward, handed over (and emptied) by update()
         if self.single_pass():
             with self._training_mode():
@@ -339,6 +345,7 @@ class PPOTrainer:
             del logits, values
         self._agree_finite()
         t_scored = time.time()
+        scored = scored._replace(scores=self._shape_scores(scored.raw_scores, rollout.ends_with_eos))
         mask = rollout.response_mask
         rewards, kl = pm.compute_rewards(scored.scores, scored.logprobs, scored.ref_logprobs, mask,
                                          self.kl_ctl.value, args.kl_estimator)  # 4. per-token rewards
@@ -358,6 +365,18 @@ class PPOTrainer:
         stats["step"] = self.step
         self._watch(stats)
         return stats
+
+    def _shape_scores(self, raw: torch.Tensor, ends_with_eos: torch.Tensor) -> torch.Tensor:
+        """The score each reply's reward gets: normalized by the running moments (which first take in
+        every process's batch), clipped, then the missing-EOS penalty on the same scale."""
+        args = self.args
+        scores = raw
+        if args.normalize_reward:
+            self.reward_moments.update(self.processes.gather(raw))
+            scores = pm.normalize_scores(raw, self.reward_moments.mean, self.reward_moments.std, args.reward_clip)
+        elif args.reward_clip is not None:
+            scores = raw.clamp(-args.reward_clip, args.reward_clip)
+        return pm.apply_missing_eos_penalty(scores, ends_with_eos, args.missing_eos_penalty)
 
     def _rollout_stats(self, rollout: Rollout, scored: Scored, returns: torch.Tensor, kl_per_reply: float) -> dict:
         mask, p = rollout.response_mask, self.processes
@@ -528,6 +547,7 @@ class PPOTrainer:
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "kl_controller": self.kl_ctl.state_dict(),
+            "reward_moments": self.reward_moments.state_dict(),
             "sampler": self.sampler.state_dict(),
             "history": self.history,
             "warned": sorted(self._warned),
@@ -560,6 +580,7 @@ class PPOTrainer:
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.kl_ctl.load_state_dict(state["kl_controller"])
+        self.reward_moments.load_state_dict(state.get("reward_moments", pm.RunningMoments().state_dict()))
         self.sampler.load_state_dict(state["sampler"])
         self.history = state["history"]
         rng_file = directory / f"rng_{self.processes.index}.pt"

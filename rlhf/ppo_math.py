@@ -48,6 +48,8 @@ __all__ = [
     "response_mask_after_eos",
     "last_token_index",
     "apply_missing_eos_penalty",
+    "RunningMoments",
+    "normalize_scores",
     "kl_penalty",
     "compute_rewards",
     "gae_advantages",
@@ -318,6 +320,62 @@ def apply_missing_eos_penalty(
     if penalty is None:
         return scores.clone()
     return torch.where(ends_with_eos.bool(), scores, torch.full_like(scores, penalty))
+
+
+class RunningMoments:
+    """Mean and standard deviation of every score seen so far, updated batch by batch.
+
+    Chan et al.'s parallel update of (count, mean, sum of squared deviations), so adding a batch
+    gives exactly the statistics of all values at once, whatever the batch sizes.
+    """
+
+    def __init__(self) -> None:
+        self.count, self.mean, self.m2 = 0, 0.0, 0.0
+
+    def update(self, values: torch.Tensor) -> None:
+        """Add a batch of values ``(n,)`` (every process's, when several share the statistics)."""
+        values = values.detach().double().flatten()
+        n = values.numel()
+        if n == 0:
+            return
+        batch_mean = float(values.mean())
+        batch_m2 = float(((values - batch_mean) ** 2).sum())
+        total = self.count + n
+        delta = batch_mean - self.mean
+        self.mean += delta * n / total
+        self.m2 += batch_m2 + delta * delta * self.count * n / total
+        self.count = total
+
+    @property
+    def std(self) -> float:
+        """Sample standard deviation (1.0 until two values were seen)."""
+        return (self.m2 / (self.count - 1)) ** 0.5 if self.count > 1 else 1.0
+
+    def state_dict(self) -> dict[str, float]:
+        return {"count": self.count, "mean": self.mean, "m2": self.m2}
+
+    def load_state_dict(self, state: dict[str, float]) -> None:
+        self.count, self.mean, self.m2 = int(state["count"]), float(state["mean"]), float(state["m2"])
+
+
+def normalize_scores(scores: torch.Tensor, mean: float, std: float, clip: float | None = None) -> torch.Tensor:
+    """``(scores - mean) / std``, clipped to ``[-clip, clip]`` when ``clip`` is given.
+
+    Puts reward-model scores on a known scale (mean 0, std 1 over the run so far), so that the KL
+    coefficient and the missing-EOS penalty weigh the same whatever scale the reward model learned.
+
+    Args:
+        scores: ``(b,)`` reward-model scores.
+        mean, std: the running statistics (:class:`RunningMoments`); std > 0.
+        clip: bound on the absolute normalized score, or None.
+
+    Returns:
+        ``(b,)`` new tensor.
+    """
+    if std <= 0:
+        raise ValueError(f"expected std > 0, found {std}")
+    normalized = (scores - mean) / std
+    return normalized if clip is None else normalized.clamp(-clip, clip)
 
 
 def kl_penalty(

@@ -33,6 +33,12 @@ class Processes:
             return float(values.float().mean())
         return float(self.accelerator.gather(values.float().to(self.device)).mean())
 
+    def gather(self, values: torch.Tensor) -> torch.Tensor:
+        """Every process's rows ``(b,)`` concatenated, in process order."""
+        if self.count == 1:
+            return values
+        return self.accelerator.gather(values.to(self.device)).to(values.device)
+
     def var(self, values: torch.Tensor, mask: torch.Tensor) -> float:
         """Unbiased variance of the masked-in entries of ``values`` ``(b, t)`` over every process."""
         m = mask.to(values.dtype)

@@ -41,7 +41,8 @@ class Rollout(NamedTuple):
 class Scored(NamedTuple):
     """What step 3 computes for a rollout, all without gradients, shapes (b, t) unless noted."""
 
-    scores: torch.Tensor  # (b,) reward-model score after the missing-EOS penalty
+    scores: torch.Tensor  # (b,) the score the reward uses: raw_scores shaped by the trainer (normalization,
+    # clipping, missing-EOS penalty); raw_scores until then
     raw_scores: torch.Tensor  # (b,) reward-model score as given
     logprobs: torch.Tensor | None  # policy logprobs at rollout time (None: the single-pass forward gives them)
     ref_logprobs: torch.Tensor  # reference logprobs
@@ -176,13 +177,12 @@ class Roles:
     # -- step 3 -------------------------------------------------------------------------------
 
     @torch.no_grad()
-    def score(self, rollout: Rollout, missing_eos_penalty: float | None, with_policy: bool = True) -> Scored:
+    def score(self, rollout: Rollout, with_policy: bool = True) -> Scored:
         """Step 3. ``with_policy=False`` leaves what the policy's forward gives (logprobs, and the
         values with ``policy_head``) as None, for the single-pass update's own forward to fill in."""
         raw = self.reward_scores(rollout)
-        # Checked before the missing-EOS penalty, which would overwrite a NaN score of a cut-off reply.
+        # Checked here, before the missing-EOS penalty could overwrite a NaN score of a cut-off reply.
         self.guard(raw, "reward-model scores")
-        scores = pm.apply_missing_eos_penalty(raw, rollout.ends_with_eos, missing_eos_penalty)
         logprobs = values = None
         if with_policy:
             logits, values = self.policy_forward(rollout)
@@ -191,7 +191,7 @@ class Roles:
         ref_logprobs = self.logprobs(self.reply_logits(self.reference, rollout), rollout)
         if self.value_model == "critic":
             values = self.reply_values(rollout)
-        return Scored(scores, raw, logprobs, ref_logprobs, values)
+        return Scored(raw, raw, logprobs, ref_logprobs, values)
 
     # -- evaluation ---------------------------------------------------------------------------
 

@@ -289,7 +289,7 @@ def test_policy_head_value_loss_trains_the_policy_trunk(pipeline):
         trainer = make_trainer(pipeline, *SINGLE_PASS, "--learning_rate", "0", "--value_model", value_model)
         torch.manual_seed(0)
         rollout = trainer.roles.generate("policy", trainer.sampler.next_batch())
-        scored = trainer.roles.score(rollout, trainer.args.missing_eos_penalty)
+        scored = trainer.roles.score(rollout)
         mask = rollout.response_mask
         returns = torch.randn(mask.shape, generator=torch.Generator().manual_seed(1)) * mask
         trainer.update(rollout, scored, torch.zeros(mask.shape), returns)
@@ -392,7 +392,7 @@ def test_rollout_invariants(pipeline):
     assert stopped_early and not rollout.ends_with_eos.all(), "want rows that stopped early and rows cut off"
 
     # At step 1 the policy is the reference: the KL is exactly 0.
-    scored = trainer.roles.score(rollout, trainer.args.missing_eos_penalty)
+    scored = trainer.roles.score(rollout)
     assert torch.equal(scored.logprobs, scored.ref_logprobs)
     rewards, kl = pm.compute_rewards(scored.scores, scored.logprobs, scored.ref_logprobs, response_mask,
                                      trainer.kl_ctl.value)
@@ -697,7 +697,7 @@ def test_gradient_checkpointing_holds_less_and_gives_the_same_gradients(pipeline
         trainer = make_trainer(pipeline, *SINGLE_PASS, "--learning_rate", "0", "--gradient_checkpointing", checkpointing)
         torch.manual_seed(0)
         rollout = trainer.roles.generate("policy", trainer.sampler.next_batch())
-        scored = trainer.roles.score(rollout, trainer.args.missing_eos_penalty)
+        scored = trainer.roles.score(rollout)
         results[checkpointing] = update_with_saved_bytes(trainer, rollout, scored)
     (plain_peak, plain_grads), (ckpt_peak, ckpt_grads) = results["false"], results["true"]
     assert ckpt_peak < 0.7 * plain_peak, (ckpt_peak, plain_peak)
@@ -775,3 +775,28 @@ def test_accelerate_gradient_accumulation_is_refused_before_any_work(pipeline, t
     assert main(["ppo", *ppo_argv(pipeline, out)]) == 2
     assert "gradient_accumulation_steps 4 is not applied by PPO" in capsys.readouterr().err
     assert not out.exists() and not out.with_name("ppo.tmp").exists()
+
+
+def test_normalize_reward_scales_scores_by_the_running_moments_then_penalizes(pipeline, tmp_path):
+    """normalize_reward: each batch's raw scores join the running moments, the batch is scaled by
+    them, clipped by reward_clip, and a cut-off reply then gets the missing-EOS penalty on that scale;
+    the moments are part of a checkpoint."""
+    trainer = make_trainer(pipeline, "--normalize_reward", "true", "--reward_clip", "1.5",
+                           "--missing_eos_penalty", "-2")
+    first, second = torch.tensor([1.0, 3.0, 5.0, 7.0]), torch.tensor([20.0, 4.0, 4.0, 4.0])
+    ends = torch.tensor([True, True, True, False])
+    shaped = trainer._shape_scores(first, ends)
+    # mean 4, sample std sqrt(20/3) = 2.582: (1-4)/2.582 = -1.162, -0.387, 0.387; the last is cut off.
+    torch.testing.assert_close(shaped, torch.tensor([-1.1619, -0.3873, 0.3873, -2.0]), rtol=0, atol=1e-4)
+    shaped = trainer._shape_scores(second, torch.ones(4, dtype=torch.bool))
+    both = torch.cat([first, second])
+    expected = ((second - both.mean()) / both.std()).clamp(-1.5, 1.5)  # 20 is clipped to 1.5
+    torch.testing.assert_close(shaped, expected)
+    assert float(shaped[0]) == 1.5
+    trainer.save_checkpoint(tmp_path / "checkpoint-1")
+    again = make_trainer(pipeline, "--normalize_reward", "true", "--reward_clip", "1.5", "--missing_eos_penalty", "-2")
+    again.load_checkpoint(tmp_path / "checkpoint-1")
+    assert again.reward_moments.state_dict() == trainer.reward_moments.state_dict()
+    # Off by default: raw scores, penalty only.
+    plain = make_trainer(pipeline)
+    torch.testing.assert_close(plain._shape_scores(first, ends), torch.tensor([1.0, 3.0, 5.0, -1.0]))

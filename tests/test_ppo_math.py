@@ -15,6 +15,7 @@ from torch.testing import assert_close
 from rlhf.ppo_math import (
     AdaptiveKLController,
     FixedKLController,
+    RunningMoments,
     apply_missing_eos_penalty,
     compute_rewards,
     distinct_n,
@@ -28,6 +29,7 @@ from rlhf.ppo_math import (
     masked_sum,
     masked_var,
     masked_whiten,
+    normalize_scores,
     ppo_policy_loss,
     ppo_value_loss,
     response_mask_after_eos,
@@ -744,3 +746,34 @@ def test_distinct_n():
     assert distinct_n(["x y z"], 1) == 1.0
     with pytest.raises(ValueError, match="n >= 1"):
         distinct_n(["a"], 0)
+
+
+# -- reward normalization ------------------------------------------------------------------------
+
+
+def test_running_moments_equal_the_statistics_of_everything_seen():
+    # Batches of different sizes, added one by one, give exactly the moments of their concatenation.
+    generator = torch.Generator().manual_seed(0)
+    batches = [torch.randn(n, generator=generator) * 3 + 5 for n in (1, 7, 2, 16)]
+    moments = RunningMoments()
+    assert moments.std == 1.0  # nothing seen yet: no scaling
+    for i, batch in enumerate(batches):
+        moments.update(batch)
+        seen = torch.cat(batches[: i + 1]).double()
+        assert moments.count == seen.numel()
+        assert moments.mean == pytest.approx(float(seen.mean()), abs=1e-12)
+        if seen.numel() > 1:
+            assert moments.std == pytest.approx(float(seen.std()), abs=1e-12)  # unbiased, as torch's
+    restored = RunningMoments()
+    restored.load_state_dict(moments.state_dict())
+    assert restored.state_dict() == moments.state_dict()
+
+
+def test_normalize_scores_centers_scales_and_clips():
+    scores = torch.tensor([1.0, 3.0, 9.0])
+    # (1 - 3) / 2 = -1, (3 - 3) / 2 = 0, (9 - 3) / 2 = 3 -> clipped to 2.
+    assert_close(normalize_scores(scores, mean=3.0, std=2.0), torch.tensor([-1.0, 0.0, 3.0]))
+    assert_close(normalize_scores(scores, mean=3.0, std=2.0, clip=2.0), torch.tensor([-1.0, 0.0, 2.0]))
+    assert torch.equal(scores, torch.tensor([1.0, 3.0, 9.0]))  # input untouched
+    with pytest.raises(ValueError, match="std > 0"):
+        normalize_scores(scores, 0.0, 0.0)
