@@ -95,6 +95,7 @@ REQUEST_WORDS = frozenset(
     write short brief briefly quick quickly review reviews describe description opinion opinions
     think tell give share impression impressions sentence sentences word words line lines two few
     feel feelings thought thoughts please explain summary summarize take
+    rate rating verdict worth friend asked cent cents
     """.split()
 )
 

@@ -14,7 +14,8 @@ prompt or subject word of one split appears in another; the script checks this b
 
 Writes to ``--out``: sft_{train,validation,test}.jsonl ({"prompt", "completion"}),
 prefs_{train,validation,test}.jsonl ({"prompt", "chosen", "rejected"}),
-prompts_{train,test}.jsonl ({"prompt"}) and README.md (the command, the rule, sizes, label
+prompts_{train,test}.jsonl ({"prompt"}), prompts_heldout.jsonl ({"prompt", "subject", "form"}:
+held-out subjects in trained and new request forms, for evaluation only) and README.md (the command, the rule, sizes, label
 disagreement with the noiseless annotator, mean annotator score of the SFT completions).
 """
 
@@ -159,6 +160,29 @@ PROMPT_TEMPLATES = (
     "Share a quick impression of {s}.",
 )
 
+
+# The held-out evaluation set: subjects that no other file uses, and request forms that no training
+# prompt uses, so that an alignment gain is measured on what PPO never saw (issue: gains that
+# generalize). Each held-out subject is asked once in a trained form and once in a new one.
+HELDOUT_SUBJECTS = (
+    ("food", False, ("bouillabaisse", "pierogi", "ceviche", "goulash")),
+    ("drink", False, ("horchata", "yerba mate", "espresso tonic")),
+    ("place", False, ("Hokkaido", "Patagonia", "Dubrovnik", "Luang Prabang")),
+    ("gadget", False, ("an e-reader", "a drone", "a waffle iron", "a rice cooker")),
+    ("story", True, ("zines", "limericks", "fables")),
+    ("music", False, ("flamenco", "bossa nova", "sea shanties")),
+    ("activity", False, ("bouldering", "geocaching", "woodcarving", "paddleboarding")),
+    ("game", False, ("backgammon", "Wingspan", "Pandemic", "dominoes", "bridge")),
+)
+HELDOUT_TEMPLATES = (
+    "How would you rate {s}?",
+    "What's your verdict on {s}?",
+    "In a sentence or two, what's your take on {s}?",
+    "Is {s} worth it? Tell me briefly.",
+    "A friend asked me about {s}. What should I tell them?",
+    "Give me your two cents on {s}.",
+)
+
 # ----------------------------------------------------------------------------------------------
 # Replies: templates per sentiment bucket. Slots: {S}/{s} subject (capitalised / not), {be}
 # is/are, {aspect}, {a1}/{a2} two different adjectives of the bucket, {again} the category's next
@@ -276,13 +300,14 @@ ALL_SUBJECTS = tuple(
     for names, plural in ((c.singular, False), (c.plural, True))
     for name in names
 )
+HELDOUT = tuple(Subject(name, plural, category) for category, plural, names in HELDOUT_SUBJECTS for name in names)
 
 
 def check_vocabulary() -> None:
     """Subjects share no content word, and none carries VADER sentiment (it would bias every reply)."""
     lexicon = SentimentIntensityAnalyzer().lexicon
     owner: dict[str, str] = {}
-    for subject in ALL_SUBJECTS:
+    for subject in ALL_SUBJECTS + HELDOUT:
         for word in topic_words(subject.name):
             if word in owner:
                 raise SystemExit(f"subjects {owner[word]!r} and {subject.name!r} share the word {word!r}")
@@ -397,6 +422,32 @@ def prompt_rows(rng: random.Random, prompts: Prompts, n: int, split: str) -> lis
     return [{"prompt": prompt} for prompt, _ in rng.sample(prompts, n)]
 
 
+def heldout_rows(rng: random.Random) -> list[dict]:
+    """Two prompts per held-out subject: one in a trained request form, one in a new form."""
+    rows = []
+    for subject in HELDOUT:
+        for form, templates in (("trained", PROMPT_TEMPLATES), ("new", HELDOUT_TEMPLATES)):
+            prompt = rng.choice(templates).format(s=subject.name)
+            # The annotator must see the subject, not the new form's request words, as the topic.
+            if topic_words(prompt) != topic_words(subject.name):
+                raise SystemExit(f"{prompt!r}: the annotator reads its topic as {sorted(topic_words(prompt))}")
+            rows.append({"prompt": prompt, "subject": subject.name, "form": form})
+    return rows
+
+
+def check_heldout(files: dict[str, list[dict]], heldout: list[dict]) -> None:
+    """No other file mentions a held-out subject word, and no training prompt uses a new form."""
+    words = set().union(*(topic_words(row["subject"]) for row in heldout))
+    new_forms = [t.split("{s}")[0] for t in HELDOUT_TEMPLATES]
+    for name, rows in files.items():
+        for row in rows:
+            text = " ".join(row.get(key, "") for key in ("prompt", "completion", "chosen", "rejected"))
+            if shared := words & set(content_words(text)):
+                raise SystemExit(f"{name}: mentions held-out subject words {sorted(shared)}")
+            if any(row["prompt"].startswith(form) for form in new_forms):
+                raise SystemExit(f"{name}: uses a held-out request form: {row['prompt']!r}")
+
+
 def check_disjoint(files: dict[str, list[dict]]) -> None:
     """No prompt of one split appears in another, and no split's text mentions another's subject words."""
     prompts = {split: set() for split in SPLITS}
@@ -493,6 +544,15 @@ Subjects: {n_subjects} ({subject_counts} for train / validation / test), {n_temp
 templates. Subjects are split per category, so no subject, prompt or subject word is shared
 between splits (checked by the script).
 
+## Held-out evaluation prompts
+
+`prompts_heldout.jsonl` ({n_heldout} rows: prompt, subject, form) measures whether an alignment gain
+generalizes. Its {n_heldout_subjects} subjects are used by no other file (no other file mentions any of
+their words), and each is asked twice: once in one of the {n_templates} request forms above
+(`form: trained`) and once in one of {n_new_templates} forms that no training prompt uses (`form: new`,
+e.g. "{new_example}"). Keep it out of every training split: it is for evaluation only (checked by the
+script, which also checks that the annotator reads each held-out prompt's topic as its subject).
+
 ## SFT completions
 
 Each completion is drawn from a sentiment bucket, then from several templates and adjective lists:
@@ -520,7 +580,8 @@ disagreement between human labellers. Mean score gap chosen - rejected: {gap:.3f
 """
 
 
-def readme_text(command: str, noise: float, subtle_fraction: float, subjects: dict, files: dict) -> str:
+def readme_text(command: str, noise: float, subtle_fraction: float, subjects: dict, files: dict,
+                heldout: list[dict]) -> str:
     """data/demo/README.md: the command, the annotator's rule, sizes and the measured statistics."""
     sft = [row for split in SPLITS for row in files[f"sft_{split}"]]
     prefs = [row for split in SPLITS for row in files[f"prefs_{split}"]]
@@ -543,6 +604,10 @@ def readme_text(command: str, noise: float, subtle_fraction: float, subjects: di
         n_subjects=sum(len(v) for v in subjects.values()),
         subject_counts=" / ".join(str(len(subjects[split])) for split in SPLITS),
         n_templates=len(PROMPT_TEMPLATES),
+        n_heldout=len(heldout),
+        n_heldout_subjects=len({row["subject"] for row in heldout}),
+        n_new_templates=len(HELDOUT_TEMPLATES),
+        new_example=HELDOUT_TEMPLATES[0].format(s="Patagonia"),
         bucket_table="\n".join(bucket_table),
         sft_mean=mean([r["_score"] for r in sft]),
         sft_train_mean=mean([r["_score"] for r in files["sft_train"]]),
@@ -578,13 +643,15 @@ def main(argv: list[str] | None = None) -> None:
         n_prompts = getattr(args, f"prompts_{split}")
         files[f"prompts_{split}"] = prompt_rows(rng(f"prompts_{split}"), prompts[split], n_prompts, split)
     check_disjoint(files)
+    heldout = heldout_rows(rng("heldout"))
+    check_heldout(files, heldout)
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    for name, rows in files.items():
+    for name, rows in {**files, "prompts_heldout": heldout}.items():
         write_jsonl(out / f"{name}.jsonl", rows)
         print(f"{out / name}.jsonl: {len(rows)} rows")
-    readme = readme_text(command_line(parser, args), args.noise, args.subtle_fraction, subjects, files)
+    readme = readme_text(command_line(parser, args), args.noise, args.subtle_fraction, subjects, files, heldout)
     (out / "README.md").write_text(readme, encoding="utf-8", newline="\n")
 
     sft = [row for split in SPLITS for row in files[f"sft_{split}"]]

@@ -44,7 +44,8 @@ def read_jsonl(path: Path) -> list[dict]:
 
 
 def load_files(directory: Path) -> dict[str, list[dict]]:
-    return {p.stem: read_jsonl(p) for p in sorted(directory.glob("*.jsonl"))}
+    """The split files (the held-out evaluation prompts are checked on their own)."""
+    return {p.stem: read_jsonl(p) for p in sorted(directory.glob("*.jsonl")) if p.stem != "prompts_heldout"}
 
 
 @pytest.fixture(scope="module")
@@ -147,3 +148,25 @@ def test_preference_labels_disagree_with_the_annotator_sometimes():
     assert sum(abs(g) < 0.5 for g in gaps) / len(gaps) > 0.15  # some pairs are subtle
     for r in rows:  # both replies answer the same prompt; at least one of them is on topic
         assert is_on_topic(r["prompt"], r["chosen"]) or is_on_topic(r["prompt"], r["rejected"])
+
+
+@pytest.mark.parametrize("directory", ["small", "committed"])
+def test_heldout_prompts_use_unseen_subjects_and_half_unseen_forms(directory, small):
+    """prompts_heldout.jsonl: subjects no other file mentions, each asked in a trained request form
+    and in a form no training prompt uses; the annotator reads each prompt's topic as its subject."""
+    root = small if directory == "small" else COMMITTED
+    heldout = read_jsonl(root / "prompts_heldout.jsonl")
+    assert len(heldout) == 60 and all(set(row) == {"prompt", "subject", "form"} for row in heldout)
+    assert sorted(row["form"] for row in heldout) == ["new"] * 30 + ["trained"] * 30
+    other_words = {w for rows in load_files(root).values() for row in rows for v in row.values()
+                   for w in content_words(v)}
+    training_prompts = {row["prompt"] for rows in load_files(root).values() for row in rows}
+    for row in heldout:
+        assert subject_of(row["prompt"]) == subject_of(row["subject"]), row
+        assert not set(subject_of(row["subject"]).split()) & other_words, row
+        assert row["prompt"] not in training_prompts
+    # A "new" form: its words around the subject never open or close a training prompt.
+    for row in heldout:
+        head, tail = row["prompt"].split(row["subject"])
+        used = any(p.startswith(head) and p.endswith(tail) for p in training_prompts)
+        assert used == (row["form"] == "trained"), row
