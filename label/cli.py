@@ -2,10 +2,13 @@
 
     rlhf label import candidates.jsonl --out runs/label/demo
     rlhf label generate --model runs/sft --prompts data/demo/prompts.jsonl --n 2 --out runs/label/demo
+    rlhf label generate --model runs/sft --model runs/ppo --prompts data/demo/prompts.jsonl --n 2 \
+        --select uncertain --reward_model runs/reward --budget 64 --out runs/label/round1
     rlhf label serve runs/label/demo --k 2                      # open http://127.0.0.1:8000/
     rlhf label serve runs/label/demo --host 0.0.0.0 --tokens tokens.txt
     rlhf label stats runs/label/demo                            # also writes runs/label/demo/stats.png
     rlhf label export runs/label/demo --out data/labeled_pairs.jsonl
+    rlhf label annotate runs/label/demo --noise 0.25             # the demo annotator labels (no people)
 
 ``python -m label ...`` runs the same commands.
 """
@@ -31,10 +34,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(run=_import)
 
     p = commands.add_parser("generate", help="sample candidate replies from a model into a campaign")
-    p.add_argument("--model", required=True, help="any stage's output directory, a model directory or hub id")
+    p.add_argument("--model", required=True, action="append",
+                   help="any stage's output directory, a model directory or hub id; repeat to sample from several")
     p.add_argument("--prompts", required=True, help="rows with a 'prompt' (string or chat messages)")
     p.add_argument("--out", required=True, help="campaign directory (created if missing, else added to)")
-    p.add_argument("--n", type=int, default=2, help="replies sampled per prompt (default 2)")
+    p.add_argument("--n", type=int, default=2, help="replies sampled per prompt from each model (default 2)")
+    p.add_argument("--select", choices=("all", "uncertain"), default="all",
+                   help="all: every pair of new replies; uncertain: the --budget pairs the --reward_model is least "
+                        "sure about (smallest |score margin|) plus a random share (default all)")
+    p.add_argument("--reward_model", help="with --select uncertain: the reward stage output that scores the pairs")
+    p.add_argument("--budget", type=int, help="with --select uncertain: how many pairs to keep")
+    p.add_argument("--random_share", type=float, default=0.2,
+                   help="with --select uncertain: share of the budget drawn at random from all candidate pairs, "
+                        "for an unbiased accuracy estimate (default 0.2)")
     p.add_argument("--batch_size", type=int, default=8, help="sequences per generate call (default 8)")
     # None = the value of rlhf.generation.SamplingArguments, imported only when generating.
     p.add_argument("--max_new_tokens", type=int, help="longest reply in tokens (default: the toolkit's)")
@@ -52,6 +64,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--k", type=int, help="different annotators per pair; stored in the campaign (default: stored, 1)")
     p.add_argument("--tokens", help="file of 'name:token' lines: annotators sign in with their token")
     p.set_defaults(run=_serve)
+
+    p = commands.add_parser("annotate", help="let the demo annotator (rlhf/annotator.py) label a campaign")
+    p.add_argument("campaign")
+    p.add_argument("--noise", type=float, default=0.25,
+                   help="Bradley-Terry temperature of its choices, 0 = always the higher score (default 0.25)")
+    p.add_argument("--k", type=int, help="labels wanted per pair (default: the campaign's)")
+    p.add_argument("--seed", type=int, default=0, help="seed of its choices (default 0)")
+    p.set_defaults(run=_annotate)
 
     p = commands.add_parser("stats", help="counts, time per label, agreement, position bias, and a PNG")
     p.add_argument("campaign")
@@ -90,12 +110,32 @@ def _generate(args) -> int:
     from rlhf.generation import SamplingArguments
 
     _check_max_pairs(args.max_pairs_per_prompt)
+    uncertain = args.select == "uncertain"
+    for flag in ("reward_model", "budget"):
+        if uncertain and getattr(args, flag) is None:
+            raise UserError(f"--select uncertain: expected --{flag}, found none")
+        if not uncertain and getattr(args, flag) is not None:
+            raise UserError(f"--{flag}: only used with --select uncertain, found --select {args.select}")
+    if uncertain and args.max_pairs_per_prompt is not None:
+        raise UserError("--max_pairs_per_prompt: not used with --select uncertain (--budget limits the pairs)")
     given = {name: getattr(args, name) for name in ("max_new_tokens", "temperature", "top_k", "top_p")}
     sampling = SamplingArguments(**{name: value for name, value in given.items() if value is not None})
-    campaign = Campaign.create_or_open(args.out)
-    result = generate_responses(args.model, args.prompts, campaign, sampling, n=args.n,
-                                batch_size=args.batch_size, seed=args.seed,
-                                max_pairs_per_prompt=args.max_pairs_per_prompt)
+    if uncertain:
+        from label.ingest import generate_uncertain
+
+        # Checked before the campaign is created, so a bad flag leaves nothing behind.
+        if args.budget < 1 or not 0 <= args.random_share <= 1:
+            raise UserError(f"--budget/--random_share: expected at least 1 pair and a share from 0 to 1, found "
+                            f"{args.budget} and {args.random_share}")
+        campaign = Campaign.create_or_open(args.out)
+        result = generate_uncertain(args.model, args.prompts, campaign, sampling, args.reward_model, args.budget,
+                                    n=args.n, random_share=args.random_share, batch_size=args.batch_size,
+                                    seed=args.seed)
+    else:
+        campaign = Campaign.create_or_open(args.out)
+        result = generate_responses(args.model, args.prompts, campaign, sampling, n=args.n,
+                                    batch_size=args.batch_size, seed=args.seed,
+                                    max_pairs_per_prompt=args.max_pairs_per_prompt)
     print(f"{campaign.path}: {result.summary()}")
     return 0
 
@@ -110,6 +150,20 @@ def _serve(args) -> int:
     from label.store import Campaign
 
     serve(Campaign(args.campaign), args.host, args.port, args.k, args.tokens)
+    return 0
+
+
+def _annotate(args) -> int:
+    from label.annotate import ANNOTATOR, annotate_campaign
+    from label.store import Campaign
+
+    if args.noise < 0:
+        raise UserError(f"--noise: expected a number >= 0, found {args.noise}")
+    if args.k is not None and args.k < 1:
+        raise UserError(f"--k: expected at least 1, found {args.k}")
+    campaign = Campaign(args.campaign)
+    stored = annotate_campaign(campaign, args.noise, args.seed, k=args.k)
+    print(f"{campaign.path}: {ANNOTATOR} stored {stored} label(s)")
     return 0
 
 

@@ -8,6 +8,8 @@ One row per pair whose majority vote is ``a`` or ``b``::
 ``votes`` keeps every vote on the pair (tie and both-bad votes included) and ``agreement`` is the share
 of votes for the winner. Pairs whose majority is ``tie`` or ``both_bad``, pairs where two categories
 share the most votes, and pairs with fewer than ``min_votes`` labels are left out and counted.
+Pairs a reward model chose (``--select uncertain``) also carry ``chosen_as`` and ``margin`` (its score
+of chosen minus rejected: negative where it got the pair wrong).
 """
 
 from __future__ import annotations
@@ -49,4 +51,9 @@ def export_rows(campaign: Campaign, min_votes: int = 1) -> tuple[list[dict], Cou
                       "tie": counts["tie"], "both_bad": counts["both_bad"]},
             "agreement": round(counts[winner] / len(choices), 4),
         })
+        if pair["chosen_as"] is not None or pair["margin"] is not None:
+            # The reward model's margin turned to chosen minus rejected, and how the pair was chosen.
+            margin = pair["margin"]
+            rows[-1].update(chosen_as=pair["chosen_as"],
+                            margin=None if margin is None else (margin if winner == "a" else -margin))
     return rows, left_out

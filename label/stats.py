@@ -13,6 +13,11 @@ Position bias: among decisive labels (``a`` or ``b``), the share that picked the
 left. Left/right order is random per item, so without bias it is 0.5; the two-sided exact binomial
 p-value says how surprising the observed share is.
 
+Reward-model accuracy: for pairs a reward model chose (``rlhf label generate --select uncertain``), the
+share whose majority label (a or b) agrees with the sign of the stored margin, split by how the pair
+was chosen. On the random share it estimates the reward model's accuracy on the sampled replies
+without bias; on the uncertain ones it is near 0.5 when the margins really carried no information.
+
 The pure functions here take plain lists; :func:`campaign_stats` reads a campaign and
 :func:`plot_stats` draws the report.
 """
@@ -115,6 +120,39 @@ def position_bias(labels: list[dict]) -> dict:
     }
 
 
+def reward_model_accuracy(pairs: list[dict], labels: list[dict]) -> dict:
+    """Accuracy of the stored margins against the labels, by ``chosen_as`` (``uncertain``, ``random``, ``all``).
+
+    A pair counts once its majority label is decisive (a or b, see :func:`majority`): the reward model
+    was right when ``margin > 0`` and a won, or ``margin < 0`` and b won; a margin of exactly 0 counts
+    half. Pairs without a margin (not chosen by a reward model) are left out; empty when there are none.
+    """
+    votes: dict[int, list[str]] = {}
+    for lab in labels:
+        votes.setdefault(lab["pair_id"], []).append(lab["choice"])
+    groups: dict[str, list[float]] = {}
+    scored = [p for p in pairs if p.get("margin") is not None]
+    for pair in scored:
+        winner = majority(votes.get(pair["pair_id"], []))
+        if winner not in ("a", "b"):
+            continue
+        margin = pair["margin"]
+        right = 0.5 if margin == 0 else float((margin > 0) == (winner == "a"))
+        for group in (pair.get("chosen_as") or "other", "all"):
+            groups.setdefault(group, []).append(right)
+    if not scored:
+        return {}
+    report = {}
+    for group in ("uncertain", "random", "other", "all"):
+        chosen = sum(1 for p in scored if (p.get("chosen_as") or "other") == group or group == "all")
+        if not chosen:
+            continue
+        rights = groups.get(group, [])
+        report[group] = {"pairs": chosen, "decided": len(rights),
+                         "accuracy": sum(rights) / len(rights) if rights else None}
+    return report
+
+
 def campaign_stats(campaign: Campaign) -> dict:
     """Everything ``rlhf label stats`` reports, as one JSON-ready dict."""
     labels = campaign.labels()
@@ -162,6 +200,7 @@ def campaign_stats(campaign: Campaign) -> dict:
         "krippendorff_alpha": krippendorff_alpha_nominal([list(v.values()) for v in by_pair.values()]),
         "pairs_with_2_or_more_labels": sum(len(v) >= 2 for v in by_pair.values()),
         "position_bias": position_bias(labels),
+        "reward_model_accuracy": reward_model_accuracy(campaign.pairs(), labels),
     }
 
 
@@ -197,6 +236,11 @@ def format_stats(report: dict) -> str:
     b = report["position_bias"]
     lines.append(f"position bias: left reply chosen in {b['chose_left']}/{b['decisive_labels']} decisive labels "
                  f"({_num(b['left_rate'])}; 0.5 = none), binomial p = {_num(b['p_value'])}")
+    if report.get("reward_model_accuracy"):
+        lines.append("reward-model accuracy on labeled pairs (sign of its margin vs the majority label):")
+        for group, r in report["reward_model_accuracy"].items():
+            lines.append(f"  {group}: {_num(r['accuracy'])} on {r['decided']} pairs with a decisive majority "
+                         f"(of {r['pairs']} chosen)")
     return "\n".join(lines)
 
 

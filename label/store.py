@@ -8,6 +8,10 @@ Data model (``campaign.sqlite`` inside the campaign directory)
   (``import <file:line>`` or ``generate <model dir>``).
 - ``pairs``: two responses to the same prompt, ``response_a`` being the older one. ``rank`` is a
   random number fixing the order pairs are handed out in, so one prompt's pairs don't come in a row.
+  Pairs chosen by a reward model (``rlhf label generate --select uncertain``) also keep its ``margin``
+  (score of a minus score of b), which model scored them (``scored_by``) and how they were chosen
+  (``chosen_as``: ``uncertain``, one of the smallest |margin|, or ``random``, drawn for an unbiased
+  estimate); uncertain pairs are handed out before the others.
 - ``assignments``: the one open item of each annotator (pair and which side is shown on the left),
   so a reload shows the same item in the same order and other annotators avoid it while it is fresh.
   A label or skip is taken only for the annotator's open item, with the side it was shown on.
@@ -16,7 +20,8 @@ Data model (``campaign.sqlite`` inside the campaign directory)
   ``client_id`` is the UUID the page made for this submission; UNIQUE, so a retried request is
   answered with the stored label instead of storing it twice.
 - ``skips``: pairs an annotator passed over; they are not shown to that annotator again.
-- ``meta``: ``schema_version`` and ``k`` (labels wanted per pair).
+- ``meta``: ``schema_version`` and ``k`` (labels wanted per pair). A version 1 campaign (no margin
+  columns) is upgraded in place when opened.
 
 Reliability: every write is one ``BEGIN IMMEDIATE ... COMMIT`` transaction with
 ``synchronous=FULL``, so a label the server acknowledged (HTTP 200 is sent only after COMMIT)
@@ -38,7 +43,8 @@ from typing import Iterator
 from rlhf.errors import UserError
 
 DB_NAME = "campaign.sqlite"
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+CHOSEN_AS = ("uncertain", "random")
 CHOICES = ("a", "b", "tie", "both_bad")
 SIDES = ("a", "b")
 _NO_PAIR = "prompt(s) with fewer than 2 distinct replies (no pair yet)"
@@ -65,6 +71,9 @@ CREATE TABLE pairs (
     response_a INTEGER NOT NULL REFERENCES responses(id),
     response_b INTEGER NOT NULL REFERENCES responses(id),
     rank REAL NOT NULL,
+    margin REAL,
+    scored_by TEXT,
+    chosen_as TEXT CHECK (chosen_as IN ('uncertain', 'random')),
     UNIQUE (response_a, response_b),
     CHECK (response_a < response_b)
 );
@@ -97,12 +106,21 @@ CREATE TABLE skips (
 );
 """
 
+# Version 1 -> 2: a reward model's margin on the pair, and how the pair was chosen.
+_MIGRATE_1_TO_2 = """
+ALTER TABLE pairs ADD COLUMN margin REAL;
+ALTER TABLE pairs ADD COLUMN scored_by TEXT;
+ALTER TABLE pairs ADD COLUMN chosen_as TEXT CHECK (chosen_as IN ('uncertain', 'random'));
+UPDATE meta SET value = '2' WHERE key = 'schema_version';
+"""
+
 # The next pair for an annotator: one they have neither labeled nor skipped, with fewer than k labels.
 # Pairs that other annotators' fresh open items would fill up come last ("in flight, lightly"), then
-# pairs already partly labeled (so agreement data arrives early), then the random rank.
+# pairs already partly labeled (so agreement data arrives early), then pairs a reward model was least
+# sure about (what labels teach it most), then the random rank.
 _NEXT_PAIR = """
 WITH candidates AS (
-    SELECT p.id, p.rank,
+    SELECT p.id, p.rank, p.chosen_as,
         (SELECT COUNT(*) FROM labels l WHERE l.pair_id = p.id) AS n_labels,
         (SELECT COUNT(*) FROM assignments s
             WHERE s.pair_id = p.id AND s.annotator != :who AND s.assigned_at > :fresh) AS n_open
@@ -111,7 +129,7 @@ WITH candidates AS (
       AND NOT EXISTS (SELECT 1 FROM skips s WHERE s.pair_id = p.id AND s.annotator = :who)
 )
 SELECT id FROM candidates WHERE n_labels < :k
-ORDER BY (n_labels + n_open >= :k), n_labels DESC, rank
+ORDER BY (n_labels + n_open >= :k), n_labels DESC, (chosen_as IS NOT 'uncertain'), rank
 LIMIT 1
 """
 
@@ -136,9 +154,15 @@ class AddResult:
     """Replies whose text (ignoring surrounding white space) another reply to the same prompt has."""
     skipped: dict[str, int] = field(default_factory=dict)
     """Other things left out, by reason (e.g. empty replies, prompts with fewer than 2 replies)."""
+    selection: dict[str, float] = field(default_factory=dict)
+    """With pairs chosen by a reward model: pool size, how many uncertain and random, the widest |margin| kept."""
 
     def summary(self) -> str:
         parts = [f"added {self.prompts} prompt(s), {self.responses} response(s), {self.pairs} pair(s)"]
+        if self.selection:
+            sel = self.selection
+            parts.append(f"chose {sel['uncertain']} uncertain pair(s) (|margin| <= {sel['max_uncertain_margin']:.3g}) "
+                         f"and {sel['random']} random pair(s) of {sel['pool']} candidate pair(s)")
         if self.duplicate_responses:
             parts.append(f"skipped {self.duplicate_responses} duplicate response(s)")
         parts += [f"skipped {n} {reason}" for reason, n in self.skipped.items() if n]
@@ -167,11 +191,31 @@ class Campaign:
                 version = conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
         except sqlite3.DatabaseError as e:
             raise UserError(f"{self.db_path}: expected a labeling campaign database, found {e}")
+        if version is not None and int(version[0]) == 1:
+            self._migrate_from_1()
+            version = (str(SCHEMA_VERSION),)
         if version is None or int(version[0]) != SCHEMA_VERSION:
             raise UserError(
                 f"{self.db_path}: expected campaign schema version {SCHEMA_VERSION}, "
                 f"found {None if version is None else version[0]}"
             )
+
+    def _migrate_from_1(self) -> None:
+        """Add version 2's pair columns to a version 1 campaign, in one transaction (None for old pairs)."""
+        conn = sqlite3.connect(self.db_path, timeout=30, isolation_level=None)
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                # Another process may have upgraded it while this one waited for the lock.
+                if conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()[0] == "1":
+                    for statement in filter(str.strip, _MIGRATE_1_TO_2.split(";")):
+                        conn.execute(statement)
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+            conn.execute("COMMIT")
+        finally:
+            conn.close()
 
     @classmethod
     def create_or_open(cls, path: str | Path) -> "Campaign":
@@ -297,6 +341,66 @@ class Campaign:
                 if len(all_ids) < 2:
                     result.skipped[_NO_PAIR] = result.skipped.get(_NO_PAIR, 0) + 1
         return result
+
+    def add_pairs(self, items: list[dict], seed: int = 0) -> AddResult:
+        """Add chosen pairs, each with its replies, in one transaction.
+
+        Each item: ``source``, ``prompt``, ``a``, ``b`` (reply texts), ``origin_a``, ``origin_b``, and
+        optionally ``margin`` (a reward model's score of ``a`` minus that of ``b``), ``scored_by`` and
+        ``chosen_as`` (``uncertain`` or ``random``). A reply the prompt already has (ignoring
+        surrounding white space) is reused; the pair is stored with the older reply as ``response_a``,
+        its margin's sign turned to match. A pair the campaign already has is counted and left out.
+        """
+        rng = random.Random(seed)
+        result = AddResult()
+        with self._write() as conn:
+            for item in items:
+                if item.get("chosen_as") not in (None, *CHOSEN_AS):
+                    raise ValueError(f"chosen_as: expected one of {CHOSEN_AS} or None, found {item['chosen_as']!r}")
+                key = prompt_json(item["prompt"])
+                row = conn.execute("SELECT id FROM prompts WHERE prompt = ?", (key,)).fetchone()
+                if row is None:
+                    prompt_id = conn.execute("INSERT INTO prompts (prompt, source) VALUES (?, ?)",
+                                             (key, item["source"])).lastrowid
+                    result.prompts += 1
+                else:
+                    prompt_id = row["id"]
+                ids = []
+                for side in ("a", "b"):
+                    text = item[side]
+                    found = next((r["id"] for r in conn.execute(
+                        "SELECT id, text FROM responses WHERE prompt_id = ?", (prompt_id,))
+                        if r["text"].strip() == text.strip()), None)
+                    if found is None:
+                        found = conn.execute("INSERT INTO responses (prompt_id, text, origin) VALUES (?, ?, ?)",
+                                             (prompt_id, text, item[f"origin_{side}"])).lastrowid
+                        result.responses += 1
+                    ids.append(found)
+                (a, b), margin = ids, item.get("margin")
+                if a == b:
+                    result.duplicate_responses += 1
+                    continue
+                if a > b:  # the table keeps the older reply as response_a: the margin follows it
+                    a, b, margin = b, a, None if margin is None else -margin
+                if conn.execute("SELECT 1 FROM pairs WHERE response_a = ? AND response_b = ?", (a, b)).fetchone():
+                    result.skipped["pair(s) already in the campaign"] = (
+                        result.skipped.get("pair(s) already in the campaign", 0) + 1)
+                    continue
+                conn.execute(
+                    "INSERT INTO pairs (prompt_id, response_a, response_b, rank, margin, scored_by, chosen_as) "
+                    "VALUES (?, ?, ?, ?, ?, ?, ?)",
+                    (prompt_id, a, b, rng.random(), margin, item.get("scored_by"), item.get("chosen_as")),
+                )
+                result.pairs += 1
+        return result
+
+    def pair_texts(self) -> set[tuple[str, str, str]]:
+        """``(prompt json, reply, reply)`` of every pair (stripped replies, sorted), to leave out pairs it has."""
+        with self._connect() as conn:
+            rows = conn.execute(
+                "SELECT q.prompt, ra.text AS a, rb.text AS b FROM pairs p JOIN prompts q ON q.id = p.prompt_id "
+                "JOIN responses ra ON ra.id = p.response_a JOIN responses rb ON rb.id = p.response_b").fetchall()
+        return {(r["prompt"], *sorted((r["a"].strip(), r["b"].strip()))) for r in rows}
 
     # ------------------------------------------------------------------------------------------
     # Labeling
@@ -449,15 +553,17 @@ class Campaign:
     # ------------------------------------------------------------------------------------------
 
     def pairs(self) -> list[dict]:
-        """Every pair with its prompt and both texts."""
+        """Every pair with its prompt, both texts, and the reward model's margin and how it was chosen
+        (None for pairs no reward model chose)."""
         with self._connect() as conn:
             rows = conn.execute(
-                "SELECT p.id, q.prompt, ra.text AS a, rb.text AS b FROM pairs p "
+                "SELECT p.id, q.prompt, ra.text AS a, rb.text AS b, p.margin, p.scored_by, p.chosen_as FROM pairs p "
                 "JOIN prompts q ON q.id = p.prompt_id "
                 "JOIN responses ra ON ra.id = p.response_a JOIN responses rb ON rb.id = p.response_b "
                 "ORDER BY p.id"
             ).fetchall()
-        return [{"pair_id": r["id"], "prompt": json.loads(r["prompt"]), "a": r["a"], "b": r["b"]} for r in rows]
+        return [{"pair_id": r["id"], "prompt": json.loads(r["prompt"]), "a": r["a"], "b": r["b"],
+                 "margin": r["margin"], "scored_by": r["scored_by"], "chosen_as": r["chosen_as"]} for r in rows]
 
     def labels(self) -> list[dict]:
         """Every label, oldest first."""
