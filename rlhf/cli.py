@@ -5,6 +5,8 @@
     rlhf reward --config configs/reward.yaml
     rlhf reward score --model runs/reward --input rows.jsonl --out scored.jsonl
     rlhf ppo --config configs/ppo.yaml
+    rlhf dpo|grpo|rloo --config configs/<method>.yaml   alternatives to PPO on the same shared base
+    rlhf sweep --config configs/sft.yaml --space configs/sweep/sft.yaml --trials 20 --study runs/sweep/sft
     rlhf pipeline --config configs/pipeline.yaml
     rlhf generate --model runs/ppo --prompts prompts.jsonl --out replies.jsonl
     rlhf label generate|import|serve|stats|export ...
@@ -12,6 +14,8 @@
     rlhf chat exported/ppo                    interactive terminal chat (/reset, /exit)
     rlhf monitor --reference ref.jsonl --current now.jsonl [--out dir]   drift check, exit 3 on drift
     rlhf data scan data.jsonl [--scrub --out clean.jsonl]   emails, phones, cards, IPs, API keys
+    rlhf eval --runs runs/sft runs/ppo --prompts prompts.jsonl --out eval/   win rates, risks, report.html
+    rlhf eval forgetting|factual|bias --runs ... --out ...   one risk check alone
 
 Stage options are the config keys (TRL/transformers names): ``--learning_rate 1e-4``.
 Errors a user can cause print one line and exit with status 2.
@@ -76,6 +80,22 @@ def _sft(argv: list[str]) -> int:
     return 0
 
 
+def _method(name: str):
+    def command(argv: list[str]) -> int:
+        import importlib
+
+        _print_metrics(importlib.import_module(f"methods.{name}").run(argv))
+        return 0
+
+    return command
+
+
+def _sweep(argv: list[str]) -> int:
+    from rlhf.sweep import sweep_command
+
+    return sweep_command(argv)
+
+
 def _ppo(argv: list[str]) -> int:
     from rlhf.ppo import run
 
@@ -132,11 +152,21 @@ def _data(argv: list[str]) -> int:
     return data_command(argv)
 
 
+def _eval(argv: list[str]) -> int:
+    from rlhf.evaluate import eval_command
+
+    return eval_command(argv)
+
+
 COMMANDS = {
     "model": _model,
     "sft": _sft,
     "reward": _reward,
     "ppo": _ppo,
+    "dpo": _method("dpo"),
+    "grpo": _method("grpo"),
+    "rloo": _method("rloo"),
+    "sweep": _sweep,
     "pipeline": _pipeline,
     "generate": _generate,
     "label": _label,
@@ -145,6 +175,7 @@ COMMANDS = {
     "chat": _chat,
     "monitor": _monitor,
     "data": _data,
+    "eval": _eval,
 }
 
 
