@@ -306,15 +306,16 @@ def _start_token(tokenizer) -> list[int]:
 
 
 def _run_names(paths: list[str]) -> list[str]:
-    """Short unique names: the directory name, or more of the path where two share it."""
-    names = [Path(p).name or p for p in paths]
-    for depth in (2, 3):
+    """Short unique names: the directory name, more of the path where two runs share it, and ``#i``
+    (the position in --runs) on a path given more than once."""
+    unique = list(dict.fromkeys(paths))
+    names = [Path(p).name or p for p in unique]
+    for depth in (2, 3, 99):
         if len(set(names)) == len(names):
             break
-        names = ["/".join(Path(p).parts[-depth:]) for p in paths]
-    if len(set(names)) < len(names):
-        names = [f"{n}#{i}" for i, n in enumerate(names)]
-    return names
+        names = ["/".join(Path(p).parts[-depth:]) for p in unique]
+    by_path = dict(zip(unique, names))
+    return [f"{by_path[p]}#{i}" if paths.count(p) > 1 else by_path[p] for i, p in enumerate(paths)]
 
 
 def _mean_std(values: np.ndarray) -> dict:
