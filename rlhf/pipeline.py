@@ -1,6 +1,7 @@
 """SFT -> reward -> PPO in one command, skipping finished stages and resuming an interrupted one.
 
     rlhf pipeline --config configs/pipeline.yaml [--output_root runs/demo]
+    rlhf pipeline --config configs/pipeline.yaml --rounds 2      # then labeling rounds (rlhf/rounds.py)
 
 A stage is finished when its output directory exists (outputs are renamed into place only when a
 stage completes); it was interrupted when ``<output_dir>.tmp`` holds a checkpoint.
@@ -36,6 +37,12 @@ class PipelineArguments:
     """If set, overrides every stage's base model."""
     stages: list[str] | None = None
     """Run only these stages (default: all three)."""
+    rounds: int = 0
+    """Labeling rounds after the first PPO (rlhf/rounds.py, docs/rounds.md): each samples the current policy,
+    has the pairs the reward model is least sure about labeled, retrains the reward model on all labels so
+    far and continues PPO. 0 = none."""
+    rounds_config: str = "configs/rounds.yaml"
+    """Settings of the rounds: labeler (annotator or campaign), budget, random_share, reward_init..."""
 
 
 def stage_output(config_path: str, stage: str, root: str | None) -> str:
@@ -61,6 +68,8 @@ def run_pipeline(argv: list[str] | None = None) -> dict[str, str]:
     configs = {"sft": args.sft_config, "reward": args.reward_config, "ppo": args.ppo_config}
     outputs = {s: stage_output(configs[s], s, args.output_root) for s in STAGES}
     runners = {"sft": run_sft, "reward": run_reward, "ppo": run_ppo}
+    if args.rounds and "ppo" not in outputs:
+        raise UserError("rounds: labeling rounds continue a PPO policy; expected method: ppo, found another method")
     for stage in STAGES:
         if stage not in wanted:
             continue
@@ -78,4 +87,12 @@ def run_pipeline(argv: list[str] | None = None) -> dict[str, str]:
             argv_stage.append("--resume")
         logger.info("%s: running %s", stage, " ".join(argv_stage))
         runners[stage](argv_stage)
+    if args.rounds:
+        from rlhf.rounds import run_rounds
+
+        if any(not RunDir(outputs[s]).is_complete() for s in ("sft", "reward", "ppo")):
+            raise UserError("rounds: expected finished sft, reward and ppo runs to start from; run those stages first")
+        result = run_rounds(args.rounds, args.rounds_config, configs, outputs, args.model_name_or_path)
+        if result["waiting_for_labels"]:
+            outputs["waiting_for_labels"] = result["waiting_for_labels"]
     return outputs

@@ -64,6 +64,9 @@ class PPOArguments:
     """SFT stage output: the policy starts from it and the reference is it, frozen."""
     reward_model: str = "runs/demo/reward"
     """Reward stage output: an adapter + score head on the same base model."""
+    policy_model: str | None = None
+    """Start the policy from this earlier PPO output's policy adapter instead of the SFT one (a later
+    round of rlhf pipeline --rounds); the reference and the KL stay the SFT model. null = from SFT."""
     output_dir: str = "runs/demo/ppo"
     """Where the policy adapter (at the root), value adapter, metrics and curves go."""
     seed: int = 42
@@ -189,7 +192,12 @@ def build_roles(model_args: ModelArguments, args: PPOArguments, device: torch.de
     registry = AdapterRegistry(base)
     if args.gradient_checkpointing:
         registry.enable_gradient_checkpointing()
-    if sft.is_adapter:
+    if args.policy_model:  # continue an earlier PPO policy; the reference stays SFT
+        registry.load("policy", args.policy_model, trainable=True)
+        reference = "reference" if sft.is_adapter else None
+        if sft.is_adapter:
+            registry.load("reference", sft_dir, trainable=False)
+    elif sft.is_adapter:
         registry.load("policy", sft_dir, trainable=True)
         registry.load("reference", sft_dir, trainable=False)
         reference = "reference"
@@ -205,6 +213,22 @@ def build_roles(model_args: ModelArguments, args: PPOArguments, device: torch.de
         registry.add_head("value", registry.heads["reward"].weight.detach().clone(), trainable=True)
     registry.heads.to(device)
     return registry, reference
+
+
+def check_policy_model(path: str, shared: SharedBase) -> None:
+    """Refuse a ``policy_model`` that is not a LoRA policy adapter on PPO's shared base."""
+    from rlhf.runs import same_model
+
+    if not Path(path).exists():
+        raise UserError(f"policy_model: expected an earlier PPO output, found no {path}")
+    info = read_run(path)
+    if not info.is_adapter or info.peft_type != "LORA" or info.has_score_head:
+        raise UserError(f"policy_model: expected a LoRA policy adapter (a PPO stage output), found {info.describe()} "
+                        f"in {path}")
+    if not same_model(info.base_model, shared.base_args.model_name_or_path):
+        raise UserError(f"policy_model: the policy adapter in {path} was trained on {info.base_model}, but PPO's base "
+                        f"is {shared.base_args.model_name_or_path} (from sft_model); continue from a PPO run "
+                        "of the same SFT model")
 
 
 def check_launch(accelerator) -> None:
@@ -646,6 +670,8 @@ def run(argv: list[str] | None = None, values: dict[str, Any] | None = None, on_
     prompts = [r["prompt"] for r in splits["train"]]
     eval_prompts = [r["prompt"] for r in (splits["test"] or splits["validation"])][: args.eval_prompts]
     shared = check_shared_base(args.sft_model, args.reward_model, model_args)
+    if args.policy_model:
+        check_policy_model(args.policy_model, shared)
     run_dir = RunDir(args.output_dir)
     started = time.time()
     log_with = None if args.report_to in ("none", "", None) else args.report_to
