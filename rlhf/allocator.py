@@ -8,10 +8,12 @@ process avoids it, at the price of a higher peak resident size: freed blocks sta
 fragments, most for PPO, whose policy and value graphs do not fit in each other's holes. The
 settings, chosen with ``RLHF_KEEP_FREED_MEMORY`` (figures: docs/memory.md, "The allocator"):
 
-    keep     (default) mmap off, heap never trimmed, grown in 512 MiB steps: every freed block is
-             reused by the next step
-    bounded  mmap only for blocks of 64 MiB and more (a fixed threshold instead of glibc's sliding
-             one), heap trimmed when 256 MiB are free at its top
+    bounded  (default) mmap only for blocks of 64 MiB and more (a fixed threshold instead of glibc's
+             sliding one, which starts at 128 KiB), heap trimmed only when 256 MiB are free at its
+             top: the step's many mid-sized buffers are reused, the few huge ones (vocabulary
+             logits, the fused LM head's tiles) go back to the OS and leave no holes
+    keep     mmap off, heap never trimmed, grown in 512 MiB steps: every freed block is reused by
+             the next step, and the heap fragments
     0        glibc's defaults
 
 Nothing happens when the environment already sets glibc's malloc tunables (``MALLOC_*_`` or
@@ -38,18 +40,18 @@ SETTINGS = {
     "keep": ((_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, -1), (_M_TOP_PAD, 512 * MiB)),
     "bounded": ((_M_MMAP_THRESHOLD, 64 * MiB), (_M_TRIM_THRESHOLD, 256 * MiB)),
 }
-DEFAULT = "keep"
+DEFAULT = "bounded"
 _ALIASES = {"1": DEFAULT, "": DEFAULT, "keep": "keep", "bounded": "bounded"}
 _applied: str | None = None
 
 
 def setting() -> str | None:
-    """The setting ``RLHF_KEEP_FREED_MEMORY`` asks for: keep, bounded, or None (glibc's defaults)."""
+    """The setting ``RLHF_KEEP_FREED_MEMORY`` asks for: bounded (1, the default), keep, or None (0: glibc's)."""
     value = os.environ.get("RLHF_KEEP_FREED_MEMORY", "1").strip().lower()
     if value in ("0", "false", "no", "glibc"):
         return None
     if value not in _ALIASES:
-        logger.warning("RLHF_KEEP_FREED_MEMORY=%s: expected 1, keep, bounded or 0; using %s", value, DEFAULT)
+        logger.warning("RLHF_KEEP_FREED_MEMORY=%s: expected 1, bounded, keep or 0; using %s", value, DEFAULT)
         return DEFAULT
     return _ALIASES[value]
 

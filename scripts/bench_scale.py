@@ -637,6 +637,9 @@ def main(argv: list[str] | None = None) -> dict | None:
             r = run_child(a, row, malloc, work)
             r.update(row=row, malloc=malloc, estimate_mib=estimate)
             results[f"{row}/{malloc}"] = r
+            if a.json:  # after every row: a long run stopped half-way keeps what it measured
+                Path(a.json).parent.mkdir(parents=True, exist_ok=True)
+                Path(a.json).write_text(json.dumps({"results": results}, indent=2) + "\n")
             print(f"    peak {r['peak_rss_mib']:,.0f} MiB, estimate "
                   f"{r['estimate_mib'] or 0:,.0f} MiB, {r['wall_seconds']:.0f} s", file=sys.stderr, flush=True)
     table, ratios = build_table(a, results)
