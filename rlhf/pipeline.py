@@ -1,6 +1,7 @@
-"""SFT -> reward -> PPO in one command, skipping finished stages and resuming an interrupted one.
+"""SFT -> reward -> PPO (or DPO, GRPO, RLOO) in one command, skipping finished stages and resuming an
+interrupted one.
 
-    rlhf pipeline --config configs/pipeline.yaml [--output_root runs/demo]
+    rlhf pipeline --config configs/pipeline.yaml [--output_root runs/demo] [--method dpo]
     rlhf pipeline --config configs/pipeline.yaml --rounds 2      # then labeling rounds (rlhf/rounds.py)
 
 A stage is finished when its output directory exists (outputs are renamed into place only when a
@@ -18,7 +19,7 @@ from rlhf.errors import UserError
 from rlhf.outputs import RunDir
 
 logger = logging.getLogger(__name__)
-STAGES = ("sft", "reward", "ppo")
+METHODS = ("ppo", "dpo", "grpo", "rloo")
 
 
 @dataclass
@@ -29,20 +30,32 @@ class PipelineArguments:
     """Config of the SFT stage."""
     reward_config: str = "configs/reward.yaml"
     """Config of the reward stage."""
+    method: str = "ppo"
+    """The alignment stage after SFT and reward: ppo, dpo, grpo or rloo (each from the same SFT and reward runs)."""
     ppo_config: str = "configs/ppo.yaml"
     """Config of the PPO stage."""
+    dpo_config: str = "configs/dpo.yaml"
+    """Config of the DPO stage (method: dpo)."""
+    grpo_config: str = "configs/grpo.yaml"
+    """Config of the GRPO stage (method: grpo)."""
+    rloo_config: str = "configs/rloo.yaml"
+    """Config of the RLOO stage (method: rloo)."""
     output_root: str | None = None
     """If set, each stage writes to <output_root>/<stage> (else its config's output_dir)."""
     model_name_or_path: str | None = None
     """If set, overrides every stage's base model."""
     stages: list[str] | None = None
-    """Run only these stages (default: all three)."""
+    """Run only these stages (default: all three: sft, reward and the method)."""
     rounds: int = 0
     """Labeling rounds after the first PPO (rlhf/rounds.py, docs/rounds.md): each samples the current policy,
     has the pairs the reward model is least sure about labeled, retrains the reward model on all labels so
     far and continues PPO. 0 = none."""
     rounds_config: str = "configs/rounds.yaml"
     """Settings of the rounds: labeler (annotator or campaign), budget, random_share, reward_init..."""
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise UserError(f"method: expected one of {', '.join(METHODS)}, found {self.method!r}")
 
 
 def stage_output(config_path: str, stage: str, root: str | None) -> str:
@@ -56,21 +69,24 @@ def stage_output(config_path: str, stage: str, root: str | None) -> str:
 
 def run_pipeline(argv: list[str] | None = None) -> dict[str, str]:
     """Run the stages in order; returns {stage: output_dir}."""
+    import importlib
+
     from reward.train import run as run_reward
-    from rlhf.ppo import run as run_ppo
     from sft.train import run as run_sft
 
     (args,), _ = build_config([PipelineArguments], argv)
-    wanted = args.stages or list(STAGES)
+    stages = ("sft", "reward", args.method)
+    wanted = args.stages or list(stages)
     for s in wanted:
-        if s not in STAGES:
-            raise UserError(f"stages: expected some of {', '.join(STAGES)}, found {s!r}")
-    configs = {"sft": args.sft_config, "reward": args.reward_config, "ppo": args.ppo_config}
-    outputs = {s: stage_output(configs[s], s, args.output_root) for s in STAGES}
-    runners = {"sft": run_sft, "reward": run_reward, "ppo": run_ppo}
+        if s not in stages:
+            raise UserError(f"stages: expected some of {', '.join(stages)}, found {s!r}")
+    configs = {"sft": args.sft_config, "reward": args.reward_config, args.method: getattr(args, f"{args.method}_config")}
+    outputs = {s: stage_output(configs[s], s, args.output_root) for s in stages}
+    module = "rlhf.ppo" if args.method == "ppo" else f"methods.{args.method}"
+    runners = {"sft": run_sft, "reward": run_reward, args.method: importlib.import_module(module).run}
     if args.rounds and "ppo" not in outputs:
         raise UserError("rounds: labeling rounds continue a PPO policy; expected method: ppo, found another method")
-    for stage in STAGES:
+    for stage in stages:
         if stage not in wanted:
             continue
         run_dir = RunDir(outputs[stage])
@@ -78,9 +94,9 @@ def run_pipeline(argv: list[str] | None = None) -> dict[str, str]:
             logger.info("%s: finished run in %s, skipping", stage, run_dir.final)
             continue
         argv_stage = ["--config", configs[stage], "--output_dir", outputs[stage]]
-        if args.model_name_or_path and stage != "ppo":
+        if args.model_name_or_path and stage in ("sft", "reward"):
             argv_stage += ["--model_name_or_path", args.model_name_or_path]
-        if stage == "ppo":
+        if stage == args.method:  # every method starts from the SFT run and its reward run
             argv_stage += ["--sft_model", outputs["sft"], "--reward_model", outputs["reward"]]
         if run_dir.last_checkpoint() is not None:
             logger.info("%s: resuming the interrupted run in %s", stage, run_dir.work)

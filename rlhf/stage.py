@@ -119,12 +119,17 @@ class StageRun:
 def parse_stage(stage_class: type, training_class: type, argv: list[str] | None,
                 values: dict[str, Any] | None = None, defaults: dict[str, Any] | None = None) -> StageRun:
     """Build a stage's four config dataclasses from YAML/values/command line."""
+    import dataclasses
+
+    classes = [ModelArguments, DataArguments, stage_class, training_class]
+    # Our trainer defaults apply to the keys this stage has (GRPOConfig/RLOOConfig have no max_length).
+    known = {f.name for cls in classes for f in dataclasses.fields(cls)}
     (model_args, data_args, stage_args, training_args), given = build_config(
-        [ModelArguments, DataArguments, stage_class, training_class],
+        classes,
         argv,
         values=values,
         extra_keys=("resume", "overwrite_output_dir"),
-        defaults={**trainer_defaults(), **(defaults or {})},
+        defaults={**{k: v for k, v in trainer_defaults().items() if k in known}, **(defaults or {})},
     )
     wandb_offline_without_key()
     keep_freed_memory()

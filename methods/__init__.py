@@ -1,0 +1,1 @@
+"""Alternatives to PPO on the shared base: DPO (methods/dpo.py), GRPO and RLOO (methods/online.py)."""

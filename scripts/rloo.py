@@ -1,0 +1,15 @@
+"""The rloo stage as a script, for `accelerate launch` (same YAML as `rlhf rloo`).
+
+    python scripts/rloo.py --config configs/rloo.yaml
+    accelerate launch --multi_gpu --num_processes 2 scripts/rloo.py --config configs/rloo.yaml
+"""
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from rlhf.cli import main  # noqa: E402
+
+if __name__ == "__main__":
+    sys.exit(main(["rloo", *sys.argv[1:]]))
