@@ -127,8 +127,10 @@ _CHILD = textwrap.dedent(r'''
 def measure_peak_rss(work: Path, model: str, stage: str, method: str = "lora", *, batch_size: int = 8,
                      seq_len: int = 128, max_new_tokens: int = 48, micro_batch_size: int | None = None,
                      lora_r: int = 16, steps: int = 2, gradient_checkpointing: bool = False, qlora_bits: int = 4,
-                     ppo_epochs: int = 2, timeout: float = 900) -> tuple[int, float]:
-    """(peak RSS in bytes, wall seconds) of a fresh process running ``stage`` for ``steps`` steps."""
+                     ppo_epochs: int = 2, allocator: str | None = None, timeout: float = 900) -> tuple[int, float]:
+    """(peak RSS in bytes, wall seconds) of a fresh process running ``stage`` for ``steps`` steps.
+
+    ``allocator``: RLHF_KEEP_FREED_MEMORY for the child (None: the default setting)."""
     work.mkdir(parents=True, exist_ok=True)
     method = f"qlora-{qlora_bits}bit" if method == "qlora" else method  # the stages' peft_method
     spec = dict(stage=stage, method=method, model=str(model), work=str(work), batch_size=batch_size,
@@ -138,6 +140,8 @@ def measure_peak_rss(work: Path, model: str, stage: str, method: str = "lora", *
     # each other into a many-fold slowdown (see tests/test_ppo.py).
     env = {**os.environ, "PYTHONPATH": str(REPO), "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1",
            "WANDB_MODE": "offline", "OMP_NUM_THREADS": "1"}
+    if allocator is not None:
+        env["RLHF_KEEP_FREED_MEMORY"] = allocator
     started = time.time()
     done = subprocess.run([sys.executable, "-c", _CHILD, json.dumps(spec)], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=timeout)
@@ -424,7 +428,8 @@ def calibrate(work: Path) -> list[dict]:
         estimate = estimate_memory(config, stage, method, device="cpu", **sizes)
         while _available_bytes() < estimate.total + 2 * 2**30:  # a shared machine: never push others out
             time.sleep(30)
-        measured, seconds = measure_peak_rss(work / str(k), model, stage, method, steps=2, **sizes)
+        # The fp32 fractions of rlhf.memory.RETENTION were fitted with the setting keep.
+        measured, seconds = measure_peak_rss(work / str(k), model, stage, method, steps=2, allocator="keep", **sizes)
         row = dict(stage=stage, method=method, **sizes, estimated_mib=round(estimate.total / MiB),
                    measured_mib=round(measured / MiB), error=round((estimate.total - measured) / measured, 3),
                    seconds=round(seconds))
