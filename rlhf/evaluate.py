@@ -395,7 +395,8 @@ def evaluate(args: argparse.Namespace, sections: tuple[str, ...] = SECTIONS) -> 
     prompts = [r["prompt"] for r in load_rows(args.prompts, "prompt")] if quality else []
     if quality and not prompts:
         raise UserError(f"{args.prompts}: expected prompt rows, found none")
-    judges = parse_judges(args.judges, args.batch_size) if quality or "bias" in sections else []
+    device = args.device or ("cuda" if torch.cuda.is_available() else None)
+    judges = parse_judges(args.judges, args.batch_size, device) if quality or "bias" in sections else []
     perplexity_file = _resolve_data(args.perplexity_file, Path("data/demo/sft_test.jsonl")) if quality else None
     ppl_rows = load_rows(perplexity_file, "sft") if perplexity_file else []
     need_qa = "forgetting" in sections or "factual" in sections
@@ -416,7 +417,7 @@ def evaluate(args: argparse.Namespace, sections: tuple[str, ...] = SECTIONS) -> 
     for i in order:
         name, path = names[i], paths[i]
         logger.info("evaluating %s (%s)", name, path)
-        model, tokenizer = load_for_generation(path)
+        model, tokenizer = load_for_generation(path, device)
         pad = tokenizer.pad_token_id
         row = per_run[name]
         if quality:
@@ -454,12 +455,12 @@ def evaluate(args: argparse.Namespace, sections: tuple[str, ...] = SECTIONS) -> 
             reference_loaded = True
             _reference_logprobs(model, pad, samples, sampling.temperature, args.batch_size)
         del model
-        gc.collect()
+        _free()
     if quality and not reference_loaded:
-        model, tokenizer = load_for_generation(reference_path)
+        model, tokenizer = load_for_generation(reference_path, device)
         _reference_logprobs(model, tokenizer.pad_token_id, samples, sampling.temperature, args.batch_size)
         del model
-        gc.collect()
+        _free()
 
     # 2. Judges: every run's samples (and bias replies) in one call per judge, one judge in memory at a time.
     for judge in judges:
@@ -516,6 +517,12 @@ def evaluate(args: argparse.Namespace, sections: tuple[str, ...] = SECTIONS) -> 
 
     write_report(out, report, samples, prompts, prompt_text)
     return report
+
+
+def _free() -> None:
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def _split(pair: tuple[list[int], int]) -> tuple[list[int], list[int]]:
@@ -632,6 +639,7 @@ def build_parser(prog: str, sections: tuple[str, ...]) -> argparse.ArgumentParse
     add("--top_p", type=float, default=1.0, help="nucleus sampling mass (1.0 = off)")
     add("--batch_size", type=int, default=16, help="generation and scoring batch size")
     add("--max_length", type=int, default=512, help="general-text documents are cut to this many tokens")
+    add("--device", help="where the models run (default: cuda when available, else the CPU)")
     add("--strict", action="store_true", help="exit 3 when the overall status is red")
     return parser
 

@@ -195,14 +195,14 @@ class RewardModelJudge(Judge):
 
     kind = "reward"
 
-    def __init__(self, name: str, run_dir: str, batch_size: int = 16):
+    def __init__(self, name: str, run_dir: str, batch_size: int = 16, device: str | None = None):
         from rlhf.runs import read_run
 
         info = read_run(run_dir)
         if info.task != "seq-cls":
             raise UserError(f"--judges: expected a reward stage output for the judge {name}, found {info.describe()} "
                             f"in {run_dir}")
-        self.name, self.run_dir, self.batch_size = name, str(run_dir), batch_size
+        self.name, self.run_dir, self.batch_size, self.device = name, str(run_dir), batch_size, device
         self._loaded = None
 
     def score(self, prompts: list, replies: list[str], progress: bool = False) -> list[float]:
@@ -210,7 +210,7 @@ class RewardModelJudge(Judge):
         from rlhf.scoring import score_replies
 
         if self._loaded is None:
-            self._loaded = load_run(self.run_dir, "seq-cls")
+            self._loaded = load_run(self.run_dir, "seq-cls", self.device)
         model, tokenizer = self._loaded
         return score_replies(model, tokenizer, prompts, replies, self.batch_size, progress=progress)
 
@@ -255,7 +255,7 @@ def load_function(spec: str) -> JudgeFunction:
     return function
 
 
-def parse_judges(spec: str | list[str], batch_size: int = 16) -> list[Judge]:
+def parse_judges(spec: str | list[str], batch_size: int = 16, device: str | None = None) -> list[Judge]:
     """Judges from a comma-separated spec (see the module docstring); names are unique."""
     items = [s.strip() for s in (spec.split(",") if isinstance(spec, str) else spec) if s.strip()]
     if not items:
@@ -276,7 +276,7 @@ def parse_judges(spec: str | list[str], batch_size: int = 16) -> list[Judge]:
                 raise UserError(f"--judges: expected annotator, lexicon, reward:<run dir>, a reward run directory or "
                                 f"module:function, found {item!r} (no such directory)")
             name = "reward" if len(reward_dirs) == 1 else f"reward:{run_dir}"
-            judges.append(RewardModelJudge(name, run_dir, batch_size))
+            judges.append(RewardModelJudge(name, run_dir, batch_size, device))
         else:
             judges.append(FunctionJudge(item, load_function(item)))
     names = [j.name for j in judges]
