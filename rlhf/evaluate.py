@@ -451,9 +451,9 @@ def evaluate(args: argparse.Namespace, sections: tuple[str, ...] = SECTIONS) -> 
             b = sample_replies(model, tokenizer, [p["b"] for p in pairs], sampling, args.bias_k, args.batch_size,
                                args.seed, desc=f"bias replies (b) {name}")
             bias_samples[name] = (a, b)
-        if quality and path == reference_path:
+        if quality and path == reference_path and i == order[-1]:  # its last pass, once every sample exists
             reference_loaded = True
-            _reference_logprobs(model, pad, samples, sampling.temperature, args.batch_size)
+            _reference_logprobs(model, pad, samples, sampling.temperature, args.batch_size, itself=name)
         del model
         _free()
     if quality and not reference_loaded:
@@ -530,8 +530,14 @@ def _split(pair: tuple[list[int], int]) -> tuple[list[int], list[int]]:
     return ids[:n_prompt], ids[n_prompt:]
 
 
-def _reference_logprobs(model, pad: int, samples: dict[str, Samples], temperature: float, batch_size: int) -> None:
+def _reference_logprobs(model, pad: int, samples: dict[str, Samples], temperature: float, batch_size: int,
+                        itself: str | None = None) -> None:
+    """Logprobs of every run's samples under the reference model; ``itself`` (the reference's own
+    samples, already scored by this same model) is copied, not recomputed."""
     for name, s in samples.items():
+        if name == itself:
+            s.reference_logprobs = s.logprobs.copy()
+            continue
         seqs = [(s.prompt_ids[p], ids) for p in range(len(s.texts)) for ids in s.reply_ids[p]]
         lp = reply_logprobs(model, pad, seqs, temperature, batch_size, desc=f"reference logprobs {name}")
         s.reference_logprobs = np.array([v for v, _ in lp]).reshape(s.ended_with_eos.shape)
