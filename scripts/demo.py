@@ -1,11 +1,15 @@
-"""The whole pipeline on the embedded SmolLM2-135M-Instruct, then a before/after table.
+"""The whole pipeline on the embedded SmolLM2-135M-Instruct, then an evaluation on held-out prompts.
 
     make demo                       # = .venv/bin/python scripts/demo.py
-    python scripts/demo.py --config configs/pipeline.yaml --output_root runs/demo
+    python scripts/demo.py --config configs/pipeline.yaml --output_root runs/demo [--k 4]
 
-Runs SFT -> reward -> PPO (skipping finished stages, resuming an interrupted one), then scores the
-SFT (reference) and PPO replies to held-out prompts with the demo annotator (rlhf/annotator.py, the
-stand-in for people) and writes the table to <output_root>/report.md.
+Runs SFT -> reward -> PPO (skipping finished stages, resuming an interrupted one), then
+``rlhf eval`` of the PPO policy against the SFT policy on data/demo/prompts_heldout.jsonl: subjects no
+training file mentions, half of them in request forms no training prompt uses. Each policy answers
+every prompt ``k`` times; three judges compare them: ``lexicon`` (AFINN sentiment + on topic: NOT the
+annotator that labelled the training pairs), the demo annotator, and the trained reward model. Win
+rates count ties as half and carry 95 % bootstrap intervals over prompts. The table goes to
+<output_root>/report.md, the full report to <output_root>/eval/report.html.
 """
 
 from __future__ import annotations
@@ -20,48 +24,71 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+HELDOUT = "data/demo/prompts_heldout.jsonl"
+JUDGES = ("lexicon", "annotator", "reward")
 
-def build_report(root: Path, examples: int = 4) -> str:
-    from rlhf.annotator import annotator_score
-    from rlhf.ppo_math import distinct_n
 
+def eval_argv(root: Path, k: int, max_new_tokens: int) -> list[str]:
+    return ["eval", "--runs", str(root / "sft"), str(root / "ppo"), "--prompts", HELDOUT, "--out", str(root / "eval"),
+            "--judges", f"lexicon,annotator,reward:{root / 'reward'}", "--k", str(k),
+            "--skip", "forgetting,factual,bias", "--max_new_tokens", str(max_new_tokens)]
+
+
+def _interval(summary: dict, key: str) -> str:
+    lo, hi = summary[f"{key}_ci"]
+    return f"{summary[key]:.0%} [{lo:.0%}, {hi:.0%}]"
+
+
+def build_report(root: Path) -> str:
     reward_metrics = json.loads((root / "reward" / "metrics.json").read_text())
     sft_metrics = json.loads((root / "sft" / "metrics.json").read_text())
     ppo_metrics = json.loads((root / "ppo" / "metrics.json").read_text())
     ppo_config = yaml.safe_load((root / "ppo" / "config.yaml").read_text())
-    samples = [json.loads(line) for line in (root / "ppo" / "eval_samples.jsonl").read_text().splitlines()]
-    ann = {role: [annotator_score(s["prompt"], s[role]) for s in samples] for role in ("reference", "policy")}
-    mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
-    wins = sum(p > r for p, r in zip(ann["policy"], ann["reference"]))
-    ties = sum(p == r for p, r in zip(ann["policy"], ann["reference"]))
+    report = json.loads((root / "eval" / "report.json").read_text())
+    forms = [json.loads(line)["form"] for line in Path(HELDOUT).read_text().splitlines() if line.strip()]
+    runs, names = report["runs"], list(report["runs"])
+    sft, ppo = names[0], names[1]
+    judge_names = {j.split(":")[0]: j for j in next(iter(report["win_rates"].values()))}
     lines = [
-        f"# Demo report ({len(samples)} held-out prompts)",
+        f"# Demo report ({len(forms)} held-out prompts x {report['settings']['k']} samples per policy)",
         "",
         f"Reward model held-out pairwise accuracy: **{reward_metrics['test_accuracy']:.1%}** "
         f"({reward_metrics['test_pairs']} test pairs; mean margin {reward_metrics['test_mean_margin']:.2f})  ",
         f"SFT held-out test loss {sft_metrics['test_loss']:.3f} (perplexity {sft_metrics['test_perplexity']:.2f})  ",
         f"Stage wall times: SFT {sft_metrics['wall_seconds']:.0f} s, reward {reward_metrics['wall_seconds']:.0f} s, "
-        f"PPO {ppo_metrics['wall_seconds']:.0f} s",
+        f"PPO {ppo_metrics['wall_seconds']:.0f} s ({ppo_config['value_model']} value model), evaluation "
+        f"{report['wall_seconds']:.0f} s",
         "",
-        "| policy | annotator score | reward-model score | KL to reference | distinct-2 | reply length |",
-        "|---|---|---|---|---|---|",
-        f"| SFT (reference) | {mean(ann['reference']):.3f} | {ppo_metrics['eval_reference_reward_model_score']:.3f} "
-        f"| 0 | {distinct_n([s['reference'] for s in samples], 2):.3f} "
-        f"| {ppo_metrics['eval_reference_response_length']:.1f} |",
-        f"| PPO | {mean(ann['policy']):.3f} | {ppo_metrics['eval_policy_reward_model_score']:.3f} "
-        f"| {ppo_metrics['eval_policy_kl_to_reference']:.2f} | {distinct_n([s['policy'] for s in samples], 2):.3f} "
-        f"| {ppo_metrics['eval_policy_response_length']:.1f} |",
-        "",
-        f"PPO reply scored higher than the SFT reply by the annotator on {wins}/{len(samples)} prompts "
-        f"({ties} ties). KL target of the adaptive controller: {ppo_config['kl_target']} nats per reply.",
-        "",
-        "## Replies before and after",
-        "",
+        "| policy | lexicon judge | annotator | reward model | on topic | distinct-2 | reply words | KL to SFT |",
+        "|---|---|---|---|---|---|---|---|",
     ]
-    for s, a_ref, a_pol in list(zip(samples, ann["reference"], ann["policy"]))[:examples]:
-        lines += [f"**{s['prompt']}**", "",
-                  f"- SFT ({a_ref:+.2f}): {s['reference']}",
-                  f"- PPO ({a_pol:+.2f}): {s['policy']}", ""]
+    for name, label in ((sft, "SFT"), (ppo, "PPO")):
+        r = runs[name]
+        scores = " | ".join(f"{r['scores'][judge_names[j]]['mean']:.3f}" for j in JUDGES)
+        lines.append(f"| {label} | {scores} | {r['on_topic_rate']:.0%} | {r['distinct_2']:.3f} | "
+                     f"{r['reply_length']:.1f} | {r['kl_to_reference']:.2f} |")
+    lines += ["", "PPO against SFT (ties count half; 95 % bootstrap intervals over prompts):", "",
+              "| judge | prompts won | trained forms | new forms | win rate over sample pairs |",
+              "|---|---|---|---|---|"]
+    for j in JUDGES:
+        w = report["win_rates"][ppo][judge_names[j]]
+        per_prompt = w["per_prompt"]
+        by_form = {}
+        for form in ("trained", "new"):
+            rates = [r for r, f in zip(per_prompt, forms) if f == form]
+            won = sum(1.0 if r > 0.5 else 0.5 if r == 0.5 else 0.0 for r in rates)
+            by_form[form] = f"{won / len(rates):.0%} of {len(rates)}"
+        lines.append(f"| {j}{' (independent)' if j == 'lexicon' else ''} | {_interval(w, 'prompt_win_rate')} | "
+                     f"{by_form['trained']} | {by_form['new']} | {_interval(w, 'win_rate')} |")
+    flags = report.get("hacking_flags", {}).get(ppo) or []
+    lines += ["", f"KL target of the adaptive controller: {ppo_config['kl_target']} nats per reply. Reward-hacking "
+              f"flags: {', '.join(f['flag'] for f in flags) if flags else 'none'}. Full report: "
+              f"{root / 'eval' / 'report.html'}", "", "## Replies the judges disagree on most", ""]
+    for row in report.get("examples", {}).get("rows", [])[:4]:
+        lines += [f"**{row['prompt']}**", ""]
+        for name, label in ((sft, "SFT"), (ppo, "PPO")):
+            lines.append(f"- {label}: {row['replies'][name]['text']}")
+        lines.append("")
     return "\n".join(lines)
 
 
@@ -69,18 +96,24 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default="configs/pipeline.yaml")
     parser.add_argument("--output_root", default="runs/demo")
+    parser.add_argument("--k", type=int, default=4, help="samples per held-out prompt and policy")
     parser.add_argument("--report_only", action="store_true", help="only rebuild the report of a finished run")
     args = parser.parse_args()
     from rlhf.cli import main as rlhf_main
 
     started = time.time()
+    root = Path(args.output_root)
     if not args.report_only:
         code = rlhf_main(["pipeline", "--config", args.config, "--output_root", args.output_root])
         if code:
             return code
-    report = build_report(Path(args.output_root))
+        ppo_config = yaml.safe_load((root / "ppo" / "config.yaml").read_text())
+        code = rlhf_main(eval_argv(root, args.k, ppo_config["max_new_tokens"]))
+        if code:
+            return code
+    report = build_report(root)
     report += f"\nTotal wall time of this command: {time.time() - started:.0f} s\n"
-    (Path(args.output_root) / "report.md").write_text(report)
+    (root / "report.md").write_text(report)
     print(report)
     return 0
 
