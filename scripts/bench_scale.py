@@ -451,7 +451,9 @@ def run_child_row(a: argparse.Namespace, row_name: str) -> dict:
         out = child_ppo(a, row, model_dir, work)
     else:
         out = child_trainer_stage(a, row, model_dir, work)
-    return {**out, "peak_rss_mib": peak_rss_mib(), "kept_heap": applied}
+    usage = resource.getrusage(resource.RUSAGE_SELF)  # CPU seconds: less sensitive than wall time to a busy machine
+    return {**out, "peak_rss_mib": peak_rss_mib(), "kept_heap": applied, "user_seconds": usage.ru_utime,
+            "system_seconds": usage.ru_stime}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -519,8 +521,8 @@ def _last(values) -> float | None:
 
 
 def build_table(a: argparse.Namespace, results: dict[str, dict]) -> tuple[str, list[dict]]:
-    lines = ["| row | allocator | peak RSS MiB | estimate MiB | error | step s | generate s |",
-             "|---|---|---:|---:|---:|---:|---:|"]
+    lines = ["| row | allocator | peak RSS MiB | estimate MiB | error | step s | generate s | CPU s user / sys |",
+             "|---|---|---:|---:|---:|---:|---:|---:|"]
     for key, r in results.items():
         est = r.get("estimate_mib")
         err = f"{(est - r['peak_rss_mib']) / r['peak_rss_mib']:+.1%}" if est else ""
@@ -528,7 +530,8 @@ def build_table(a: argparse.Namespace, results: dict[str, dict]) -> tuple[str, l
         gen = _last(r.get("phase_seconds", {}).get("generate"))
         lines.append(f"| {r['row']} | {r['malloc']} | {r['peak_rss_mib']:,.0f} | "
                      f"{f'{est:,.0f}' if est else ''} | {err} | {f'{step:.1f}' if step else ''} | "
-                     f"{f'{gen:.1f}' if gen else ''} |")
+                     f"{f'{gen:.1f}' if gen else ''} | "
+                     + (f"{r['user_seconds']:.0f} / {r['system_seconds']:.0f} |" if "user_seconds" in r else " |"))
     ratios = []
 
     def peak(row, malloc="rlhf"):
