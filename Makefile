@@ -8,7 +8,7 @@ TORCH_VERSION ?= 2.13.0
 export TOKENIZERS_PARALLELISM := false
 export HF_HUB_OFFLINE := 1
 
-.PHONY: install demo test data model bench-sft bench-ppo clean
+.PHONY: install demo demo-rounds test data model bench-sft bench-ppo clean
 
 install: $(VENV)/.installed
 
@@ -27,6 +27,10 @@ data: install
 
 demo: install model
 	$(PY) scripts/demo.py
+
+# make demo, then 2 labeling rounds with the demo annotator (docs/rounds.md); reuses a finished runs/demo.
+demo-rounds: install model
+	$(VENV)/bin/rlhf pipeline --config configs/pipeline.yaml --rounds 2 --rounds_config configs/rounds.yaml
 
 test: install
 	sh scripts/install_browser.sh

@@ -18,11 +18,10 @@ from __future__ import annotations
 
 import random
 
-from rlhf.data import Record, normalize_row, read_records
-from rlhf.errors import DataError, UserError
-
 from label.select import candidate_pairs, select_pairs
 from label.store import AddResult, Campaign, prompt_json
+from rlhf.data import Record, normalize_row, read_records
+from rlhf.errors import DataError, UserError
 
 _ROW_SHAPE = "a row with 'responses' (a list of 2 or more replies) or 'response_a' and 'response_b'"
 

@@ -35,8 +35,9 @@ The per-round figures (metrics.json, rounds.md):
   pair of the start policy's held-out samples, against the noiseless demo annotator: more pairs,
   no label noise, prompts never trained on.
 - ``win_rate``: the round's new policy against SFT, by the demo annotator, over every pair of
-  ``eval_samples_per_prompt`` samples each per held-out prompt (ties half), as ``rlhf eval`` counts
-  it; ``start_win_rate`` is the same for the policy the round started from.
+  ``eval_samples_per_prompt`` samples each per held-out prompt (ties half), with its 95 % bootstrap
+  interval over prompts (``rlhf.evaluate.win_rate_summary``, as ``rlhf eval`` counts it);
+  ``start_win_rate`` is the same for the policy the round started from.
 - ``kl``, ``response_length``: the new policy's KL to SFT and reply length on held-out prompts (PPO's
   evaluation), ``final_kl``: the KL of its last training batch.
 """
@@ -128,19 +129,6 @@ class RoundsArguments:
 # ----------------------------------------------------------------------------------------------
 # Small pure helpers
 # ----------------------------------------------------------------------------------------------
-
-
-def win_rate(policy_scores: list[list[float]], sft_scores: list[list[float]]) -> float:
-    """Mean over prompts of P(policy sample beats SFT sample) over all k x k' pairs, ties half.
-
-    ``policy_scores[i]``: the judge's scores of the policy's samples for prompt i (and the same for
-    SFT); the definition of ``rlhf eval``'s win rate with tie tolerance 0.
-    """
-    rates = []
-    for mine, theirs in zip(policy_scores, sft_scores):
-        outcomes = [1.0 if a > b else 0.5 if a == b else 0.0 for a in mine for b in theirs]
-        rates.append(sum(outcomes) / len(outcomes))
-    return sum(rates) / len(rates) if rates else float("nan")
 
 
 def pair_accuracy(truth: list[float], predicted: list[float]) -> float | None:
@@ -364,7 +352,11 @@ def run_round(ctx: Context, r: int) -> str | None:
         _write_rows(labels_file, rows)
         held_out = [row for row in rows if a.hold_out_random and row.get("chosen_as") == "random"]
         earlier = [row for q in range(1, r) for row in _read_rows(ctx.round_dir(q) / "labels.jsonl")]
-        original = load_rows(load_yaml(ctx.configs["reward"])["train_file"], "preference")
+        original_file = load_yaml(ctx.configs["reward"]).get("train_file")
+        if not original_file:
+            raise UserError(f"{ctx.configs['reward']}: rounds train the reward model on its train_file plus the "
+                            "rounds' labels: expected a train_file key, found none")
+        original = load_rows(original_file, "preference")
         _write_rows(test_file, held_out)
         _write_rows(train_file, original + earlier + [row for row in rows if row not in held_out])
     reward_dir = out / "reward"
@@ -376,7 +368,7 @@ def run_round(ctx: Context, r: int) -> str | None:
 
     # 6. PPO continues from the start policy against the new reward model; reference and KL stay SFT.
     ppo_dir = out / "ppo"
-    _run_ppo(ctx, ppo_dir, str(reward_dir), prev_policy)
+    _run_ppo(ctx, r, ppo_dir, str(reward_dir), prev_policy)
 
     # 7. The new policy on held-out prompts, and the round's report.
     end = sample_file(out / "end_samples.jsonl", str(ppo_dir), ctx.eval_prompts, ctx.sampling,
@@ -408,7 +400,7 @@ def _run_reward(ctx: Context, reward_dir: Path, train_file: Path, test_file: Pat
     run_reward(argv, callbacks=callbacks)
 
 
-def _run_ppo(ctx: Context, ppo_dir: Path, reward_dir: str, prev_policy: str) -> None:
+def _run_ppo(ctx: Context, r: int, ppo_dir: Path, reward_dir: str, prev_policy: str) -> None:
     from rlhf import ppo
 
     run = RunDir(ppo_dir)
@@ -416,7 +408,7 @@ def _run_ppo(ctx: Context, ppo_dir: Path, reward_dir: str, prev_policy: str) -> 
         return
     argv = ["--config", ctx.configs["ppo"], "--output_dir", str(ppo_dir), "--sft_model", ctx.outputs["sft"],
             "--reward_model", reward_dir, "--policy_model", prev_policy,
-            "--seed", str(ctx.ppo_seed + int(ppo_dir.parent.name.split("-")[-1]))]  # new prompt order each round
+            "--seed", str(ctx.ppo_seed + r)]  # a new prompt order each round
     if ctx.args.continue_kl_coef and ctx.kl_controller == "adaptive":
         previous = _read_json(Path(prev_policy) / "metrics.json").get("final_kl_coef")
         if previous is not None:
@@ -432,9 +424,8 @@ def _run_ppo(ctx: Context, ppo_dir: Path, reward_dir: str, prev_policy: str) -> 
 def reward_eval(ctx: Context, out: Path, before: str, after: str) -> dict:
     """The previous and the new reward model on this round's held-out random pairs (by their labels) and,
     with the demo annotator, on every pair of the start policy's held-out samples (by its noiseless score)."""
-    from rlhf.annotator import annotator_score
-
     from label.annotate import prompt_text
+    from rlhf.annotator import annotator_score
 
     a = ctx.args
     held_out = _read_rows(out / "reward_test.jsonl")
@@ -463,15 +454,21 @@ def reward_eval(ctx: Context, out: Path, before: str, after: str) -> dict:
     return report
 
 
-def annotator_win_rate(samples: list[dict], sft_samples: list[dict]) -> float:
-    from rlhf.annotator import annotator_score
+def annotator_win_rate(samples: list[dict], sft_samples: list[dict]) -> tuple[float, list[float]]:
+    """Win rate against SFT by the demo annotator, and its 95 % interval over prompts: ``rlhf eval``'s
+    (every pair of policy and SFT sample per prompt, ties half, mean over prompts)."""
+    import numpy as np
 
     from label.annotate import prompt_text
+    from rlhf.annotator import annotator_score
+    from rlhf.evaluate import win_rate_summary
 
-    def scores(rows: list[dict]) -> list[list[float]]:
-        return [[annotator_score(prompt_text(row["prompt"]), reply) for reply in row["replies"]] for row in rows]
+    def scores(rows: list[dict]) -> np.ndarray:  # (prompts, samples per prompt)
+        return np.array([[annotator_score(prompt_text(row["prompt"]), reply) for reply in row["replies"]]
+                         for row in rows])
 
-    return win_rate(scores(samples), scores(sft_samples))
+    summary = win_rate_summary(scores(samples), scores(sft_samples), n_boot=2000)
+    return summary["win_rate"], list(summary["win_rate_ci"])
 
 
 def round_metrics(ctx: Context, r: int, out: Path, campaign, end: list[dict], started: float) -> dict:
@@ -492,8 +489,9 @@ def round_metrics(ctx: Context, r: int, out: Path, campaign, end: list[dict], st
         "campaign_rm_accuracy": stats["reward_model_accuracy"],
         **_read_json(out / "rm_eval.json"),
         "reward_train_pairs": reward.get("train_pairs"),
-        "start_win_rate": annotator_win_rate(_read_rows(out / "start_samples.jsonl"), sft_samples),
-        "win_rate": annotator_win_rate(end, sft_samples),
+        **dict(zip(("start_win_rate", "start_win_rate_ci"),
+                   annotator_win_rate(_read_rows(out / "start_samples.jsonl"), sft_samples))),
+        **dict(zip(("win_rate", "win_rate_ci"), annotator_win_rate(end, sft_samples))),
         "kl": ppo.get("eval_policy_kl_to_reference"),
         "final_kl": ppo.get("final_kl"),
         "response_length": ppo.get("eval_policy_response_length"),
@@ -516,7 +514,8 @@ def write_summary(ctx: Context, count: int) -> str:
     first = ctx.round_dir(1) / "metrics.json"
     if first.exists():
         m, ppo0 = _read_json(first), _read_json(Path(ctx.policy(0)) / "metrics.json")
-        rows.append(f"| 0 (pipeline) | | | | | {_fmt(m['start_win_rate'], True)} | "
+        rows.append(f"| 0 (pipeline) | | | | | {_fmt(m['start_win_rate'], True)} "
+                    f"({_fmt(m['start_win_rate_ci'][0], True)}-{_fmt(m['start_win_rate_ci'][1], True)}) | "
                     f"{_fmt(ppo0.get('eval_policy_kl_to_reference'))} | {_fmt(ppo0.get('eval_policy_response_length'))} |")
     for r in range(1, count + 1):
         path = ctx.round_dir(r) / "metrics.json"
@@ -528,18 +527,19 @@ def write_summary(ctx: Context, count: int) -> str:
             f"{_fmt(m['rm_accuracy_before'], True)} -> {_fmt(m['rm_accuracy_after'], True)} "
             f"({m['rm_accuracy_pairs']} pairs) | "
             f"{_fmt(m.get('rm_annotator_accuracy_before'), True)} -> {_fmt(m.get('rm_annotator_accuracy_after'), True)}"
-            f" ({m.get('rm_annotator_pairs', 0)} pairs) | {m['wall_seconds']:.0f} s | {_fmt(m['win_rate'], True)} | "
+            f" ({m.get('rm_annotator_pairs', 0)} pairs) | {m['wall_seconds']:.0f} s | {_fmt(m['win_rate'], True)} "
+            f"({_fmt(m['win_rate_ci'][0], True)}-{_fmt(m['win_rate_ci'][1], True)}) | "
             f"{_fmt(m['kl'])} | {_fmt(m['response_length'])} |")
     text = "\n".join([
         f"# Labeling rounds ({ctx.root})",
         "",
-        "Reward-model accuracy on fresh pairs from the policy each round starts from, before -> after the round "
-        "retrains it: on the round's labeled random pairs (held out of its training), and against the noiseless "
-        "demo annotator on every pair of that policy's held-out samples. Win rate: the round's policy against SFT "
-        "by the demo annotator; KL to SFT and reply length (tokens) on held-out prompts.",
+        ("Reward-model accuracy on fresh pairs from the policy each round starts from, before -> after the round "
+         "retrains it: on the round's labeled random pairs (held out of its training), and against the noiseless "
+         "demo annotator on every pair of that policy's held-out samples. Win rate: the round's policy against SFT "
+         "by the demo annotator; KL to SFT and reply length (tokens) on held-out prompts."),
         "",
-        "| round | labeled pairs | RM accuracy, labeled random pairs | RM accuracy, annotator | time | "
-        "win rate vs SFT | KL | reply length |",
+        ("| round | labeled pairs | RM accuracy, labeled random pairs | RM accuracy, annotator | time | "
+         "win rate vs SFT (95 % interval) | KL | reply length |"),
         "|---|---|---|---|---|---|---|---|",
         *rows,
     ]) + "\n"
