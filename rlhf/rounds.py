@@ -408,7 +408,10 @@ def _run_ppo(ctx: Context, r: int, ppo_dir: Path, reward_dir: str, prev_policy: 
         return
     argv = ["--config", ctx.configs["ppo"], "--output_dir", str(ppo_dir), "--sft_model", ctx.outputs["sft"],
             "--reward_model", reward_dir, "--policy_model", prev_policy,
-            "--seed", str(ctx.ppo_seed + r)]  # a new prompt order each round
+            "--seed", str(ctx.ppo_seed + r),  # a new prompt order each round
+            # PPO's own held-out evaluation gives the report's KL to SFT and reply length (the demo's PPO
+            # config turns it off, as make demo evaluates with rlhf eval).
+            "--eval_prompts", str(ctx.args.eval_prompts)]
     if ctx.args.continue_kl_coef and ctx.kl_controller == "adaptive":
         previous = _read_json(Path(prev_policy) / "metrics.json").get("final_kl_coef")
         if previous is not None:
