@@ -651,7 +651,11 @@ def build_parser(prog: str, sections: tuple[str, ...]) -> argparse.ArgumentParse
 
 
 def eval_command(argv: list[str]) -> int:
-    """``rlhf eval [forgetting|factual|bias] --runs ... --out ...``."""
+    """``rlhf eval [forgetting|factual|bias|canaries] --runs ... --out ...``."""
+    if argv[:1] == ["canaries"]:  # its own options and report: rlhf/canaries.py
+        from rlhf.canaries import canaries_command
+
+        return canaries_command(argv[1:])
     sections = SECTIONS
     prog = "rlhf eval"
     if argv[:1] and argv[0] in SUBCOMMANDS:

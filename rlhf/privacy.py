@@ -2,7 +2,11 @@
 
     rlhf data scan data/sft_train.jsonl                              # report file:line, field, kind (masked)
     rlhf data scan data/sft_train.jsonl --scrub --out data/sft_train.clean.jsonl
+    rlhf data scan data/sft_train.jsonl --canaries 4 --out data/sft_train.canary.jsonl   # + canaries.json sidecar
     # exit code 0: nothing found (or scrubbed into --out); 1: found, not scrubbed; 2: bad input
+
+``--canaries N`` plants N random canaries in the ``--out`` copy, for ``rlhf eval canaries`` to check
+whether a model trained on it reproduces them (:mod:`rlhf.canaries`).
 
 What is found, by presidio-analyzer's pattern recognizers (no hand-written PII regexes):
 
@@ -35,6 +39,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
+from rlhf.canaries import DEFAULT_ALPHABET, DEFAULT_FORMAT, CanaryFormat, plant_canaries, sidecar_path
 from rlhf.errors import UserError
 
 PLACEHOLDERS = {
@@ -232,16 +237,28 @@ def write_rows(path: str | os.PathLike, rows: list[dict]) -> None:
 
 
 def scan_command(argv: list[str]) -> int:
-    """``rlhf data scan <file> [--scrub --out <file>]``."""
+    """``rlhf data scan <file> [--scrub] [--canaries N] [--out <file>]``."""
     parser = argparse.ArgumentParser(prog="rlhf data scan", description=__doc__.split("\n\n")[0])
     parser.add_argument("file", help="a data file (.jsonl/.json/.csv/.parquet) or a datasets save_to_disk directory")
     parser.add_argument("--scrub", action="store_true", help="write a copy with each item replaced by a placeholder")
-    parser.add_argument("--out", help="with --scrub: the cleaned copy (.jsonl/.json/.csv/.parquet)")
+    parser.add_argument("--out", help="with --scrub and/or --canaries: the copy to write (.jsonl/.json/.csv/.parquet)")
+    canary = parser.add_argument_group("canaries (a memorization check, rlhf/canaries.py; measure with rlhf eval canaries)")
+    canary.add_argument("--canaries", type=int, default=0,
+                        help="plant this many random canaries in the --out copy; recorded in <out stem>.canaries.json")
+    canary.add_argument("--canary_format", default=DEFAULT_FORMAT, help="canary text, one {} per secret symbol")
+    canary.add_argument("--canary_alphabet", default=DEFAULT_ALPHABET,
+                        help="the symbols: comma-separated words, or (no comma) the characters of the string")
+    canary.add_argument("--canary_repeats", type=int, default=1, help="training rows per canary")
+    canary.add_argument("--canary_unseen", type=int, help="control canaries planted nowhere (default: --canaries)")
+    canary.add_argument("--canary_seed", type=int, default=0)
     args = parser.parse_args(argv)
     if args.scrub and not args.out:
         raise UserError("--scrub: expected --out <file> for the cleaned copy, found none")
-    if args.out and not args.scrub:
-        raise UserError("--out: only with --scrub (a scan alone writes nothing)")
+    if args.canaries and not args.out:
+        raise UserError("--canaries: expected --out <file> for the copy with the canaries, found none")
+    if args.out and not (args.scrub or args.canaries):
+        raise UserError("--out: only with --scrub or --canaries (a scan alone writes nothing)")
+    fmt = CanaryFormat(args.canary_format, args.canary_alphabet) if args.canaries else None
     if args.out and Path(args.out).resolve() == Path(args.file).resolve():
         raise UserError(f"--out {args.out}: expected a new file, found the input itself (keep the original)")
     findings, rows = scan_file(args.file, scrub=args.scrub)
@@ -251,8 +268,18 @@ def scan_command(argv: list[str]) -> int:
     for finding in findings:
         counts[finding.entity] = counts.get(finding.entity, 0) + 1
     summary = ", ".join(f"{n} {e}" for e, n in sorted(counts.items())) or "nothing"
-    if args.scrub:
+    if args.canaries:
+        rows, sidecar = plant_canaries(rows, args.canaries, fmt, args.canary_seed, args.canary_repeats,
+                                       args.canary_unseen, source=args.file)
         write_rows(args.out, rows)
+        sidecar_file = sidecar_path(args.out)
+        sidecar_file.write_text(json.dumps({"data": str(args.out), **sidecar}, ensure_ascii=False, indent=1) + "\n",
+                                encoding="utf-8")
+        print(f"planted {args.canaries} canaries x {args.canary_repeats} rows in {args.out} "
+              f"({fmt.space_log2:.1f}-bit candidate space); canaries -> {sidecar_file}")
+    if args.scrub:
+        if not args.canaries:
+            write_rows(args.out, rows)
         print(f"found {summary} in {args.file}; scrubbed copy -> {args.out}")
         return 0
     print(f"found {summary} in {args.file}" + ("; --scrub --out <file> writes a copy without them" if findings else ""),

@@ -136,3 +136,21 @@ def test_user_errors(argv, message, tmp_path, capsys):
     assert "missing.jsonl: no such file or directory" in capsys.readouterr().err
     assert main(["data", "clean", str(path)]) == 2
     assert "expected an action (scan), found 'clean'" in capsys.readouterr().err
+
+
+def test_scrub_and_canaries_write_one_copy_without_the_items_and_with_the_canaries(tmp_path, capsys):
+    from rlhf.canaries import sidecar_path
+
+    path, out = tmp_path / "train.jsonl", tmp_path / "clean.jsonl"
+    write_jsonl(path, planted_rows())
+    assert main(["data", "scan", str(path), "--scrub", "--canaries", "2", "--out", str(out)]) == 0
+    text = out.read_text()
+    for value, placeholder in PLANTED.values():
+        assert value not in text and placeholder in text
+    sidecar = json.loads(sidecar_path(out).read_text())
+    planted = [c for c in sidecar["canaries"] if c["planted"]]
+    assert len(planted) == 2 and all(c["text"] in text and c["text"].startswith("my secret code is ") for c in planted)
+    assert len(read_records(out)) == len(planted_rows()) + 2
+    # The canaries are not private data: a scan of the copy reports nothing.
+    capsys.readouterr()
+    assert main(["data", "scan", str(out)]) == 0
