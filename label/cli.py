@@ -121,12 +121,13 @@ def _generate(args) -> int:
     given = {name: getattr(args, name) for name in ("max_new_tokens", "temperature", "top_k", "top_p")}
     sampling = SamplingArguments(**{name: value for name, value in given.items() if value is not None})
     if uncertain:
-        from label.ingest import generate_uncertain
+        from label.ingest import check_reward_model, generate_uncertain
 
         # Checked before the campaign is created, so a bad flag leaves nothing behind.
         if args.budget < 1 or not 0 <= args.random_share <= 1:
             raise UserError(f"--budget/--random_share: expected at least 1 pair and a share from 0 to 1, found "
                             f"{args.budget} and {args.random_share}")
+        check_reward_model(args.reward_model)
         campaign = Campaign.create_or_open(args.out)
         result = generate_uncertain(args.model, args.prompts, campaign, sampling, args.reward_model, args.budget,
                                     n=args.n, random_share=args.random_share, batch_size=args.batch_size,

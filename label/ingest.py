@@ -105,6 +105,17 @@ def generate_responses(model_dir: str | list[str], prompts_path: str, campaign: 
     return result
 
 
+def check_reward_model(reward_model: str):
+    """The reward model's :class:`rlhf.runs.RunInfo`, read without loading it; refuses anything else."""
+    from rlhf.runs import read_run
+
+    info = read_run(reward_model)
+    if info.task is not None and info.task != "seq-cls":
+        raise UserError(f"--reward_model: expected a reward model (a reward stage output, or a sequence-"
+                        f"classification model), found {info.describe()} in {info.path}")
+    return info
+
+
 def generate_uncertain(model_dirs: list[str], prompts_path: str, campaign: Campaign, sampling, reward_model: str,
                        budget: int, n: int = 2, random_share: float = 0.2, batch_size: int = 8,
                        seed: int = 0) -> AddResult:
@@ -125,9 +136,9 @@ def generate_uncertain(model_dirs: list[str], prompts_path: str, campaign: Campa
     from rlhf.scoring import score_replies
 
     records, prompts = _read_prompts(prompts_path)
-    # Refuse a model that is not a reward model before the (slow) sampling.
-    reward, reward_tokenizer = load_run(reward_model, "seq-cls")
+    info = check_reward_model(reward_model)  # before the (slow) sampling; loaded after it, not beside the policy
     sampled = _sample(model_dirs, prompts, sampling, n, batch_size, seed)
+    reward, reward_tokenizer = load_run(info, "seq-cls")
     have = campaign.pair_texts()
     pool = []  # (prompt index, reply index, reply index)
     for p, replies in enumerate(sampled):

@@ -133,9 +133,8 @@ def test_stats_split_reward_model_accuracy_by_how_pairs_were_chosen(tmp_path, ca
 def _tiny_reward_model(path, seed=1):
     """A random-weight sequence-classification model: a reward model load_run accepts as it is."""
     import torch
-    from transformers import LlamaConfig, LlamaForSequenceClassification
-
     from tiny_model import build_tokenizer
+    from transformers import LlamaConfig, LlamaForSequenceClassification
 
     tokenizer = build_tokenizer()
     config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
@@ -183,5 +182,9 @@ def test_generate_select_uncertain_from_two_models(tmp_path, tiny_model_dir, cap
     # Flags that only make sense together.
     assert main(["generate", "--model", str(other), "--prompts", str(prompts), "--select", "uncertain",
                  "--budget", "10", "--out", str(tmp_path / "none")]) == 2
-    assert not (tmp_path / "none").exists()
     assert "expected --reward_model" in capsys.readouterr().err
+    assert not (tmp_path / "none").exists()
+    assert main(["generate", "--model", str(other), "--prompts", str(prompts), "--select", "uncertain",
+                 "--reward_model", str(other), "--budget", "10", "--out", str(tmp_path / "none")]) == 2
+    assert "--reward_model: expected a reward model" in capsys.readouterr().err
+    assert not (tmp_path / "none").exists()
