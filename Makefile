@@ -8,7 +8,7 @@ TORCH_VERSION ?= 2.13.0
 export TOKENIZERS_PARALLELISM := false
 export HF_HUB_OFFLINE := 1
 
-.PHONY: install demo demo-rounds test data model bench-sft bench-ppo clean
+.PHONY: install demo demo-rounds test data model bench-sft bench-ppo compare clean
 
 install: $(VENV)/.installed
 
@@ -41,6 +41,10 @@ bench-sft: install model
 
 bench-ppo: install model
 	$(PY) scripts/bench_ppo.py
+
+# PPO, DPO, GRPO, RLOO from the same SFT and reward runs, same training time each (tens of minutes).
+compare: install model
+	$(PY) scripts/compare_methods.py
 
 clean:
 	rm -rf runs .pytest_cache
