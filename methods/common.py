@@ -97,10 +97,10 @@ def shared_base_args(stage: StageRun) -> ModelArguments:
                              else str(sft_dir)})
 
 
-def build_policy(stage: StageRun) -> AdapterRegistry:
-    """The base loaded once, the SFT adapter on it as ``default`` (trainable), the reward adapter as ``reward``."""
+def build_policy(stage: StageRun, base_args: ModelArguments) -> AdapterRegistry:
+    """The base loaded once (``base_args``: :func:`shared_base_args`), the SFT adapter on it as ``default``
+    (trainable), the reward adapter as ``reward``."""
     args = stage.stage_args
-    base_args = shared_base_args(stage)
     stage.model_args.model_name_or_path = base_args.model_name_or_path  # config.yaml records the real base
     base = load_base_model(base_args, "causal-lm", stage.training_args.gradient_checkpointing)
     registry = AdapterRegistry(base)

@@ -16,7 +16,7 @@ import logging
 from typing import Any
 
 from methods.common import (MethodArguments, build_policy, check_reference_is_shared, drop_extra_adapters,
-                            evaluate_policy, held_out_prompts, parse_method)
+                            evaluate_policy, held_out_prompts, parse_method, shared_base_args)
 from rlhf.formatting import encode_prompt, encode_reply
 from rlhf.models import load_tokenizer
 from rlhf.stage import StageRun, finish_stage, make_trainer, train_with_resume
@@ -69,9 +69,10 @@ def run(argv: list[str] | None = None, values: dict[str, Any] | None = None, cal
     tokenizer = load_tokenizer(stage.stage_args.sft_model, stage.model_args.trust_remote_code)
     data = {name: Dataset.from_dict(tokenize_preferences(tokenizer, rows)) for name, rows in splits.items() if rows}
     eval_prompts = held_out_prompts(splits, stage.stage_args.eval_prompts)
+    base_args = shared_base_args(stage)  # refuses SFT/reward runs that cannot share a base, before any output
     with stage.run.removed_on_error():
         checkpoint = stage.prepare()
-        registry = build_policy(stage)
+        registry = build_policy(stage, base_args)
         trainer = make_trainer(stage, dpo_trainer_class(), registry.peft_model, tokenizer, data, callbacks)
         reference = check_reference_is_shared(trainer)
         metrics: dict[str, Any] = train_with_resume(trainer, checkpoint)

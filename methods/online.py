@@ -23,7 +23,7 @@ import logging
 from typing import Any
 
 from methods.common import (MethodArguments, adapter_reward, build_policy, check_reference_is_shared,
-                            drop_extra_adapters, evaluate_policy, held_out_prompts, parse_method)
+                            drop_extra_adapters, evaluate_policy, held_out_prompts, parse_method, shared_base_args)
 from rlhf.errors import UserError
 from rlhf.formatting import as_messages
 from rlhf.models import load_tokenizer
@@ -53,9 +53,10 @@ def run_online(method: str, argv: list[str] | None, values: dict[str, Any] | Non
     # Chat messages, so TRL renders each prompt through the chat template as every stage does (rlhf.formatting).
     data = {"train": Dataset.from_dict({"prompt": [as_messages(r["prompt"]) for r in splits["train"]]})}
     eval_prompts = held_out_prompts(splits, stage.stage_args.eval_prompts)
+    base_args = shared_base_args(stage)  # refuses SFT/reward runs that cannot share a base, before any output
     with stage.run.removed_on_error():
         checkpoint = stage.prepare()
-        registry = build_policy(stage)
+        registry = build_policy(stage, base_args)
         trainer_class = functools.partial(trainer_class, reward_funcs=[adapter_reward(registry, tokenizer)])
         trainer = make_trainer(stage, trainer_class, registry.peft_model, tokenizer, data, callbacks)
         reference = check_reference_is_shared(trainer)

@@ -194,3 +194,17 @@ def test_pipeline_method_key_runs_the_method_from_the_finished_stages(starts, tm
     assert outputs["grpo"] == str(root / "grpo")
     assert json.loads((root / "grpo" / "metrics.json").read_text())["num_generations"] == 2
     assert load_yaml(root / "grpo" / "config.yaml")["sft_model"] == str(root / "sft")
+
+
+@pytest.mark.parametrize("method", ["dpo", "rloo"])
+def test_runs_that_cannot_share_a_base_are_refused_before_any_output(method, starts, tmp_path):
+    """Swapped SFT and reward runs: a one-line error naming the key, and no output directory at all."""
+    from rlhf.errors import UserError
+
+    run = importlib.import_module(f"methods.{method}").run
+    argv = method_argv(method, starts, tmp_path / "out")
+    swapped = [{str(starts["sft_run"]): str(starts["reward_run"]),
+                str(starts["reward_run"]): str(starts["sft_run"])}.get(a, a) for a in argv]
+    with pytest.raises(UserError, match="sft_model: expected an SFT stage output"):
+        run(swapped)
+    assert not (tmp_path / "out").exists() and not (tmp_path / "out.tmp").exists()
