@@ -24,6 +24,7 @@ Components, in bytes (:class:`MemoryEstimate`):
                  allocator keeps (``RETENTION``), and the LM head's working set (SFT: TRL's fused
                  head, a tile at a time; PPO: reply positions only; reward: no vocabulary logits)
     kv_cache     PPO generation: 2 x layers x batch x (prompt + new) x kv_heads x head_dim x bytes
+    merged_copy  PPO generation with merge_for_generation on a CPU: the backup of the wrapped weights
 
 How the total combines them. Weights, adapters and optimizer state live for the whole run. The rest
 are phases: PPO generates (KV cache), then scores the rollout without gradients (the whole batch's
@@ -31,10 +32,12 @@ reply logits), then trains micro-batch by micro-batch (activations), each phase 
 before the next; and within a training step the gradients grow during the backward while the
 activations are freed (they are set to None after each optimizer step). So
 
-    total = runtime + weights + adapters + optimizer + max(gradients, activations, kv_cache, scoring)
+    total = runtime + weights + adapters + optimizer + max(gradients, activations, kv_cache + merged_copy, scoring)
 
-The calibration (peak RSS of our stage code on CPU against this estimate, within 10 %) is in
-docs/memory.md; ``python tests/test_memory.py`` measures it again.
+The calibration (peak RSS of our stage code on CPU against this estimate: within 5 % on the default
+model, within 15 % at SmolLM2-360M's shape in bf16) is in docs/memory.md; ``python
+tests/test_memory.py`` and ``python scripts/bench_scale.py`` measure it again.
+:func:`estimate_separate_models_ppo` estimates TRL 0.19's PPO layout for comparison.
 """
 
 from __future__ import annotations
@@ -64,15 +67,17 @@ RUNTIME_CPU = 564 * MiB
 RUNTIME_CUDA = 512 * MiB
 # Freed memory the allocator keeps, as a fraction of the activations one forward saves (without
 # checkpointing: the volume of per-layer temporaries is about the same either way).
-# CPU: our stages turn glibc's mmap off and never trim the heap (rlhf/allocator.py), so a step's
-# temporaries stay in the heap between steps and fragment it. Fitted on the calibration runs of
-# docs/memory.md (2 steps each, step 2 is the steady state): LoRA SFT 0.91-0.99 (QLoRA 1.8: the
-# dequantised weights are temporaries too), full fine-tuning 0.37-0.40 (the weight gradients fill
-# the holes), reward 0.73, PPO 2.4-2.9 (each micro-batch builds and frees the policy graph, then the
-# value graph, every PPO epoch, and the second graph does not fit in the first one's holes).
-# With MALLOC_MMAP_THRESHOLD_=65536 in the environment glibc keeps almost nothing and the peak drops
-# by about this term (PPO batch 8 x (64 + 48): 2.5 GiB, measured before this allocator change,
-# against 5.5 GiB now), at a cost in speed.
+# CPU (rlhf/allocator.py sets glibc malloc; docs/memory.md, "The allocator"): a step's temporaries
+# stay in the heap between steps and fragment it. Fitted with the setting keep on the fp32
+# calibration runs of docs/memory.md (2 steps each, step 2 is the steady state): LoRA SFT 0.91-0.99,
+# QLoRA with float32 compute 1.8 (the dequantised weights are temporaries too), full fine-tuning
+# 0.37-0.40 (the weight gradients fill the holes), reward 0.73, PPO with 2 epochs 2.4-2.9 (each
+# micro-batch builds and frees the policy graph, then the value graph, every epoch, and the second
+# graph does not fit in the first one's holes). Fitted on scripts/bench_scale.py's bf16 rows at
+# SmolLM2-360M's shape (one step each): QLoRA with bf16 compute 0.38-0.67 -> 0.5, PPO's
+# single-pass update 0.87-0.91 (1.25 on the default model over 4 steps) -> 1.1, TRL 0.19's layout
+# 0.21 (one run). The default setting, bounded, held the same or less than keep in every side by
+# side run, so these fractions err high for it.
 # CUDA: the caching allocator reuses its blocks; 0.15 for rounding and fragmentation is an assumption.
 RETENTION = {"cpu": {"sft": 0.95, "reward": 0.75, "ppo": 2.6, "ppo-single-pass": 1.1, "full": 0.4, "qlora": 1.8,
                      "qlora-half": 0.5, "separate": 0.2},
