@@ -188,3 +188,17 @@ def test_generate_select_uncertain_from_two_models(tmp_path, tiny_model_dir, cap
                  "--reward_model", str(other), "--budget", "10", "--out", str(tmp_path / "none")]) == 2
     assert "--reward_model: expected a reward model" in capsys.readouterr().err
     assert not (tmp_path / "none").exists()
+
+
+def test_the_page_api_hands_out_uncertain_pairs_first(tmp_path):
+    from fastapi.testclient import TestClient
+
+    from label.app import create_app
+
+    campaign = Campaign.create_or_open(tmp_path / "c")
+    campaign.add_responses([("f:1", "Review tea.", ["Tea is nice.", "Tea is bad.", "Tea."], "import")], seed=1)
+    campaign.add_pairs([_pair("Review tea.", "Tea is great.", "Tea is dull.", 0.7, "random"),
+                        _pair("Review soup.", "Soup is good.", "Soup is dull.", 0.01, "uncertain")], seed=2)
+    client = TestClient(create_app(campaign))
+    item = client.get("/api/next", headers={"X-Annotator": "ann"}).json()["item"]
+    assert {item["left"]["text"], item["right"]["text"]} == {"Soup is good.", "Soup is dull."}
