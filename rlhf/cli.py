@@ -7,8 +7,6 @@
     rlhf ppo --config configs/ppo.yaml
     rlhf dpo|grpo|rloo --config configs/<method>.yaml   alternatives to PPO on the same shared base
     rlhf sweep --config configs/sft.yaml --space configs/sweep/sft.yaml --trials 20 --study runs/sweep/sft
-    rlhf dpo|grpo|rloo --config configs/<method>.yaml   alternatives to PPO on the same shared base
-    rlhf sweep --config configs/sft.yaml --space configs/sweep/sft.yaml --trials 20 --study runs/sweep/sft
     rlhf pipeline --config configs/pipeline.yaml
     rlhf generate --model runs/ppo --prompts prompts.jsonl --out replies.jsonl
     rlhf label generate|import|serve|stats|export ...
@@ -98,22 +96,6 @@ def _sweep(argv: list[str]) -> int:
     return sweep_command(argv)
 
 
-def _method(name: str):
-    def command(argv: list[str]) -> int:
-        import importlib
-
-        _print_metrics(importlib.import_module(f"methods.{name}").run(argv))
-        return 0
-
-    return command
-
-
-def _sweep(argv: list[str]) -> int:
-    from rlhf.sweep import sweep_command
-
-    return sweep_command(argv)
-
-
 def _ppo(argv: list[str]) -> int:
     from rlhf.ppo import run
 
@@ -181,10 +163,6 @@ COMMANDS = {
     "sft": _sft,
     "reward": _reward,
     "ppo": _ppo,
-    "dpo": _method("dpo"),
-    "grpo": _method("grpo"),
-    "rloo": _method("rloo"),
-    "sweep": _sweep,
     "dpo": _method("dpo"),
     "grpo": _method("grpo"),
     "rloo": _method("rloo"),
