@@ -191,6 +191,23 @@ def evaluate_policy(stage: StageRun, registry: AdapterRegistry, tokenizer, work:
     return roles.compare_with_reference(prompts, args.eval_batch_size, seed=1234)
 
 
+def policy_outputs(stage: StageRun, registry: AdapterRegistry, tokenizer, metrics: dict[str, Any],
+                   prompts: list) -> Callable[[Path], None]:
+    """What a policy method writes beside TRL's outputs (finish_stage's ``extra``): only its own adapter
+    at the root, the held-out evaluation into ``metrics`` and ``eval_samples.jsonl``."""
+
+    def write(work: Path) -> None:
+        from rlhf.data import write_jsonl
+
+        drop_extra_adapters(work)
+        found, samples = evaluate_policy(stage, registry, tokenizer, work, prompts)
+        metrics.update(found)
+        if samples:
+            write_jsonl(work / "eval_samples.jsonl", samples)
+
+    return write
+
+
 def held_out_prompts(splits: dict[str, list[dict]], count: int) -> list:
     rows = splits.get("test") or splits.get("validation") or []
     seen, prompts = set(), []

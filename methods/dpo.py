@@ -15,8 +15,8 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from methods.common import (MethodArguments, build_policy, check_reference_is_shared, drop_extra_adapters,
-                            evaluate_policy, held_out_prompts, parse_method, shared_base_args)
+from methods.common import (MethodArguments, build_policy, check_reference_is_shared, held_out_prompts,
+                            parse_method, policy_outputs, shared_base_args)
 from rlhf.formatting import encode_prompt, encode_reply
 from rlhf.models import load_tokenizer
 from rlhf.stage import StageRun, finish_stage, make_trainer, train_with_resume
@@ -83,15 +83,6 @@ def run(argv: list[str] | None = None, values: dict[str, Any] | None = None, cal
             found = trainer.evaluate(data["validation"], metric_key_prefix="validation")
             metrics.update({(f"validation_{k[5:]}" if k.startswith("eval_") else k): v for k, v in found.items()})
 
-        def write_extras(work) -> None:
-            drop_extra_adapters(work)
-            found, samples = evaluate_policy(stage, registry, tokenizer, work, eval_prompts)
-            metrics.update(found)
-            if samples:
-                from rlhf.data import write_jsonl
-
-                write_jsonl(work / "eval_samples.jsonl", samples)
-
         return finish_stage(stage, trainer, tokenizer, metrics, "DPO",
                             [["loss", "eval_loss"], ["rewards/margins", "eval_rewards/margins"],
-                             ["rewards/accuracies", "eval_rewards/accuracies"]], extra=write_extras)
+                             ["rewards/accuracies", "eval_rewards/accuracies"]], extra=policy_outputs(stage, registry, tokenizer, metrics, eval_prompts))

@@ -23,7 +23,7 @@ import logging
 from typing import Any
 
 from methods.common import (MethodArguments, adapter_reward, build_policy, check_reference_is_shared,
-                            drop_extra_adapters, evaluate_policy, held_out_prompts, parse_method, shared_base_args)
+                            held_out_prompts, parse_method, policy_outputs, shared_base_args)
 from rlhf.errors import UserError
 from rlhf.formatting import as_messages
 from rlhf.models import load_tokenizer
@@ -69,13 +69,4 @@ def run_online(method: str, argv: list[str] | None, values: dict[str, Any] | Non
         metrics.update(stage.parameter_counts, train_prompts=len(splits["train"]), reference=reference,
                        beta=stage.training_args.beta, num_generations=stage.training_args.num_generations)
 
-        def write_extras(work) -> None:
-            drop_extra_adapters(work)
-            found, samples = evaluate_policy(stage, registry, tokenizer, work, eval_prompts)
-            metrics.update(found)
-            if samples:
-                from rlhf.data import write_jsonl
-
-                write_jsonl(work / "eval_samples.jsonl", samples)
-
-        return finish_stage(stage, trainer, tokenizer, metrics, method.upper(), CURVES, extra=write_extras)
+        return finish_stage(stage, trainer, tokenizer, metrics, method.upper(), CURVES, extra=policy_outputs(stage, registry, tokenizer, metrics, eval_prompts))

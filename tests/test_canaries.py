@@ -17,7 +17,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
 from rlhf.canaries import CanaryFormat, exposure_extrapolated, exposure_from_rank, plant_canaries, sidecar_path
 from rlhf.cli import main
@@ -30,12 +29,7 @@ WORD_FORMAT = "the thing i love is {} {} {} {} {} {}"
 WORD_ALPHABET = "coffee,tea,pizza,bread,cheese,apple,mango,pasta,soup,salad"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def sft_rows() -> list[dict]:

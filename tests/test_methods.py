@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import importlib
 import json
-import os
 from pathlib import Path
 
 import pytest
@@ -24,19 +23,7 @@ RUN_FILES = ("adapter_model.safetensors", "adapter_config.json", "config.yaml", 
              "log_history.json", "tokenizer_config.json", "eval_samples.jsonl")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One torch thread here and in the killed children: on a 2-core machine shared with other jobs,
-    two threads spin-wait on each other and a tiny matmul takes 70x longer (measured 17 ms vs 0.23 ms)."""
-    threads, env = torch.get_num_threads(), os.environ.get("OMP_NUM_THREADS")
-    torch.set_num_threads(1)
-    os.environ["OMP_NUM_THREADS"] = "1"
-    yield
-    torch.set_num_threads(threads)
-    if env is None:
-        os.environ.pop("OMP_NUM_THREADS")
-    else:
-        os.environ["OMP_NUM_THREADS"] = env
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")

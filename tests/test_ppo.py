@@ -43,12 +43,7 @@ EOS_BIAS = 2.0  # added to the EOS logit while sampling in test 4, so some repli
 # -- the tiny pipeline ----------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")

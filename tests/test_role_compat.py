@@ -26,16 +26,9 @@ from rlhf.errors import UserError
 REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "configs" / "tiny"
 DATA = REPO / "data" / "demo"
-pytestmark = pytest.mark.slow  # a handful of one-step tiny stage runs
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]  # a handful of one-step tiny stage runs
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # Tiny matmuls gain nothing from two threads on a busy 2-core machine (see tests/test_ppo.py).
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def train(stage: str, model: Path, out: Path, *extra: str) -> Path:
