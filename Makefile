@@ -8,7 +8,7 @@ TORCH_VERSION ?= 2.13.0
 export TOKENIZERS_PARALLELISM := false
 export HF_HUB_OFFLINE := 1
 
-.PHONY: install demo demo-rounds test data model bench-sft bench-ppo compare clean
+.PHONY: install demo demo-rounds test data model bench-sft bench-ppo bench-scale compare clean
 
 install: $(VENV)/.installed
 
@@ -41,6 +41,10 @@ bench-sft: install model
 
 bench-ppo: install model
 	$(PY) scripts/bench_ppo.py
+
+# One step of each stage at the SmolLM2-360M shape, peak RSS beside rlhf estimate-memory (tens of minutes).
+bench-scale: install model
+	$(PY) scripts/bench_scale.py --shape 360m
 
 # PPO, DPO, GRPO, RLOO from the same SFT and reward runs, same training time each (tens of minutes).
 compare: install model
