@@ -367,7 +367,7 @@ def evaluate(args: argparse.Namespace, sections: tuple[str, ...] = SECTIONS) -> 
     from rlhf.formatting import encode_prompt, encode_prompt_reply
     from rlhf.generation import SamplingArguments, load_for_generation
     from rlhf.judges import lexicon_sentiment, parse_judges, prompt_text
-    from rlhf.risks import (BIAS_PAIRS, GENERAL_TEXT, QA_FILE, bias_gaps, factual_drift, forgetting_status,
+    from rlhf.risks import (BIAS_PAIRS, GENERAL_TEXT, QA_FILE, factual_drift, forgetting_status,
                             qa_answers, read_bias_pairs, read_qa)
 
     started = time.time()

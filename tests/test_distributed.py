@@ -59,7 +59,7 @@ def stage_outputs(tiny_model_dir, tmp_path_factory):
 @pytest.mark.parametrize("stage,kind", [("sft", "sft"), ("reward", "prefs")])
 def test_trainer_stages_run_under_two_processes(stage, kind, tiny_model_dir, tmp_path):
     out = tmp_path / stage
-    result = torchrun(f"{stage}.py", [
+    torchrun(f"{stage}.py", [
         "--config", str(TINY / f"{stage}.yaml"), "--model_name_or_path", str(tiny_model_dir),
         "--output_dir", str(out),
         "--train_file", str(ROOT / f"data/demo/{kind}_train.jsonl"),
