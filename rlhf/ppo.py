@@ -7,17 +7,19 @@ Roles (rlhf.adapters.AdapterRegistry):
     policy     trainable LoRA adapter, initialised from the SFT adapter
     reference  the SFT adapter again, frozen (or the base with adapters off when SFT was merged)
     reward     the reward stage's adapter + score head, frozen
-    value      trainable LoRA adapter + scalar head, initialised from the reward model
+    value      value_model critic: trainable LoRA adapter + scalar head, initialised from the reward
+               model; policy_head: a scalar head on the policy's own hidden states
 
 Each PPO step reads as the algorithm (Ouyang et al. 2022; Huang et al. 2024 for the details):
     1. sample a batch of prompts
     2. generate replies with the policy (KV cache, left padding, fixed sampling settings)
     3. score: reward at the last real token, policy/reference logprobs, values (no grad)
-    4. per-token rewards: -kl_coef * KL, plus the score at the last real token
+    4. per-token rewards: -kl_coef * KL, plus the score (normalized, clipped, missing-EOS penalty)
     5. GAE advantages over response tokens, whitened over real tokens
     6. PPO epochs over minibatches with gradient accumulation (clipped ratio, clipped value loss)
     7. KL controller update, logging, guards, checkpoint
-The math of steps 3-6 lives in rlhf/ppo_math.py as pure functions.
+Steps 2-3 are rlhf/rollout.py (Roles); the math of steps 3-6 lives in rlhf/ppo_math.py as pure
+functions; sums over processes in rlhf/processes.py.
 """
 
 from __future__ import annotations
