@@ -46,8 +46,9 @@ def build_report(root: Path) -> str:
     ppo_config = yaml.safe_load((root / "ppo" / "config.yaml").read_text())
     report = json.loads((root / "eval" / "report.json").read_text())
     forms = [json.loads(line)["form"] for line in Path(HELDOUT).read_text().splitlines() if line.strip()]
-    runs, names = report["runs"], list(report["runs"])
-    sft, ppo = names[0], names[1]
+    runs = report["runs"]
+    sft = report["baseline"]
+    ppo = next(name for name in runs if name != sft)
     judge_names = {j.split(":")[0]: j for j in next(iter(report["win_rates"].values()))}
     lines = [
         f"# Demo report ({len(forms)} held-out prompts x {report['settings']['k']} samples per policy)",
