@@ -282,9 +282,7 @@ def test_policy_head_value_loss_trains_the_policy_trunk(pipeline):
     grads = {}
     for value_model in ("critic", "policy_head"):
         trainer = make_trainer(pipeline, *SINGLE_PASS, "--learning_rate", "0", "--value_model", value_model)
-        torch.manual_seed(0)
-        rollout = trainer.roles.generate("policy", trainer.sampler.next_batch())
-        scored = trainer.roles.score(rollout)
+        rollout, scored = seeded_rollout(trainer)
         mask = rollout.response_mask
         returns = torch.randn(mask.shape, generator=torch.Generator().manual_seed(1)) * mask
         trainer.update(rollout, scored, torch.zeros(mask.shape), returns)
@@ -657,6 +655,13 @@ def test_negative_kl_and_collapse_warnings(pipeline, caplog):
     assert not [r for r in caplog.records if "collapsing" in r.getMessage()]
 
 
+def seeded_rollout(trainer):
+    """The trainer's first rollout batch, sampled with seed 0, and its step-3 scores."""
+    torch.manual_seed(0)
+    rollout = trainer.roles.generate("policy", trainer.sampler.next_batch())
+    return rollout, trainer.roles.score(rollout)
+
+
 def update_with_saved_bytes(trainer, rollout, scored) -> tuple[int, dict[str, torch.Tensor]]:
     """Run one PPO update (lr 0, so the weights stay put); return the largest number of activation
     bytes held for backward at any moment, and the gradients it left on the policy and value."""
@@ -690,9 +695,7 @@ def test_gradient_checkpointing_holds_less_and_gives_the_same_gradients(pipeline
     results = {}
     for checkpointing in ("false", "true"):
         trainer = make_trainer(pipeline, *SINGLE_PASS, "--learning_rate", "0", "--gradient_checkpointing", checkpointing)
-        torch.manual_seed(0)
-        rollout = trainer.roles.generate("policy", trainer.sampler.next_batch())
-        scored = trainer.roles.score(rollout)
+        rollout, scored = seeded_rollout(trainer)
         results[checkpointing] = update_with_saved_bytes(trainer, rollout, scored)
     (plain_peak, plain_grads), (ckpt_peak, ckpt_grads) = results["false"], results["true"]
     assert ckpt_peak < 0.7 * plain_peak, (ckpt_peak, plain_peak)
