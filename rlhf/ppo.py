@@ -77,7 +77,10 @@ class PPOArguments:
     max_steps: int = 20
     """PPO steps; each is one rollout batch and its update."""
     batch_size: int = 8
-    """Prompts (and replies) per rollout."""
+    """Replies per rollout."""
+    replies_per_prompt: int = 1
+    """Replies sampled for each prompt of a rollout (batch_size / this distinct prompts): the critic and
+    the whitened advantages then compare several outcomes of the same prompt."""
     mini_batch_size: int = 8
     """Replies per optimizer step."""
     gradient_accumulation_steps: int = 1
@@ -165,6 +168,9 @@ class PPOArguments:
             raise UserError(f"kl_controller: expected one of {pm.KL_CONTROLLER_KINDS}, found {self.kl_controller!r}")
         if self.kl_estimator not in pm.KL_KINDS:
             raise UserError(f"kl_estimator: expected one of {pm.KL_KINDS}, found {self.kl_estimator!r}")
+        if self.replies_per_prompt < 1 or self.batch_size % self.replies_per_prompt:
+            raise UserError(f"replies_per_prompt: expected a divisor of batch_size ({self.batch_size}), "
+                            f"found {self.replies_per_prompt}")
         for name in ("max_steps", "batch_size", "ppo_epochs", "save_steps", "logging_steps"):
             if getattr(self, name) < 1:
                 raise UserError(f"{name}: expected at least 1, found {getattr(self, name)}")
@@ -310,7 +316,8 @@ class PPOTrainer:
         self.model.eval()
         merge_backup = merge_backup_device(args.merge_for_generation, registry, self.accelerator.device)
         self.roles = Roles(registry, tokenizer, sampling, reference, args.value_model, merge_backup, self._guard_finite)
-        self.sampler = PromptSampler(prompts, args.batch_size, args.seed, self.processes.index, self.processes.count)
+        self.sampler = PromptSampler(prompts, args.batch_size, args.seed, self.processes.index, self.processes.count,
+                                     args.replies_per_prompt)
         self.params = registry.parameters_of("policy") + registry.parameters_of("value")
         # Adam eps 1e-5 as in the reference implementation (Huang et al. 2024, detail 10).
         self.optimizer = torch.optim.AdamW(self.params, lr=args.learning_rate, eps=1e-5, weight_decay=0.0)

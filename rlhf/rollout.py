@@ -22,6 +22,7 @@ import torch
 
 from rlhf import ppo_math as pm
 from rlhf.adapters import AdapterRegistry
+from rlhf.errors import UserError
 from rlhf.formatting import encode_prompt
 from rlhf.generation import SamplingArguments, decode_responses, sample_responses
 
@@ -52,9 +53,14 @@ class Scored(NamedTuple):
 class PromptSampler:
     """Prompts in a seeded order, epoch after epoch; its position is part of a checkpoint."""
 
-    def __init__(self, prompts: list, batch_size: int, seed: int, rank: int = 0, world_size: int = 1):
+    def __init__(self, prompts: list, batch_size: int, seed: int, rank: int = 0, world_size: int = 1,
+                 replies_per_prompt: int = 1):
+        if batch_size % replies_per_prompt:
+            raise UserError(f"batch_size: expected a multiple of replies_per_prompt ({replies_per_prompt}), "
+                            f"found {batch_size}")
         self.prompts, self.batch_size, self.seed = prompts, batch_size, seed
         self.rank, self.world_size = rank, world_size
+        self.replies_per_prompt = replies_per_prompt
         self.epoch, self.position = 0, 0
 
     def _order(self) -> list[int]:
@@ -63,8 +69,9 @@ class PromptSampler:
         return order
 
     def next_batch(self) -> list:
-        """This rank's share of the next global batch (world_size * batch_size prompts)."""
-        global_size = self.batch_size * self.world_size
+        """This rank's share of the next global batch (world_size * batch_size replies): batch_size /
+        replies_per_prompt distinct prompts, each repeated replies_per_prompt times in a row."""
+        global_size = self.batch_size // self.replies_per_prompt * self.world_size
         order, chosen = self._order(), []
         while len(chosen) < global_size:
             if self.position >= len(order):
@@ -72,8 +79,9 @@ class PromptSampler:
                 order = self._order()
             chosen.append(order[self.position])
             self.position += 1
-        mine = chosen[self.rank * self.batch_size : (self.rank + 1) * self.batch_size]
-        return [self.prompts[i] for i in mine]
+        per_rank = self.batch_size // self.replies_per_prompt
+        mine = chosen[self.rank * per_rank : (self.rank + 1) * per_rank]
+        return [self.prompts[i] for i in mine for _ in range(self.replies_per_prompt)]
 
     def state_dict(self) -> dict:
         return {"epoch": self.epoch, "position": self.position}

@@ -798,3 +798,39 @@ def test_normalize_reward_scales_scores_by_the_running_moments_then_penalizes(pi
     # Off by default: raw scores, penalty only.
     plain = make_trainer(pipeline)
     torch.testing.assert_close(plain._shape_scores(first, ends), torch.tensor([1.0, 3.0, 5.0, -1.0]))
+
+
+def test_replies_per_prompt_repeats_each_prompt_and_splits_ranks_by_prompt():
+    from rlhf.errors import UserError
+    from rlhf.rollout import PromptSampler
+
+    prompts = [f"p{i}" for i in range(10)]
+    plain = PromptSampler(prompts, 4, seed=3)
+    grouped = PromptSampler(prompts, 4, seed=3, replies_per_prompt=2)
+    first = plain.next_batch()
+    assert grouped.next_batch() == [first[0], first[0], first[1], first[1]]
+    assert grouped.next_batch() == [first[2], first[2], first[3], first[3]]  # the same order, half as fast
+    # Two ranks: each gets whole groups, and together they cover distinct prompts.
+    ranks = [PromptSampler(prompts, 4, seed=3, rank=r, world_size=2, replies_per_prompt=2) for r in range(2)]
+    batches = [s.next_batch() for s in ranks]
+    assert batches[0][0::2] == batches[0][1::2] and batches[1][0::2] == batches[1][1::2]
+    assert len(set(batches[0] + batches[1])) == 4
+    with pytest.raises(UserError, match=r"batch_size: expected a multiple of replies_per_prompt \(3\), found 4"):
+        PromptSampler(prompts, 4, seed=3, replies_per_prompt=3)
+
+
+def test_replies_per_prompt_samples_different_replies_to_the_same_prompt(pipeline):
+    from rlhf.errors import UserError
+    from rlhf.ppo import parse_ppo
+
+    trainer = make_trainer(pipeline, "--batch_size", "8", "--mini_batch_size", "4", "--replies_per_prompt", "4",
+                           "--max_new_tokens", "8")
+    prompts = trainer.sampler.next_batch()
+    assert prompts[:4] == [prompts[0]] * 4 and prompts[4:] == [prompts[4]] * 4 and prompts[0] != prompts[4]
+    rollout = trainer.roles.generate("policy", prompts)
+    s = rollout.query_width
+    replies = [tuple(rollout.input_ids[i, s:][rollout.response_mask[i]].tolist()) for i in range(8)]
+    assert len(set(replies[:4])) > 1 and len(set(replies[4:])) > 1, "the copies of a prompt got the same reply"
+    with pytest.raises(UserError, match=r"replies_per_prompt: expected a divisor of batch_size \(8\), found 3"):
+        parse_ppo(ppo_argv(pipeline, pipeline["root"] / "unused", "--batch_size", "8", "--mini_batch_size", "4",
+                           "--replies_per_prompt", "3"))
