@@ -169,6 +169,13 @@ def render_html(report: dict, out: Path) -> str:
         flags = [[run, f["flag"], f["detail"]] for run, fs in report["hacking_flags"].items() for f in fs]
         parts.append("<h2>Reward-hacking flags</h2>" + (_table(["run", "flag", "detail"], flags) if flags
                                                          else "<p>None raised.</p>"))
+        agreement = [[a["judge"], a["other"], a["agreement"], a["pairs"]] for a in report.get("judge_agreement", [])]
+        if agreement:
+            parts.append("<h2>Judges against each other</h2><p>Share of same-prompt reply pairs (every run's "
+                         "samples) two judges order alike. For a reward model this is its accuracy on the "
+                         "policies' own replies: a policy trained against it can improve by another judge's "
+                         "standard only as far as the two agree.</p>"
+                         + _table(["judge", "other judge", "agreement", "pairs"], agreement))
         for name, m in (report.get("reward_stage") or {}).items():
             if m:
                 parts.append(f"<h3>Reward stage ({html.escape(name)})</h3><p>held-out ({m.get('split')}) pairwise "

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import itertools
 import logging
 import math
 import time
@@ -53,6 +54,7 @@ __all__ = [
     "repetition_rate",
     "text_stats",
     "hacking_flags",
+    "judge_agreement",
     "widest_disagreement",
     "reply_logprobs",
     "sample_replies",
@@ -123,6 +125,32 @@ def win_rate_summary(scores_run: np.ndarray, scores_base: np.ndarray, tie_tolera
         "prompts_won": int((rate > 0.5).sum()), "prompts_tied": int((rate == 0.5).sum()), "prompts": len(rate),
         "per_prompt": rate.tolist(),
     }
+
+
+def judge_agreement(scores_a: np.ndarray, scores_b: np.ndarray, tie_tolerance: float = 0.0) -> dict:
+    """How often two judges order two replies to the same prompt the same way.
+
+    Args:
+        scores_a: ``(n, m)`` judge A's scores of the m replies (every run's samples) to each of n prompts.
+        scores_b: ``(n, m)`` judge B's scores of the same replies.
+        tie_tolerance: a pair either judge scores within this much is left out (no order to agree on).
+
+    Why: a policy trained against a reward model can only get better by an independent judge's
+    standard where the reward model orders replies as that judge does; on the policy's own replies
+    (not the reward stage's test pairs) this is the reward model's accuracy that matters.
+
+    Returns ``{"agreement", "pairs"}``: the share of the ``pairs`` counted that both judges order alike
+    (None when there are none).
+    """
+    a, b = np.asarray(scores_a, float), np.asarray(scores_b, float)
+    if a.ndim != 2 or a.shape != b.shape:
+        raise ValueError(f"expected two (n, m) score arrays of one shape, found {a.shape} and {b.shape}")
+    i, j = np.triu_indices(a.shape[1], k=1)  # every unordered pair of replies to one prompt
+    da, db = a[:, i] - a[:, j], b[:, i] - b[:, j]  # (n, pairs)
+    counted = (np.abs(da) > tie_tolerance) & (np.abs(db) > tie_tolerance)
+    pairs = int(counted.sum())
+    agree = int((counted & ((da > 0) == (db > 0))).sum())
+    return {"agreement": agree / pairs if pairs else None, "pairs": pairs}
 
 
 def repetition_rate(text: str) -> float:
@@ -573,6 +601,12 @@ def _quality_figures(report: dict, args, names: list[str], baseline: str, prompt
                                     budget, args.length_tolerance)
     report["hacking_flags"] = flags
     report["status"]["reward_hacking"] = "amber" if any(flags.values()) else "green"
+    # Over every run's replies to each prompt: do the judges order them alike (a reward model's
+    # accuracy on the policies' own replies, against each other judge)?
+    pooled = {j.name: np.concatenate([samples[n].scores[j.name] for n in names], axis=1) for j in judges}
+    report["judge_agreement"] = [
+        {"judge": a.name, "other": b.name, **judge_agreement(pooled[a.name], pooled[b.name], args.tie_tolerance)}
+        for a, b in itertools.combinations(sorted(judges, key=lambda j: j.kind != "reward"), 2)]
     # Side by side: the prompts on which the first judge's per-run mean scores differ most.
     primary = judges[0].name
     chosen = widest_disagreement({n: samples[n].scores[primary].mean(axis=1) for n in names}, args.examples)
@@ -683,5 +717,9 @@ def _print_summary(report: dict) -> None:
     for name, flags in report.get("hacking_flags", {}).items():
         for f in flags:
             print(f"flag {name}: {f['flag']}: {f['detail']}")
+    for a in report.get("judge_agreement", []):
+        if a["agreement"] is not None:
+            print(f"{a['judge']} orders same-prompt replies as {a['other']} does on {a['agreement']:.1%} of "
+                  f"{a['pairs']} pairs")
     for section, status in report["status"].items():
         print(f"status {section}: {status}")

@@ -81,6 +81,11 @@ def build_report(root: Path) -> str:
             by_form[form] = f"{won / len(rates):.0%} of {len(rates)}"
         lines.append(f"| {j}{' (independent)' if j == 'lexicon' else ''} | {_interval(w, 'prompt_win_rate')} | "
                      f"{by_form['trained']} | {by_form['new']} | {_interval(w, 'win_rate')} |")
+    agreement = [f"{a['judge'].split(':')[0]} vs {a['other'].split(':')[0]} {a['agreement']:.0%}"
+                 for a in report.get("judge_agreement", []) if a["agreement"] is not None]
+    if agreement:
+        lines += ["", "Judges ordering the same-prompt reply pairs of both policies alike (for the reward model, its "
+                  f"accuracy on the policies' own replies): {'; '.join(agreement)}."]
     flags = report.get("hacking_flags", {}).get(ppo) or []
     lines += ["", f"KL target of the adaptive controller: {ppo_config['kl_target']} nats per reply. Reward-hacking "
               f"flags: {', '.join(f['flag'] for f in flags) if flags else 'none'}. Full report: "

@@ -20,7 +20,8 @@ import pytest
 from safetensors.torch import load_file, save_file
 
 from rlhf.cli import main
-from rlhf.evaluate import bootstrap_ci, hacking_flags, pairwise_outcomes, repetition_rate, win_rate_summary
+from rlhf.evaluate import (bootstrap_ci, hacking_flags, judge_agreement, pairwise_outcomes, repetition_rate,
+                           win_rate_summary)
 
 REPO = Path(__file__).resolve().parents[1]
 THINGS = ["tea", "pizza", "city", "river", "book", "movie", "garden", "coffee", "bread", "beach"]
@@ -51,6 +52,31 @@ def test_pairwise_outcomes_count_all_k_by_k_pairs():
     np.testing.assert_array_equal(pairwise_outcomes(same, same)["rate"], np.full(20, 0.5))
     # Tolerance turns near-equal scores into ties.
     assert pairwise_outcomes(np.array([[1.0]]), np.array([[1.0 + 1e-9]]), 1e-6)["tie"][0] == 1.0
+
+
+def test_judge_agreement_counts_same_prompt_pairs_both_judges_order():
+    def slow(a, b, tol):  # every pair of replies to one prompt, one at a time
+        agree = pairs = 0
+        for p in range(a.shape[0]):
+            for i in range(a.shape[1]):
+                for j in range(i + 1, a.shape[1]):
+                    da, db = a[p, i] - a[p, j], b[p, i] - b[p, j]
+                    if abs(da) > tol and abs(db) > tol:
+                        pairs += 1
+                        agree += (da > 0) == (db > 0)
+        return agree / pairs, pairs
+
+    rng = np.random.default_rng(3)
+    a = rng.normal(size=(7, 5))
+    b = a + rng.normal(scale=0.8, size=(7, 5))
+    b[0, :2] = 1.0  # a tie for judge b: left out
+    found = judge_agreement(a, b, 1e-9)
+    expected = slow(a, b, 1e-9)
+    assert found["agreement"] == pytest.approx(expected[0]) and found["pairs"] == expected[1] == 7 * 10 - 1
+    assert judge_agreement(a, a)["agreement"] == 1.0 and judge_agreement(a, -a)["agreement"] == 0.0
+    assert judge_agreement(np.ones((2, 3)), a[:2, :3]) == {"agreement": None, "pairs": 0}
+    with pytest.raises(ValueError, match="one shape"):
+        judge_agreement(a, a[:, :4])
 
 
 def test_a_judge_that_prefers_one_run_gives_it_a_win_rate_near_one():
@@ -151,6 +177,10 @@ def test_report_win_rates_and_files(runs, tmp_path, capsys):
                 "qa_accuracy"):
         assert key in base, key
     assert "kl_over_budget" in {f["flag"] for f in report["hacking_flags"]["model"]}
+    agreement = {(a["judge"], a["other"]): a for a in report["judge_agreement"]}
+    assert set(agreement) == {(judge, "annotator"), (judge, "lexicon"), ("annotator", "lexicon")}
+    assert all(a["pairs"] > 0 and 0.0 <= a["agreement"] <= 1.0 for a in agreement.values())
+    assert "Judges against each other" in (out / "report.html").read_text()
     assert len(report["examples"]["rows"]) == 6 and set(report["examples"]["rows"][0]["replies"]) == set(report["runs"])
     assert report["forgetting"]["runs"]["model"]["status"] == "green"  # base is better than the sharpened baseline
     assert set(report["bias"]["runs"]["model"]) == {judge, "annotator", "lexicon", "sentiment", "reply_length"}
