@@ -51,6 +51,7 @@ __all__ = [
     "pairwise_outcomes",
     "bootstrap_ci",
     "win_rate_summary",
+    "format_interval",
     "repetition_rate",
     "text_stats",
     "hacking_flags",
@@ -151,6 +152,12 @@ def judge_agreement(scores_a: np.ndarray, scores_b: np.ndarray, tie_tolerance: f
     pairs = int(counted.sum())
     agree = int((counted & ((da > 0) == (db > 0))).sum())
     return {"agreement": agree / pairs if pairs else None, "pairs": pairs}
+
+
+def format_interval(summary: dict, key: str) -> str:
+    """``summary[key]`` with its interval ``summary[key + "_ci"]`` as percentages: ``72% [61%, 82%]``."""
+    lo, hi = summary[f"{key}_ci"]
+    return f"{summary[key]:.0%} [{lo:.0%}, {hi:.0%}]"
 
 
 def repetition_rate(text: str) -> float:

@@ -144,13 +144,13 @@ def demo_setup(sft: Path, reward: Path) -> dict[str, list[str]]:
 
 
 def table(report: dict, processes: dict[str, dict], budget: float, k: int, prompts: int) -> str:
+    from rlhf.evaluate import format_interval
+
     runs, rates = report["runs"], report["win_rates"]
     judge = {name.split(":")[0]: name for name in next(iter(rates.values()))}
 
     def rate(method: str, which: str) -> str:
-        w = rates[method][judge[which]]
-        lo, hi = w["win_rate_ci"]
-        return f"{w['win_rate']:.0%} [{lo:.0%}, {hi:.0%}]"
+        return format_interval(rates[method][judge[which]], "win_rate")
 
     lines = [f"# PPO, DPO, GRPO, RLOO from the same SFT and reward runs ({budget:.0f} s of training each)", "",
              f"{prompts} held-out prompts x {k} samples per policy; win rates against SFT, ties half, "

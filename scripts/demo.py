@@ -34,12 +34,9 @@ def eval_argv(root: Path, k: int, max_new_tokens: int) -> list[str]:
             "--skip", "forgetting,factual,bias", "--max_new_tokens", str(max_new_tokens)]
 
 
-def _interval(summary: dict, key: str) -> str:
-    lo, hi = summary[f"{key}_ci"]
-    return f"{summary[key]:.0%} [{lo:.0%}, {hi:.0%}]"
-
-
 def build_report(root: Path) -> str:
+    from rlhf.evaluate import format_interval
+
     reward_metrics = json.loads((root / "reward" / "metrics.json").read_text())
     sft_metrics = json.loads((root / "sft" / "metrics.json").read_text())
     ppo_metrics = json.loads((root / "ppo" / "metrics.json").read_text())
@@ -79,8 +76,8 @@ def build_report(root: Path) -> str:
             rates = [r for r, f in zip(per_prompt, forms) if f == form]
             won = sum(1.0 if r > 0.5 else 0.5 if r == 0.5 else 0.0 for r in rates)
             by_form[form] = f"{won / len(rates):.0%} of {len(rates)}"
-        lines.append(f"| {j}{' (independent)' if j == 'lexicon' else ''} | {_interval(w, 'prompt_win_rate')} | "
-                     f"{by_form['trained']} | {by_form['new']} | {_interval(w, 'win_rate')} |")
+        lines.append(f"| {j}{' (independent)' if j == 'lexicon' else ''} | {format_interval(w, 'prompt_win_rate')} | "
+                     f"{by_form['trained']} | {by_form['new']} | {format_interval(w, 'win_rate')} |")
     agreement = [f"{a['judge'].split(':')[0]} vs {a['other'].split(':')[0]} {a['agreement']:.0%}"
                  for a in report.get("judge_agreement", []) if a["agreement"] is not None]
     if agreement:

@@ -102,13 +102,13 @@ def train(name: str, out: Path, sft: str, reward: str, threads: int | None) -> N
 
 
 def table(report: dict, names: list[str], out: Path) -> str:
+    from rlhf.evaluate import format_interval
+
     runs, rates = report["runs"], report["win_rates"]
     judge = {j.split(":")[0]: j for j in next(iter(rates.values()))}
 
     def won(name: str, which: str) -> str:
-        w = rates[name][judge[which]]
-        lo, hi = w["prompt_win_rate_ci"]
-        return f"{w['prompt_win_rate']:.0%} [{lo:.0%}, {hi:.0%}]"
+        return format_interval(rates[name][judge[which]], "prompt_win_rate")
 
     prompts = len([line for line in (REPO / HELDOUT).read_text().splitlines() if line.strip()])
     lines = [f"# PPO levers on {prompts} held-out prompts x {report['settings']['k']} samples per policy", "",
