@@ -149,24 +149,25 @@ def table(report: dict, processes: dict[str, dict], budget: float, k: int, promp
     runs, rates = report["runs"], report["win_rates"]
     judge = {name.split(":")[0]: name for name in next(iter(rates.values()))}
 
-    def rate(method: str, which: str) -> str:
-        return format_interval(rates[method][judge[which]], "win_rate")
+    def rate(method: str, which: str, key: str = "win_rate") -> str:
+        return format_interval(rates[method][judge[which]], key)
 
     lines = [f"# PPO, DPO, GRPO, RLOO from the same SFT and reward runs ({budget:.0f} s of training each)", "",
              f"{prompts} held-out prompts x {k} samples per policy; win rates against SFT, ties half, "
              "95 % bootstrap intervals over prompts.", "",
-             "| method | win rate vs SFT (annotator) | win rate (lexicon, independent) | reward-model score | "
-             "KL to SFT (nats/reply) | distinct-2 | reply tokens | wall s (all) | peak RSS GiB |",
-             "|---|---|---|---:|---:|---:|---:|---:|---:|"]
+             "| method | win rate vs SFT (annotator) | win rate (lexicon, independent) | prompts won (lexicon) | "
+             "reward-model score | KL to SFT (nats/reply) | distinct-2 | reply words | wall s (all) | peak RSS GiB |",
+             "|---|---|---|---|---:|---:|---:|---:|---:|---:|"]
     for name in ["sft", *METHODS]:
         if name not in runs:
             continue
         r = runs[name]
-        wins = ("(baseline)", "(baseline)") if name == "sft" else (rate(name, "annotator"), rate(name, "lexicon"))
+        wins = (("(baseline)",) * 3 if name == "sft" else
+                (rate(name, "annotator"), rate(name, "lexicon"), rate(name, "lexicon", "prompt_win_rate")))
         process = processes.get(name, {})
         wall = f"{process['wall_seconds']:.0f}" if process else ""
         peak = f"{process['peak_rss_bytes'] / 2**30:.2f}" if process else ""
-        lines.append(f"| {name.upper() if name != 'sft' else 'SFT'} | {wins[0]} | {wins[1]} | "
+        lines.append(f"| {name.upper() if name != 'sft' else 'SFT'} | {wins[0]} | {wins[1]} | {wins[2]} | "
                      f"{r['scores'][judge['reward']]['mean']:.3f} | {r['kl_to_reference']:.2f} | "
                      f"{r['distinct_2']:.3f} | {r['reply_length']:.1f} | {wall} | {peak} |")
     return "\n".join(lines) + "\n"
@@ -208,10 +209,15 @@ def main(argv: list[str] | None = None) -> int:
                  "--out", str(out / "eval"), "--judges", f"annotator,lexicon,reward:{reward}", "--k", str(k),
                  "--skip", "forgetting,factual,bias", "--max_new_tokens", str(8 if args.quick else args.max_new_tokens),
                  "--bootstrap", "2000"]
-    code = rlhf_main(eval_argv)
-    if code not in (0, 3):
-        return code
-    report = json.loads((out / "eval" / "report.json").read_text())
+    report_path = out / "eval" / "report.json"
+    evaluated = json.loads(report_path.read_text()) if report_path.exists() else None
+    if evaluated and set(methods) <= set(evaluated["runs"]) and evaluated["settings"]["k"] == k:
+        print(f"{report_path}: every method evaluated, kept")
+    else:
+        code = rlhf_main(eval_argv)
+        if code not in (0, 3):
+            return code
+    report = json.loads(report_path.read_text())
     text = table(report, processes, budget, k, len(heldout))
     (out / "compare.md").write_text(text)
     (out / "compare.json").write_text(json.dumps({"processes": processes, "budget_seconds": budget,
