@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import gc
 import itertools
+import json
 import logging
 import math
 import time
@@ -52,6 +53,7 @@ __all__ = [
     "bootstrap_ci",
     "win_rate_summary",
     "format_interval",
+    "kept_report",
     "repetition_rate",
     "text_stats",
     "hacking_flags",
@@ -158,6 +160,16 @@ def format_interval(summary: dict, key: str) -> str:
     """``summary[key]`` with its interval ``summary[key + "_ci"]`` as percentages: ``72% [61%, 82%]``."""
     lo, hi = summary[f"{key}_ci"]
     return f"{summary[key]:.0%} [{lo:.0%}, {hi:.0%}]"
+
+
+def kept_report(out: Path, names: list[str], k: int) -> dict | None:
+    """``out``/report.json when it already evaluated every run in ``names`` with ``k`` samples, else None:
+    scripts that rerun (compare_methods, ppo_levers) keep an evaluation that still covers their runs."""
+    path = Path(out) / "report.json"
+    if not path.exists():
+        return None
+    report = json.loads(path.read_text())
+    return report if set(names) <= set(report["runs"]) and report["settings"]["k"] == k else None
 
 
 def repetition_rate(text: str) -> float:
@@ -358,8 +370,6 @@ def _mean_std(values: np.ndarray) -> dict:
 
 
 def _reward_stage_metrics(run_dir: str) -> dict | None:
-    import json
-
     path = Path(run_dir) / "metrics.json"
     if not path.exists():
         return None

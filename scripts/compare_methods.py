@@ -209,15 +209,16 @@ def main(argv: list[str] | None = None) -> int:
                  "--out", str(out / "eval"), "--judges", f"annotator,lexicon,reward:{reward}", "--k", str(k),
                  "--skip", "forgetting,factual,bias", "--max_new_tokens", str(8 if args.quick else args.max_new_tokens),
                  "--bootstrap", "2000"]
-    report_path = out / "eval" / "report.json"
-    evaluated = json.loads(report_path.read_text()) if report_path.exists() else None
-    if evaluated and set(methods) <= set(evaluated["runs"]) and evaluated["settings"]["k"] == k:
-        print(f"{report_path}: every method evaluated, kept")
+    from rlhf.evaluate import kept_report
+
+    report = kept_report(out / "eval", methods, k)
+    if report:
+        print(f"{out / 'eval' / 'report.json'}: every method evaluated, kept")
     else:
         code = rlhf_main(eval_argv)
         if code not in (0, 3):
             return code
-    report = json.loads(report_path.read_text())
+        report = json.loads((out / "eval" / "report.json").read_text())
     text = table(report, processes, budget, k, len(heldout))
     (out / "compare.md").write_text(text)
     (out / "compare.json").write_text(json.dumps({"processes": processes, "budget_seconds": budget,

@@ -110,8 +110,7 @@ def table(report: dict, names: list[str], out: Path) -> str:
     def won(name: str, which: str) -> str:
         return format_interval(rates[name][judge[which]], "prompt_win_rate")
 
-    prompts = len([line for line in (REPO / HELDOUT).read_text().splitlines() if line.strip()])
-    lines = [f"# PPO levers on {prompts} held-out prompts x {report['settings']['k']} samples per policy", "",
+    lines = [f"# PPO levers on {report['settings']['prompts']} held-out prompts x {report['settings']['k']} samples per policy", "",
              "Prompts won against SFT (ties half; 95 % bootstrap interval over prompts) by each judge.", "",
              "| variant | what changed | lexicon (independent) | annotator | reward model | on topic | distinct-2 "
              "| reply words | KL to SFT | PPO wall s |",
@@ -154,16 +153,18 @@ def main(argv: list[str] | None = None) -> int:
     with ThreadPoolExecutor(args.jobs) as pool:
         for future in [pool.submit(train, n, out, args.sft, args.reward, threads) for n in names]:
             future.result()
-    report_path = out / "eval" / "report.json"
-    evaluated = json.loads(report_path.read_text()) if report_path.exists() else None
-    if evaluated and set(names) <= set(evaluated["runs"]) and evaluated["settings"]["k"] == args.k:
-        print(f"{report_path}: every variant evaluated, kept", flush=True)
+    from rlhf.evaluate import kept_report
+
+    report = kept_report(out / "eval", names, args.k)
+    if report:
+        print(f"{out / 'eval' / 'report.json'}: every variant evaluated, kept", flush=True)
     else:
         rlhf(["eval", "--runs", args.sft, *[str(out / n) for n in names], "--prompts", HELDOUT, "--out",
               str(out / "eval"), "--judges", f"lexicon,annotator,reward:{args.reward}", "--k", str(args.k),
               "--skip", "forgetting,factual,bias", "--max_new_tokens", "32", "--bootstrap", "2000"],
              out / "eval.log", None)
-    text = table(json.loads(report_path.read_text()), names, out)
+        report = json.loads((out / "eval" / "report.json").read_text())
+    text = table(report, names, out)
     (out / "levers.md").write_text(text)
     print(text)
     return 0
