@@ -9,9 +9,10 @@ from ``--sft`` and ``--reward`` into ``<out>/<variant>`` (``<out>/<variant>-s<se
 Two variants train their own reward model first: ``sft_pairs`` adds preference pairs of the SFT
 model's own replies (``rlhf label generate`` from SFT on the training prompts, labelled by the demo
 annotator, as the InstructGPT recipe labels samples of the SFT model) to the reward model's
-training file (``<out>/reward_sft_pairs``); ``reward_432_pairs`` trains on three times the demo's
-preference pairs (``scripts/make_demo_data.py --prefs-train 432``: the first 144 are the demo's own;
-``<out>/reward_432_pairs``). ``--data`` points PPO at another demo data directory's prompts.
+training file (``<out>/reward_sft_pairs``); ``replies_per_prompt_4_reward_432`` trains against a reward
+model fitted to three times the demo's preference pairs (``scripts/make_demo_data.py --prefs-train
+432``, whose first 144 are the demo's own; ``<out>/reward_432_pairs``). ``--data`` points PPO at
+another demo data directory's prompts.
 
 Then ``rlhf eval`` samples ``--k`` replies per held-out prompt (data/demo/prompts_heldout.jsonl) from
 SFT and every variant with the same seed and judges them with the lexicon judge (independent of the
@@ -52,11 +53,10 @@ VARIANTS: dict[str, tuple[str, list[str]]] = {
     "ppo_epochs_2": ("ppo_epochs: 2", ["--ppo_epochs", "2"]),
     "replies_per_prompt_4": ("replies_per_prompt: 4 (2 prompts x 4 replies a step)", ["--replies_per_prompt", "4"]),
     "sft_pairs": ("reward model also trained on 384 annotator-labelled pairs of SFT replies", []),
-    "reward_432_pairs": ("reward model trained on 432 preference pairs (3x)", []),
     "replies_per_prompt_4_reward_432": ("replies_per_prompt: 4 and the 432-pair reward model",
                                         ["--replies_per_prompt", "4"]),
 }
-OWN_REWARD = {"sft_pairs": "sft_pairs", "reward_432_pairs": "432_pairs", "replies_per_prompt_4_reward_432": "432_pairs"}
+OWN_REWARD = {"sft_pairs": "sft_pairs", "replies_per_prompt_4_reward_432": "432_pairs"}
 """Variants that train against a reward model of their own (built once by REWARD_BUILDERS, shared)."""
 GOAL = {"prompts_won": 0.75, "ci_low": 0.60, "distinct_ratio": 0.9}
 """Issue 13's goal against SFT: prompts won by the independent judge, the low end of its interval, and
