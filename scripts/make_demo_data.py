@@ -161,6 +161,20 @@ PROMPT_TEMPLATES = (
 )
 
 
+# --more-forms (issue 13's "data diversity" lever, measured in docs/ppo_levers.md, not the default): six
+# more request forms and more reply templates and adjectives, appended to the lists above so the
+# held-out file is unchanged (it draws trained forms from HELDOUT_TRAINED_FORMS).
+MORE_PROMPT_TEMPLATES = (
+    "What are your thoughts on {s}?",
+    "Give me a brief review of {s}.",
+    "Tell me what you think about {s}.",
+    "Write one sentence about {s}.",
+    "Please describe {s} briefly.",
+    "Share your opinion of {s} in a few words.",
+)
+HELDOUT_TRAINED_FORMS = PROMPT_TEMPLATES
+"""The trained forms a held-out prompt draws from: the six default ones, with or without --more-forms."""
+
 # The held-out evaluation set: subjects that no other file uses, and request forms that no training
 # prompt uses, so that an alignment gain is measured on what PPO never saw (issue: gains that
 # generalize). Each held-out subject is asked once in a trained form and once in a new one.
@@ -244,6 +258,55 @@ REPLY_TEMPLATES = {
         "Not sure, but {s} {be} {a1} in my experience.",
     ),
 }
+
+MORE_ADJECTIVES = {
+    "strong_positive": ("marvelous", "fabulous", "charming", "stunning", "gorgeous"),
+    "mild_positive": ("likeable", "satisfying", "pleasing", "fine"),
+    "neutral": ("standard", "conventional", "plain", "unremarkable"),
+    "mild_negative": ("mediocre", "forgettable", "flat"),
+    "strong_negative": ("horrendous", "dismal", "appalling", "painful"),
+}
+MORE_REPLY_TEMPLATES = {  # {A1}: {a1} capitalised
+    "strong_positive": (
+        "Loved it! {S} {be} {a1}, and the {aspect} was {a2}.",
+        "I would {again}: {s} {be} {a1} and the {aspect} felt {a2}.",
+        "{S} {be} simply {a1}, from the {aspect} to everything else.",
+        "{A1}! The {aspect} of {s} made my day.",
+    ),
+    "mild_positive": (
+        "Not bad at all: {s} {be} {a1}, and the {aspect} held up.",
+        "{S} turned out {a1}; the {aspect} did its job.",
+        "On the whole {a1}. {S} has a decent {aspect}, nothing more.",
+    ),
+    "neutral": (
+        "{S} {be} {a1} overall, and the {aspect} was roughly what I expected.",
+        "{S}: {a1}. I noticed the {aspect}, but it felt {a2}.",
+        "Hard to say much. The {aspect} of {s} seemed {a1}.",
+    ),
+    "mild_negative": (
+        "Meh. {S} {be} {a1}, and the {aspect} was {a2}.",
+        "I was not won over by {s}; the {aspect} felt {a1}.",
+        "{S} {be} {a1} in the end, and the {aspect} did not make up for it.",
+    ),
+    "strong_negative": (
+        "Stay away from {s}. The {aspect} was {a1} and the rest {a2}.",
+        "Worst in a while: {s} {be} {a1}, and the {aspect} was {a2}.",
+        "{A1}. I regret trying {s}; the {aspect} felt {a2}.",
+    ),
+    "off_topic": (
+        "Can we talk about {s} instead? {S} {be} {a1}.",
+        "I keep thinking about {s}; the {aspect} felt {a1}.",
+    ),
+}
+
+
+def use_more_forms() -> None:
+    """--more-forms: append the MORE_* request forms, adjectives and reply templates to the defaults."""
+    global PROMPT_TEMPLATES, ADJECTIVES, REPLY_TEMPLATES
+    PROMPT_TEMPLATES = PROMPT_TEMPLATES + MORE_PROMPT_TEMPLATES
+    ADJECTIVES = {bucket: words + MORE_ADJECTIVES.get(bucket, ()) for bucket, words in ADJECTIVES.items()}
+    REPLY_TEMPLATES = {bucket: t + MORE_REPLY_TEMPLATES.get(bucket, ()) for bucket, t in REPLY_TEMPLATES.items()}
+
 
 SFT_MIX = {
     "strong_positive": 0.18,
@@ -346,6 +409,7 @@ def render(rng: random.Random, bucket: str, subject: Subject) -> str:
     slots.update(
         aspect=rng.choice(category.aspects),
         a1=a1,
+        A1=a1.capitalize(),
         a2=a2,
         again=rng.choice(category.again).format(it=slots["it"]),
     )
@@ -426,7 +490,7 @@ def heldout_rows(rng: random.Random) -> list[dict]:
     """Two prompts per held-out subject: one in a trained request form, one in a new form."""
     rows = []
     for subject in HELDOUT:
-        for form, templates in (("trained", PROMPT_TEMPLATES), ("new", HELDOUT_TEMPLATES)):
+        for form, templates in (("trained", HELDOUT_TRAINED_FORMS), ("new", HELDOUT_TEMPLATES)):
             prompt = rng.choice(templates).format(s=subject.name)
             # The annotator must see the subject, not the new form's request words, as the topic.
             if topic_words(prompt) != topic_words(subject.name):
@@ -491,6 +555,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="Bradley-Terry temperature of the labels (rlhf.annotator.prefer); 0.25 -> ~7%% against the annotator",
     )
     p.add_argument(
+        "--more-forms", action="store_true",
+        help="six more request forms and more reply templates and adjectives (issue 13's data-diversity lever)",
+    )
+    p.add_argument(
         "--subtle-fraction", type=float, default=0.3,
         help="share of preference pairs drawn from adjacent sentiment buckets (the ambiguous ones)",
     )
@@ -548,7 +616,7 @@ between splits (checked by the script).
 
 `prompts_heldout.jsonl` ({n_heldout} rows: prompt, subject, form) measures whether an alignment gain
 generalizes. Its {n_heldout_subjects} subjects are used by no other file (no other file mentions any of
-their words), and each is asked twice: once in one of the {n_templates} request forms above
+their words), and each is asked twice: once in one of the {n_heldout_forms} default request forms
 (`form: trained`) and once in one of {n_new_templates} forms that no training prompt uses (`form: new`,
 e.g. "{new_example}"). Keep it out of every training split: it is for evaluation only (checked by the
 script, which also checks that the annotator reads each held-out prompt's topic as its subject).
@@ -605,6 +673,7 @@ def readme_text(command: str, noise: float, subtle_fraction: float, subjects: di
         subject_counts=" / ".join(str(len(subjects[split])) for split in SPLITS),
         n_templates=len(PROMPT_TEMPLATES),
         n_heldout=len(heldout),
+        n_heldout_forms=len(HELDOUT_TRAINED_FORMS),
         n_heldout_subjects=len({row["subject"] for row in heldout}),
         n_new_templates=len(HELDOUT_TEMPLATES),
         new_example=HELDOUT_TEMPLATES[0].format(s="Patagonia"),
@@ -625,6 +694,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.noise < 0 or not 0 <= args.subtle_fraction <= 1:
         parser.error("--noise must be >= 0 and --subtle-fraction in [0, 1]")
+    if args.more_forms:
+        use_more_forms()
     check_vocabulary()
 
     def rng(name: str) -> random.Random:

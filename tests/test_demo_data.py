@@ -170,3 +170,23 @@ def test_heldout_prompts_use_unseen_subjects_and_half_unseen_forms(directory, sm
         head, tail = row["prompt"].split(row["subject"])
         used = any(p.startswith(head) and p.endswith(tail) for p in training_prompts)
         assert used == (row["form"] == "trained"), row
+
+
+def test_more_forms_adds_request_forms_and_replies_but_keeps_the_heldout_file(tmp_path):
+    spec = importlib.util.spec_from_file_location("make_demo_data_forms", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    try:
+        spec.loader.exec_module(module)
+        default_forms = [t.split("{s}")[0] for t in module.PROMPT_TEMPLATES]
+        more_forms = [t.split("{s}")[0] for t in module.MORE_PROMPT_TEMPLATES]
+    finally:
+        sys.modules.pop(spec.name)
+    more = generate(tmp_path / "more", "--more-forms")
+    rows = [row for split in SPLITS for kind in ("sft", "prefs") for row in read_jsonl(more / f"{kind}_{split}.jsonl")]
+    rows += read_jsonl(more / "prompts_train.jsonl")
+    assert any(row["prompt"].startswith(tuple(more_forms)) for row in rows)
+    assert all(row["prompt"].startswith(tuple(default_forms + more_forms)) for row in rows)
+    assert (more / "prompts_heldout.jsonl").read_bytes() == (COMMITTED / "prompts_heldout.jsonl").read_bytes()
+    texts = {row["completion"] for split in SPLITS for row in read_jsonl(more / f"sft_{split}.jsonl")}
+    assert texts != {row["completion"] for split in SPLITS for row in read_jsonl(COMMITTED / f"sft_{split}.jsonl")}
