@@ -28,6 +28,7 @@ Finished runs are kept, so a rerun only does what is missing.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import subprocess
@@ -117,6 +118,7 @@ REWARD_LOCKS = {key: threading.Lock() for key in REWARD_BUILDERS}
 """Two runs on one own reward model (several seeds, --jobs 2) wait for one build instead of racing."""
 
 
+@functools.cache
 def config_seed() -> int:
     from rlhf.config import load_yaml
 
