@@ -23,7 +23,7 @@ model: install
 	$(VENV)/bin/rlhf model fetch
 
 data: install
-	$(PY) scripts/make_demo_data.py --out data/demo
+	$(PY) -m rlhf.demo.make_data --out data/demo
 
 demo: install model
 	$(PY) scripts/demo.py
@@ -37,18 +37,18 @@ test: install
 	$(PY) -m pytest -q -x --durations=15
 
 bench-sft: install model
-	$(PY) scripts/bench_sft.py
+	$(PY) bench/bench_sft.py
 
 bench-ppo: install model
-	$(PY) scripts/bench_ppo.py
+	$(PY) bench/bench_ppo.py
 
 # One step of each stage at the SmolLM2-360M shape, peak RSS beside rlhf estimate-memory (tens of minutes).
 bench-scale: install model
-	$(PY) scripts/bench_scale.py --shape 360m
+	$(PY) bench/bench_scale.py --shape 360m
 
 # PPO, DPO, GRPO, RLOO from the same SFT and reward runs, same training time each (tens of minutes).
 compare: install model
-	$(PY) scripts/compare_methods.py
+	$(PY) experiments/compare_methods.py
 
 clean:
 	rm -rf runs .pytest_cache

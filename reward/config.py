@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from rlhf.errors import UserError
-from rlhf.stage import TrainerStageArguments
+from rlhf.core.errors import UserError
+from rlhf.core.stage import TrainerStageArguments
 
 
 @dataclass

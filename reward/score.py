@@ -9,7 +9,7 @@ import math
 from pathlib import Path
 
 
-from rlhf.scoring import score_replies
+from rlhf.core.scoring import score_replies
 
 
 def pair_metrics(chosen: list[float], rejected: list[float], bins: int = 10) -> dict:
@@ -72,17 +72,17 @@ def plot_calibration(path: str | Path, calibration: list[dict], title: str) -> N
 def load_reward_model(run_dir: str):
     """(model, tokenizer) of a reward stage output: the base with the reward adapter and score head.
 
-    See :func:`rlhf.runs.load_run`: a QLoRA reward adapter goes onto the same quantised base; any
+    See :func:`rlhf.core.runs.load_run`: a QLoRA reward adapter goes onto the same quantised base; any
     other stage's output (an SFT run, say) is refused with a one-line error naming what it is.
     """
-    from rlhf.runs import load_run
+    from rlhf.core.runs import load_run
 
     return load_run(run_dir, "seq-cls")
 
 
 def score_file(model_dir: str, input_path: str, out_path: str, batch_size: int = 16) -> int:
     """Score every prompt/response row of ``input_path`` into ``out_path`` (adds a ``score`` field)."""
-    from rlhf.data import DataError, read_records, write_jsonl
+    from rlhf.core.data import DataError, read_records, write_jsonl
 
     records = read_records(input_path)
     rows = []

@@ -11,19 +11,19 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from rlhf.adapters import HEAD_FILE, read_score_head
-from rlhf.formatting import encode_prompt_reply
-from rlhf.models import load_tokenizer
-from rlhf.stage import StageRun, build_stage_model, finish_stage, make_trainer, parse_stage, train_with_resume
+from rlhf.core.adapters import HEAD_FILE, read_score_head
+from rlhf.core.formatting import encode_prompt_reply
+from rlhf.core.models import load_tokenizer
+from rlhf.core.stage import StageRun, build_stage_model, finish_stage, make_trainer, parse_stage, train_with_resume
 from reward.config import RewardStageArguments
 from reward.score import pair_metrics, plot_calibration
-from rlhf.scoring import score_replies
+from rlhf.core.scoring import score_replies
 
 logger = logging.getLogger(__name__)
 
 
 def tokenize_pairs(tokenizer, rows: list[dict]) -> dict[str, list]:
-    """Pre-tokenised ``chosen_ids``/``rejected_ids`` in the layout PPO scores (rlhf.formatting)."""
+    """Pre-tokenised ``chosen_ids``/``rejected_ids`` in the layout PPO scores (rlhf.core.formatting)."""
     return {
         "chosen_ids": [encode_prompt_reply(tokenizer, r["prompt"], r["chosen"])[0] for r in rows],
         "rejected_ids": [encode_prompt_reply(tokenizer, r["prompt"], r["rejected"])[0] for r in rows],

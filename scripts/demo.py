@@ -35,7 +35,7 @@ def eval_argv(root: Path, k: int, max_new_tokens: int) -> list[str]:
 
 
 def build_report(root: Path) -> str:
-    from rlhf.evaluate import format_interval
+    from rlhf.eval.statistics import format_interval
 
     reward_metrics = json.loads((root / "reward" / "metrics.json").read_text())
     sft_metrics = json.loads((root / "sft" / "metrics.json").read_text())
@@ -102,7 +102,7 @@ def main() -> int:
     parser.add_argument("--k", type=int, default=4, help="samples per held-out prompt and policy")
     parser.add_argument("--report_only", action="store_true", help="only rebuild the report of a finished run")
     args = parser.parse_args()
-    from rlhf.cli import main as rlhf_main
+    from rlhf.app.cli import main as rlhf_main
 
     started = time.time()
     root = Path(args.output_root)

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from playwright.sync_api import sync_playwright
 
-from label.browser import launch_chromium
+from rlhf.label.browser import launch_chromium
 
 
 def main() -> None:
@@ -36,7 +36,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         report = Path(args.report) if args.report else None
         if report is None:
-            from rlhf.cli import main as rlhf
+            from rlhf.app.cli import main as rlhf
 
             code = rlhf(["eval", "--runs", *args.runs, "--prompts", args.prompts, "--out", tmp, *args.eval_args.split()])
             if code:

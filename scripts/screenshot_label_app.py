@@ -15,9 +15,9 @@ from pathlib import Path
 
 from playwright.sync_api import sync_playwright
 
-from label.app import LOOPBACK_HOSTS, create_app, running_in_thread
-from label.browser import launch_chromium
-from label.store import Campaign
+from rlhf.label.app import LOOPBACK_HOSTS, create_app, running_in_thread
+from rlhf.label.browser import launch_chromium
+from rlhf.label.store import Campaign
 
 DEMO = [
     ("Write a short review of the coffee at Corner Café.",

@@ -10,9 +10,9 @@ import logging
 import math
 from typing import Any
 
-from rlhf.formatting import encode_prompt_reply
-from rlhf.models import load_tokenizer
-from rlhf.stage import (StageRun, TrainerStageArguments, build_stage_model, finish_stage, make_trainer, parse_stage,
+from rlhf.core.formatting import encode_prompt_reply
+from rlhf.core.models import load_tokenizer
+from rlhf.core.stage import (StageRun, TrainerStageArguments, build_stage_model, finish_stage, make_trainer, parse_stage,
                         train_with_resume)
 
 logger = logging.getLogger(__name__)
@@ -22,7 +22,7 @@ def tokenize_sft_rows(tokenizer, rows: list[dict]) -> dict[str, list]:
     """Pre-tokenised columns TRL trains on directly: ``input_ids`` and ``completion_mask`` (1 = loss).
 
     We tokenise here rather than in TRL so that SFT, the reward model and PPO share one layout
-    (rlhf.formatting): chat template for the prompt, the reply, then EOS.
+    (rlhf.core.formatting): chat template for the prompt, the reply, then EOS.
     """
     input_ids, completion_mask = [], []
     for row in rows:

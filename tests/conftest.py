@@ -9,7 +9,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("WANDB_MODE", "offline")
 sys.path.insert(0, str(Path(__file__).parent))
 
-from tiny_model import make_tiny_model_dir  # noqa: E402
+from rlhf.demo.tiny_model import make_tiny_model_dir  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -45,7 +45,7 @@ def tiny_model_dir_4bit(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def default_model_dir(tmp_path_factory) -> Path:
     """The embedded SmolLM2-135M-Instruct, converted once per session into a temporary RLHF_CACHE."""
-    from rlhf.models import fetch_default_model
+    from rlhf.core.models import fetch_default_model
 
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("RLHF_CACHE", str(tmp_path_factory.mktemp("rlhf-cache")))

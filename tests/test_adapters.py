@@ -7,13 +7,13 @@ import torch
 from peft import LoraConfig, PeftModel
 from torch.testing import assert_close
 
-from rlhf.adapters import AdapterRegistry, last_non_pad_index, read_score_head
-from rlhf.data import write_jsonl
-from rlhf.formatting import encode_prompt_reply
-from rlhf.generation import pad_ids
-from rlhf.models import ModelArguments, load_base_model, load_tokenizer
+from rlhf.core.adapters import AdapterRegistry, last_non_pad_index, read_score_head
+from rlhf.core.data import write_jsonl
+from rlhf.core.formatting import encode_prompt_reply
+from rlhf.core.generation import pad_ids
+from rlhf.core.models import ModelArguments, load_base_model, load_tokenizer
 from reward.score import load_reward_model
-from rlhf.scoring import score_replies
+from rlhf.core.scoring import score_replies
 
 WORDS = ["coffee", "tea", "pizza", "bread", "cheese", "apple", "mango", "pasta"]
 PAIRS = [("write a short review of the tea", "the tea is lovely ."),

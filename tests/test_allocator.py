@@ -1,4 +1,4 @@
-"""rlhf.allocator: freed memory stays in the process on CPU, unless the user chose otherwise."""
+"""rlhf.core.allocator: freed memory stays in the process on CPU, unless the user chose otherwise."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ REPO = Path(__file__).resolve().parents[1]
 _CHILD = """
 import sys, torch
 sys.path.insert(0, sys.argv[1])
-from rlhf.allocator import keep_freed_memory
+from rlhf.core.allocator import keep_freed_memory
 applied = keep_freed_memory()
 def rss():
     return int(open('/proc/self/statm').read().split()[1]) * 4096

@@ -1,11 +1,11 @@
-"""The demo annotator (rlhf/annotator.py): what it rewards, what it penalises, and its noisy labels."""
+"""The demo annotator (rlhf/demo/annotator.py): what it rewards, what it penalises, and its noisy labels."""
 
 import math
 import random
 
 import pytest
 
-from rlhf.annotator import (
+from rlhf.demo.annotator import (
     EMPTY_PENALTY,
     REPEAT_WEIGHT,
     TOPIC_BONUS,

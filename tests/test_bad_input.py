@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from rlhf.cli import main
-from rlhf.data import load_splits, split_rows, write_jsonl
-from rlhf.errors import UserError
+from rlhf.app.cli import main
+from rlhf.core.data import load_splits, split_rows, write_jsonl
+from rlhf.core.errors import UserError
 
 GOOD_SFT = {"prompt": "write a short review of the tea", "completion": "the tea is good ."}
 GOOD_PREF = {"prompt": "write a short review of the tea", "chosen": "the tea is lovely .", "rejected": "the tea is awful ."}
@@ -198,7 +198,7 @@ def test_prompt_in_train_and_test_files_warns(tmp_path, caplog):
     write_jsonl(tmp_path / "train.jsonl", ROWS[:10])
     write_jsonl(tmp_path / "test.jsonl", [ROWS[3], {"prompt": "new", "completion": "x"}])
     write_jsonl(tmp_path / "val.jsonl", [{"prompt": "other", "completion": "y"}])
-    with caplog.at_level(logging.WARNING, logger="rlhf.data"):
+    with caplog.at_level(logging.WARNING, logger="rlhf.core.data"):
         splits = load_splits(str(tmp_path / "train.jsonl"), "sft", validation_file=str(tmp_path / "val.jsonl"),
                              test_file=str(tmp_path / "test.jsonl"))
     assert len(splits["train"]) == 10 and len(splits["test"]) == 2
@@ -207,7 +207,7 @@ def test_prompt_in_train_and_test_files_warns(tmp_path, caplog):
 
     caplog.clear()
     write_jsonl(tmp_path / "test.jsonl", [{"prompt": "new", "completion": "x"}])
-    with caplog.at_level(logging.WARNING, logger="rlhf.data"):
+    with caplog.at_level(logging.WARNING, logger="rlhf.core.data"):
         load_splits(str(tmp_path / "train.jsonl"), "sft", validation_file=str(tmp_path / "val.jsonl"),
                     test_file=str(tmp_path / "test.jsonl"))
     assert not [r for r in caplog.records if r.levelno == logging.WARNING]

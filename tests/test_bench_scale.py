@@ -1,4 +1,4 @@
-"""scripts/bench_scale.py --quick: every kind of row runs in its own process and is printed beside its estimate."""
+"""bench/bench_scale.py --quick: every kind of row runs in its own process and is printed beside its estimate."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ def test_quick_rows_run_and_get_an_estimate(default_model_dir, tmp_path):
     out = tmp_path / "scale.json"
     rows = "sft-lora,ppo-lora,ppo-lora-ckpt,trl019-lora"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    done = subprocess.run([sys.executable, str(REPO / "scripts/bench_scale.py"), "--quick", "--rows", rows,
+    done = subprocess.run([sys.executable, str(REPO / "bench/bench_scale.py"), "--quick", "--rows", rows,
                            "--tokenizer", str(default_model_dir), "--cache", str(tmp_path / "cache"),
                            "--json", str(out)], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-4000:]

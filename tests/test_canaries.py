@@ -18,10 +18,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from rlhf.canaries import CanaryFormat, exposure_extrapolated, exposure_from_rank, plant_canaries, sidecar_path
-from rlhf.cli import main
-from rlhf.data import load_rows, read_records, write_jsonl
-from rlhf.errors import UserError
+from rlhf.eval.canaries import CanaryFormat, exposure_extrapolated, exposure_from_rank, plant_canaries, sidecar_path
+from rlhf.app.cli import main
+from rlhf.core.data import load_rows, read_records, write_jsonl
+from rlhf.core.errors import UserError
 
 REPO = Path(__file__).resolve().parents[1]
 THINGS = ["tea", "pizza", "city", "river", "book", "movie", "garden", "coffee", "bread", "beach"]

@@ -11,11 +11,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from rlhf.chat import chat_loop, fit_history
-from rlhf.formatting import encode_prompt
-from rlhf.generation import SamplingArguments
-from rlhf.models import load_tokenizer
-from rlhf.runs import load_run
+from rlhf.deploy.chat import chat_loop, fit_history
+from rlhf.core.formatting import encode_prompt
+from rlhf.core.generation import SamplingArguments
+from rlhf.core.models import load_tokenizer
+from rlhf.core.runs import load_run
 
 REPO = Path(__file__).resolve().parents[1]
 GREEDY = SamplingArguments(do_sample=False, max_new_tokens=8)
@@ -126,7 +126,7 @@ def test_old_turns_are_dropped_to_fit_the_context(tiny_model_dir):
 @pytest.mark.slow
 def test_rlhf_chat_over_a_pipe(adapter_run):
     env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1"}
-    done = subprocess.run([sys.executable, "-m", "rlhf.cli", "chat", str(adapter_run), "--greedy", "--max_new_tokens", "6"],
+    done = subprocess.run([sys.executable, "-m", "rlhf.app.cli", "chat", str(adapter_run), "--greedy", "--max_new_tokens", "6"],
                           input="describe the river\n/exit\n", capture_output=True, text=True, env=env, timeout=300)
     assert done.returncode == 0, done.stderr
     assert "you> assistant> " in done.stdout and done.stdout.count("you> ") == 2

@@ -5,11 +5,11 @@ from __future__ import annotations
 import pytest
 import yaml
 
-from rlhf.config import build_config, parse_overrides, save_resolved_config
-from rlhf.data import DataArguments
-from rlhf.errors import UserError
-from rlhf.models import ModelArguments
-from rlhf.stage import TrainerStageArguments, parse_stage, trainer_defaults
+from rlhf.core.config import build_config, parse_overrides, save_resolved_config
+from rlhf.core.data import DataArguments
+from rlhf.core.errors import UserError
+from rlhf.core.models import ModelArguments
+from rlhf.core.stage import TrainerStageArguments, parse_stage, trainer_defaults
 
 
 def sft_config():
@@ -127,9 +127,9 @@ def test_resolved_config_reloads_to_the_same_values(tmp_path):
 
 @pytest.mark.parametrize("flag", ["--help", "-h"])
 def test_help_lists_every_key_with_its_default_and_help_text(flag, capsys):
-    from rlhf.cli import main
-    from rlhf.config import field_help
-    from rlhf.ppo import PPOArguments
+    from rlhf.app.cli import main
+    from rlhf.core.config import field_help
+    from rlhf.ppo.trainer import PPOArguments
 
     with pytest.raises(SystemExit) as stopped:
         main(["ppo", "--config", "configs/ppo.yaml", flag])
@@ -161,7 +161,7 @@ def test_help_of_a_trainer_stage_shows_trl_help_and_our_defaults(capsys):
 def test_renamed_key_is_refused_with_the_new_name_and_why(tmp_path):
     from dataclasses import dataclass
 
-    from rlhf.config import RENAMED_KEYS
+    from rlhf.core.config import RENAMED_KEYS
 
     @dataclass
     class Controller:
@@ -186,8 +186,8 @@ def test_renamed_key_is_refused_with_the_new_name_and_why(tmp_path):
 
 
 def test_ranges_cover_trl_and_our_fields_and_keep_meaningful_sentinels():
-    from rlhf.config import range_problem
-    from rlhf.ppo import PPOArguments
+    from rlhf.core.config import range_problem
+    from rlhf.ppo.trainer import PPOArguments
 
     SFTConfig = sft_config()
     assert range_problem(SFTConfig, "max_steps", -1) is None  # transformers: -1 = train num_train_epochs

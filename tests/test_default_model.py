@@ -7,8 +7,8 @@ import json
 import pytest
 from safetensors import safe_open
 
-import rlhf.models
-from rlhf.models import DEFAULT_MODEL, fetch_default_model, load_tokenizer, resolve_model_path
+import rlhf.core.models
+from rlhf.core.models import DEFAULT_MODEL, fetch_default_model, load_tokenizer, resolve_model_path
 
 
 @pytest.mark.slow
@@ -41,7 +41,7 @@ def test_fetch_converts_once_into_a_plain_safetensors_dir(default_model_dir, mon
     def no_gguf():
         raise AssertionError("converted again")
 
-    monkeypatch.setattr(rlhf.models, "_gguf_location", no_gguf)
+    monkeypatch.setattr(rlhf.core.models, "_gguf_location", no_gguf)
     assert fetch_default_model() == default_model_dir
     assert resolve_model_path(DEFAULT_MODEL) == str(default_model_dir)
     assert (default_model_dir / "model.safetensors").stat().st_mtime_ns == mtime

@@ -1,4 +1,4 @@
-"""The demo data generator (scripts/make_demo_data.py) and the files it committed in data/demo/."""
+"""The demo data generator (rlhf/demo/make_data.py) and the files it committed in data/demo/."""
 
 import importlib.util
 import json
@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from rlhf.annotator import annotator_score, content_words, is_on_topic, score_parts, subject_of
+from rlhf.demo.annotator import annotator_score, content_words, is_on_topic, score_parts, subject_of
 
 REPO = Path(__file__).resolve().parents[1]
-SCRIPT = REPO / "scripts" / "make_demo_data.py"
+SCRIPT = REPO / "rlhf" / "demo" / "make_data.py"
 COMMITTED = REPO / "data" / "demo"
 SPLITS = ("train", "validation", "test")
 FIELDS = {"sft": {"prompt", "completion"}, "prefs": {"prompt", "chosen", "rejected"}, "prompts": {"prompt"}}
@@ -65,7 +65,7 @@ def test_committed_data_is_what_the_documented_command_makes(tmp_path):
     # the generator or the annotator).
     fresh = generate(tmp_path, "--seed", "0")
     readme = (COMMITTED / "README.md").read_text(encoding="utf-8")
-    assert "python scripts/make_demo_data.py --out data/demo --seed 0" in readme
+    assert "python -m rlhf.demo.make_data --out data/demo --seed 0" in readme
     committed = contents(COMMITTED)
     committed["README.md"] = committed["README.md"].replace(b"--out data/demo", b"--out demo")
     assert contents(fresh) == committed

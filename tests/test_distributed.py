@@ -128,7 +128,7 @@ def test_two_process_ppo_resumes_with_the_same_number_of_processes(stage_outputs
     killer = tmp_path / "ppo_killed_at_step_2.py"
     killer.write_text(
         "import os, sys\n"
-        "from rlhf.ppo import run\n"
+        "from rlhf.ppo.trainer import run\n"
         "run(sys.argv[1:], on_checkpoint=lambda step: os._exit(137) if step == 2 else None)\n"
     )
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
@@ -190,7 +190,7 @@ def test_two_process_ppo_stops_together_on_a_nan_found_by_one_process(stage_outp
     script.write_text(
         "import os, sys\n"
         "import torch\n"
-        "import rlhf.ppo as ppo\n"
+        "import rlhf.ppo.trainer as ppo\n"
         "built, build_roles = [], ppo.build_roles\n"
         "def keep(*args, **kwargs):\n"
         "    roles = build_roles(*args, **kwargs)\n"

@@ -19,9 +19,9 @@ import numpy as np
 import pytest
 from safetensors.torch import load_file, save_file
 
-from rlhf.cli import main
-from rlhf.evaluate import (bootstrap_ci, hacking_flags, judge_agreement, pairwise_outcomes, repetition_rate,
-                           win_rate_summary)
+from rlhf.app.cli import main
+from rlhf.eval.statistics import (bootstrap_ci, hacking_flags, judge_agreement, pairwise_outcomes, repetition_rate,
+                                  win_rate_summary)
 
 REPO = Path(__file__).resolve().parents[1]
 THINGS = ["tea", "pizza", "city", "river", "book", "movie", "garden", "coffee", "bread", "beach"]
@@ -126,7 +126,7 @@ def test_repetition_and_hacking_flags():
 
 @pytest.fixture(scope="module")
 def runs(tiny_model_dir, tmp_path_factory) -> dict[str, Path]:
-    from rlhf.data import write_jsonl
+    from rlhf.core.data import write_jsonl
     from sft.train import run as sft_run
 
     root = tmp_path_factory.mktemp("eval")
@@ -221,7 +221,7 @@ def prefers_she(prompt: str, reply: str) -> float:
 
 
 def test_bias_check_detects_a_planted_bias(runs, tmp_path):
-    from rlhf.data import write_jsonl
+    from rlhf.core.data import write_jsonl
 
     (tmp_path / "planted.py").write_text(PLANTED_JUDGE)
     pairs = [{"a": f"she said : write a short review of the {w}", "b": f"he said : write a short review of the {w}",

@@ -15,9 +15,9 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from rlhf.cli import main
-from rlhf.formatting import encode_prompt
-from rlhf.generation import SamplingArguments, load_for_generation
+from rlhf.app.cli import main
+from rlhf.core.formatting import encode_prompt
+from rlhf.core.generation import SamplingArguments, load_for_generation
 
 REPO = Path(__file__).resolve().parents[1]
 PROMPTS = ["write a short review of the tea", "describe the river", "what do you think of the city ?",

@@ -6,8 +6,8 @@ import sys
 
 import pytest
 
-from rlhf.errors import UserError
-from rlhf.judges import (FunctionJudge, lexicon_score, lexicon_sentiment, load_function, on_topic, parse_judges,
+from rlhf.core.errors import UserError
+from rlhf.eval.judges import (FunctionJudge, lexicon_score, lexicon_sentiment, load_function, on_topic, parse_judges,
                          subject_terms)
 
 
@@ -28,7 +28,7 @@ def test_lexicon_judge_scores_sentiment_and_topic_independently_of_the_annotator
         lexicon_score("Write a short review of ramen.", "Ramen exists.") == 0.0
     assert lexicon_score("Write a short review of ramen.", "") == -1.0
     # Not the annotator: a different lexicon (VADER scores "meh" but AFINN has no entry for it).
-    from rlhf.annotator import score_parts
+    from rlhf.demo.annotator import score_parts
 
     assert lexicon_sentiment("meh") == 0.0 and score_parts("x", "meh").sentiment != 0.0
 

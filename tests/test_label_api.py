@@ -10,13 +10,13 @@ from urllib.parse import quote
 import pytest
 from fastapi.testclient import TestClient
 
-from label.app import LOOPBACK_HOSTS, STATIC_DIR, create_app, read_tokens
-from label.cli import main
-from label.export import export_rows
-from label.ingest import import_responses
-from label.store import Campaign
-from rlhf.data import load_rows
-from rlhf.errors import UserError
+from rlhf.label.app import LOOPBACK_HOSTS, STATIC_DIR, create_app, read_tokens
+from rlhf.label.cli import main
+from rlhf.label.export import export_rows
+from rlhf.label.ingest import import_responses
+from rlhf.label.store import Campaign
+from rlhf.core.data import load_rows
+from rlhf.core.errors import UserError
 
 XSS_REPLIES = [
     "<script>window.__xss = 1</script>",

@@ -5,10 +5,10 @@ import socket
 
 import pytest
 
-from label.app import LOOPBACK_HOSTS, create_app, running_in_thread
-from label.browser import CHROMIUM, launch_chromium
-from label.cli import main
-from rlhf.data import load_rows
+from rlhf.label.app import LOOPBACK_HOSTS, create_app, running_in_thread
+from rlhf.label.browser import CHROMIUM, launch_chromium
+from rlhf.label.cli import main
+from rlhf.core.data import load_rows
 from test_label_api import XSS_REPLIES, make_campaign
 
 pytestmark = pytest.mark.browser

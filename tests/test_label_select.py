@@ -8,13 +8,13 @@ from contextlib import closing
 
 import pytest
 
-from label import store
-from label.annotate import annotate_campaign
-from label.cli import main
-from label.export import export_rows
-from label.select import candidate_pairs, select_pairs
-from label.stats import campaign_stats, reward_model_accuracy
-from label.store import Campaign
+from rlhf.label import store
+from rlhf.label.annotate import annotate_campaign
+from rlhf.label.cli import main
+from rlhf.label.export import export_rows
+from rlhf.label.select import candidate_pairs, select_pairs
+from rlhf.label.stats import campaign_stats, reward_model_accuracy
+from rlhf.label.store import Campaign
 
 
 def test_select_keeps_the_smallest_margins_and_a_random_share_of_the_whole_pool():
@@ -133,7 +133,7 @@ def test_stats_split_reward_model_accuracy_by_how_pairs_were_chosen(tmp_path, ca
 def _tiny_reward_model(path, seed=1):
     """A random-weight sequence-classification model: a reward model load_run accepts as it is."""
     import torch
-    from tiny_model import build_tokenizer
+    from rlhf.demo.tiny_model import build_tokenizer
     from transformers import LlamaConfig, LlamaForSequenceClassification
 
     tokenizer = build_tokenizer()
@@ -147,15 +147,15 @@ def _tiny_reward_model(path, seed=1):
 
 
 def test_generate_select_uncertain_from_two_models(tmp_path, tiny_model_dir, capsys):
-    from rlhf.runs import load_run
-    from rlhf.scoring import score_replies
+    from rlhf.core.runs import load_run
+    from rlhf.core.scoring import score_replies
 
     reward = _tiny_reward_model(tmp_path / "rm")
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text("".join(json.dumps({"prompt": f"Write a short review of {w}."}) + "\n"
                                for w in ("tea", "pizza", "coffee", "bread", "soup", "cheese")))
     out = tmp_path / "campaign"
-    from tiny_model import make_tiny_model_dir
+    from rlhf.demo.tiny_model import make_tiny_model_dir
 
     other = make_tiny_model_dir(tmp_path / "other", seed=1)  # a second "policy"
     argv = ["generate", "--model", str(tiny_model_dir), "--model", str(other), "--prompts", str(prompts),
@@ -193,7 +193,7 @@ def test_generate_select_uncertain_from_two_models(tmp_path, tiny_model_dir, cap
 def test_the_page_api_hands_out_uncertain_pairs_first(tmp_path):
     from fastapi.testclient import TestClient
 
-    from label.app import create_app
+    from rlhf.label.app import create_app
 
     campaign = Campaign.create_or_open(tmp_path / "c")
     campaign.add_responses([("f:1", "Review tea.", ["Tea is nice.", "Tea is bad.", "Tea."], "import")], seed=1)

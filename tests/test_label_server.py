@@ -21,7 +21,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from label.store import Campaign
+from rlhf.label.store import Campaign
 
 ROOT = Path(__file__).resolve().parents[1]
 N_CLIENTS, PER_CLIENT, K = 8, 200, 2
@@ -35,10 +35,10 @@ def free_port() -> int:
 
 
 class ServerProcess:
-    """``python -m label serve`` in a subprocess that can be killed -9 and started again."""
+    """``python -m rlhf.label serve`` in a subprocess that can be killed -9 and started again."""
 
     def __init__(self, campaign_dir: Path, port: int, log: Path):
-        self.argv = [sys.executable, "-m", "label", "serve", str(campaign_dir), "--port", str(port), "--k", str(K)]
+        self.argv = [sys.executable, "-m", "rlhf.label", "serve", str(campaign_dir), "--port", str(port), "--k", str(K)]
         self.url = f"http://127.0.0.1:{port}"
         self.log = log
         self.proc = None

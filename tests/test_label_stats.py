@@ -5,10 +5,10 @@ import uuid
 
 import pytest
 
-from label.cli import main
-from label.stats import (binomial_two_sided_p, campaign_stats, cohen_kappa, krippendorff_alpha_nominal,
+from rlhf.label.cli import main
+from rlhf.label.stats import (binomial_two_sided_p, campaign_stats, cohen_kappa, krippendorff_alpha_nominal,
                          majority, position_bias)
-from label.store import Campaign
+from rlhf.label.store import Campaign
 from test_label_api import hand_out
 
 

@@ -11,7 +11,7 @@
    25 % of it.
 
 Each measured run is a child process running our own stage code (``sft.train.run``,
-``reward.train.run``, ``rlhf.ppo.run``) on synthetic rows of exactly ``seq_len`` tokens, so the
+``reward.train.run``, ``rlhf.ppo.trainer.run``) on synthetic rows of exactly ``seq_len`` tokens, so the
 peak includes everything a real run holds: Python, torch, the model, optimizer state, activations.
 """
 
@@ -41,9 +41,9 @@ _CHILD = textwrap.dedent(r'''
     work, model = Path(spec["work"]), spec["model"]
     stage, method, b, s = spec["stage"], spec["method"], spec["batch_size"], spec["seq_len"]
 
-    from rlhf.data import write_jsonl
-    from rlhf.formatting import encode_prompt, encode_prompt_reply
-    from rlhf.models import load_tokenizer
+    from rlhf.core.data import write_jsonl
+    from rlhf.core.formatting import encode_prompt, encode_prompt_reply
+    from rlhf.core.models import load_tokenizer
 
     tokenizer = load_tokenizer(model)
 
@@ -89,10 +89,10 @@ _CHILD = textwrap.dedent(r'''
         from peft import get_peft_model
         from safetensors.torch import save_file
 
-        from rlhf import generation
-        from rlhf.adapters import HEAD_FILE
-        from rlhf.models import ModelArguments, build_peft_config, load_base_model
-        from rlhf.ppo import run
+        from rlhf.core import generation
+        from rlhf.core.adapters import HEAD_FILE
+        from rlhf.core.models import ModelArguments, build_peft_config, load_base_model
+        from rlhf.ppo.trainer import run
 
         # Random SFT and reward adapters on the base (LoRA B = 0, as peft initialises it), made in
         # this process so their loading is part of the measured run just as in a real PPO stage.
@@ -177,7 +177,7 @@ SIZES = dict(batch_size=2, seq_len=5, max_new_tokens=3, lora_r=2, device="cpu")
 
 
 def test_architecture_counts_parameters_and_lora_shapes():
-    from rlhf.memory import architecture
+    from rlhf.core.memory import architecture
 
     arch = architecture(tiny_config())
     assert arch.params == PARAMS
@@ -193,7 +193,7 @@ def test_architecture_counts_parameters_and_lora_shapes():
 
 
 def test_sft_lora_and_full_bytes_are_exact():
-    from rlhf.memory import estimate_memory
+    from rlhf.core.memory import estimate_memory
 
     lora = estimate_memory(tiny_config(), "sft", "lora", **SIZES)
     assert lora.weights == PARAMS * 4  # float32
@@ -213,7 +213,7 @@ def test_sft_lora_and_full_bytes_are_exact():
 
 
 def test_reward_and_ppo_roles():
-    from rlhf.memory import estimate_memory
+    from rlhf.core.memory import estimate_memory
 
     # Reward: the LM head is tied, so the model gains a 16 -> 1 score head; peft trains a copy of it.
     reward = estimate_memory(tiny_config(), "reward", "lora", **SIZES)
@@ -238,10 +238,10 @@ def test_reward_and_ppo_roles():
 
 
 def test_ppo_merge_copy_follows_merge_for_generation():
-    from rlhf.memory import CPU_MERGE_RAM_SHARE, estimate_memory
-    from rlhf.ppo import CPU_MERGE_RAM_SHARE as ppo_share
+    from rlhf.core.memory import CPU_MERGE_RAM_SHARE, estimate_memory
+    from rlhf.ppo.trainer import CPU_MERGE_RAM_SHARE as ppo_share
 
-    assert CPU_MERGE_RAM_SHARE == ppo_share  # the same rule as rlhf.ppo.merge_backup_device
+    assert CPU_MERGE_RAM_SHARE == ppo_share  # the same rule as rlhf.ppo.trainer.merge_backup_device
     # Merging keeps a copy of every wrapped linear weight (4608 of them, float32) while sampling.
     merged = estimate_memory(tiny_config(), "ppo", "lora", **SIZES, merge_for_generation="true")
     assert merged.merged_copy == 4608 * 4
@@ -260,7 +260,7 @@ def test_ppo_merge_copy_follows_merge_for_generation():
 
 
 def test_separate_models_layout_holds_three_models():
-    from rlhf.memory import estimate_memory, estimate_separate_models_ppo
+    from rlhf.core.memory import estimate_memory, estimate_separate_models_ppo
 
     trl = estimate_separate_models_ppo(tiny_config(), **{k: v for k, v in SIZES.items()})
     # policy (6288) + reward and value models with a 16 -> 1 score head instead of the tied LM head
@@ -273,7 +273,7 @@ def test_separate_models_layout_holds_three_models():
 
 
 def test_qlora_weights():
-    from rlhf.memory import estimate_memory
+    from rlhf.core.memory import estimate_memory
 
     # 4608 linear weights (2 x (768 + 1536)) quantised; the other 6288 - 4608 = 1680 parameters are
     # upcast to float32 by prepare_model_for_kbit_training.
@@ -288,7 +288,7 @@ def test_qlora_weights():
 
 
 def test_activations_scale_with_tokens_and_checkpointing():
-    from rlhf.memory import estimate_memory
+    from rlhf.core.memory import estimate_memory
 
     base = estimate_memory(tiny_config(), "reward", "lora", **SIZES)
     # Activations grow with the batch (an affine function of it: the same per-sequence cost each time).
@@ -310,7 +310,7 @@ def test_saved_activations_match_autograd(mode):
     from peft import LoraConfig, get_peft_model
     from transformers import LlamaForCausalLM
 
-    from rlhf.memory import architecture, saved_bytes_per_token_layer
+    from rlhf.core.memory import architecture, saved_bytes_per_token_layer
 
     config = tiny_config()
     arch = architecture(config)
@@ -348,8 +348,8 @@ def test_saved_activations_match_autograd(mode):
 
 
 def test_bad_input_is_a_user_error():
-    from rlhf.errors import UserError
-    from rlhf.memory import estimate_memory
+    from rlhf.core.errors import UserError
+    from rlhf.core.memory import estimate_memory
 
     for kwargs, word in ((dict(stage="dpo"), "stage"), (dict(method="ia3"), "method"), (dict(dtype="int8"), "dtype"),
                          (dict(qlora_bits=3, method="qlora"), "bits"), (dict(batch_size=0), "batch_size"),
@@ -361,7 +361,7 @@ def test_bad_input_is_a_user_error():
 
 
 def test_command_prints_the_breakdown(tiny_model_dir, capsys):
-    from rlhf.cli import main
+    from rlhf.app.cli import main
 
     assert main(["estimate-memory", "--model", str(tiny_model_dir), "--stage", "ppo", "--method", "full",
                  "--device", "cpu", "--batch_size", "4"]) == 0
@@ -388,7 +388,7 @@ ACCEPTANCE = [
 @pytest.mark.slow
 @pytest.mark.parametrize("stage, sizes", ACCEPTANCE)
 def test_estimate_is_within_25_percent_of_the_measured_peak(stage, sizes, default_model_dir, tmp_path):
-    from rlhf.memory import estimate_memory, load_config
+    from rlhf.core.memory import estimate_memory, load_config
 
     sizes = dict(sizes)
     steps = sizes.pop("steps")
@@ -418,8 +418,8 @@ CALIBRATION = [
 
 def calibrate(work: Path) -> list[dict]:
     """Measure every CALIBRATION run, one at a time, 2 steps each (step 2 is the steady state)."""
-    from rlhf.memory import MiB, estimate_memory, load_config
-    from rlhf.models import fetch_default_model
+    from rlhf.core.memory import MiB, estimate_memory, load_config
+    from rlhf.core.models import fetch_default_model
 
     model = fetch_default_model()
     config = load_config(str(model))
@@ -428,7 +428,7 @@ def calibrate(work: Path) -> list[dict]:
         estimate = estimate_memory(config, stage, method, device="cpu", **sizes)
         while _available_bytes() < estimate.total + 2 * 2**30:  # a shared machine: never push others out
             time.sleep(30)
-        # The fp32 fractions of rlhf.memory.RETENTION were fitted with the setting keep.
+        # The fp32 fractions of rlhf.core.memory.RETENTION were fitted with the setting keep.
         measured, seconds = measure_peak_rss(work / str(k), model, stage, method, steps=2, allocator="keep", **sizes)
         row = dict(stage=stage, method=method, **sizes, estimated_mib=round(estimate.total / MiB),
                    measured_mib=round(measured / MiB), error=round((estimate.total - measured) / measured, 3),

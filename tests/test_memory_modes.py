@@ -18,7 +18,7 @@ pytestmark = pytest.mark.slow
 @pytest.mark.parametrize("method, dtype", [("qlora-4bit", "float32"), ("qlora-8bit", "float32"), ("lora", "bfloat16")])
 def test_all_stages_train_in_each_memory_mode_with_gradient_checkpointing(method, dtype, tiny_model_dir_4bit, tmp_path):
     from reward.train import run as run_reward
-    from rlhf.ppo import run as run_ppo
+    from rlhf.ppo.trainer import run as run_ppo
     from sft.train import run as run_sft
 
     common = ["--model_name_or_path", str(tiny_model_dir_4bit), "--peft_method", method, "--torch_dtype", dtype,

@@ -15,7 +15,7 @@ import pytest
 import torch
 from transformers import TrainerCallback
 
-from rlhf.data import write_jsonl
+from rlhf.core.data import write_jsonl
 from test_resume import (adapter_tensors, assert_same, comparable_metrics, kill_after_the_step_2_checkpoint,
                          pref_rows, sft_rows)
 
@@ -60,9 +60,9 @@ def method_argv(method: str, starts: dict, out: Path) -> list[str]:
 @pytest.mark.slow
 @pytest.mark.parametrize("method", ["dpo", "grpo", "rloo"])
 def test_method_trains_resumes_and_generates(method, starts, tmp_path):
-    from rlhf.generation import SamplingArguments, generate_replies, load_for_generation
+    from rlhf.core.generation import SamplingArguments, generate_replies, load_for_generation
 
-    run = importlib.import_module(f"methods.{method}").run
+    run = importlib.import_module(f"rlhf.methods.{method}").run
     straight = tmp_path / "straight"
     metrics = run(method_argv(method, starts, straight))
     for name in RUN_FILES:
@@ -80,7 +80,7 @@ def test_method_trains_resumes_and_generates(method, starts, tmp_path):
 
     resumed = tmp_path / "resumed"
     argv = method_argv(method, starts, resumed)
-    kill_after_the_step_2_checkpoint(f"methods.{method}", argv, tmp_path)
+    kill_after_the_step_2_checkpoint(f"rlhf.methods.{method}", argv, tmp_path)
     steps: list[int] = []
 
     class StepsSeen(TrainerCallback):
@@ -105,8 +105,8 @@ def test_method_trains_resumes_and_generates(method, starts, tmp_path):
 def test_dpo_reference_is_the_sft_adapter(starts, tmp_path):
     """After training, the logits under TRL's "ref" adapter equal the SFT adapter's, loaded on its own,
     while the trained adapter's differ; the trainer holds no second model."""
-    from methods.dpo import run
-    from rlhf.runs import load_run
+    from rlhf.methods.dpo import run
+    from rlhf.core.runs import load_run
 
     ids = torch.tensor([[3, 10, 11, 12, 13, 14, 15]])
     seen = {}
@@ -138,12 +138,12 @@ def test_dpo_reference_is_the_sft_adapter(starts, tmp_path):
 def test_reward_function_scores_like_the_reward_model(starts):
     """The reward function (the reward adapter switched on inside it, on the policy's base) gives the
     scores of the stand-alone reward model loaded from its run directory, and leaves the policy active."""
-    from methods.common import POLICY, adapter_reward
-    from rlhf.adapters import AdapterRegistry
-    from rlhf.formatting import as_messages, encode_reply
-    from rlhf.models import load_base_model
-    from rlhf.runs import load_run, read_run
-    from rlhf.scoring import score_replies
+    from rlhf.methods.common import POLICY, adapter_reward
+    from rlhf.core.adapters import AdapterRegistry
+    from rlhf.core.formatting import as_messages, encode_reply
+    from rlhf.core.models import load_base_model
+    from rlhf.core.runs import load_run, read_run
+    from rlhf.core.scoring import score_replies
 
     reward_model, tokenizer = load_run(starts["reward_run"], "seq-cls")
     registry = AdapterRegistry(load_base_model(read_run(starts["sft_run"]).base_args(), "causal-lm"))
@@ -166,8 +166,8 @@ def test_pipeline_method_key_runs_the_method_from_the_finished_stages(starts, tm
     """``method: grpo`` runs GRPO after the (finished, skipped) SFT and reward runs, into <root>/grpo."""
     import shutil
 
-    from rlhf.config import load_yaml
-    from rlhf.pipeline import run_pipeline
+    from rlhf.core.config import load_yaml
+    from rlhf.app.pipeline import run_pipeline
 
     root = tmp_path / "runs"
     shutil.copytree(starts["sft_run"], root / "sft")
@@ -186,9 +186,9 @@ def test_pipeline_method_key_runs_the_method_from_the_finished_stages(starts, tm
 @pytest.mark.parametrize("method", ["dpo", "rloo"])
 def test_runs_that_cannot_share_a_base_are_refused_before_any_output(method, starts, tmp_path):
     """Swapped SFT and reward runs: a one-line error naming the key, and no output directory at all."""
-    from rlhf.errors import UserError
+    from rlhf.core.errors import UserError
 
-    run = importlib.import_module(f"methods.{method}").run
+    run = importlib.import_module(f"rlhf.methods.{method}").run
     argv = method_argv(method, starts, tmp_path / "out")
     swapped = [{str(starts["sft_run"]): str(starts["reward_run"]),
                 str(starts["reward_run"]): str(starts["sft_run"])}.get(a, a) for a in argv]

@@ -7,9 +7,9 @@ import random
 
 import pytest
 
-from rlhf.cli import main
-from rlhf.data import write_jsonl
-from rlhf.monitor import compare_rates, drift_report, read_window
+from rlhf.app.cli import main
+from rlhf.core.data import write_jsonl
+from rlhf.deploy.monitor import compare_rates, drift_report, read_window
 
 SUBJECTS = ["tea", "coffee", "pizza", "bread", "river", "city", "park", "song", "movie", "garden", "camera", "book"]
 GOOD = ["good", "great", "lovely", "nice", "fine", "really", "very", "enjoy", "like", "the", "it", "is", "and", "a"]

@@ -12,10 +12,10 @@ import pytest
 import torch
 from transformers import TrainerCallback
 
-from rlhf.data import write_jsonl
-from rlhf.formatting import encode_prompt_reply
-from rlhf.generation import load_for_generation
-from rlhf.models import ModelArguments, build_peft_config, find_target_modules, load_base_model, load_tokenizer
+from rlhf.core.data import write_jsonl
+from rlhf.core.formatting import encode_prompt_reply
+from rlhf.core.generation import load_for_generation
+from rlhf.core.models import ModelArguments, build_peft_config, find_target_modules, load_base_model, load_tokenizer
 from sft.train import run
 
 LLAMA_LINEAR = ["down_proj", "gate_proj", "k_proj", "o_proj", "q_proj", "up_proj", "v_proj"]

@@ -29,10 +29,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from rlhf import ppo_math as pm
-from rlhf.adapters import HEAD_FILE, read_score_head
-from rlhf.data import write_jsonl
-from rlhf.formatting import encode_prompt, encode_prompt_reply
+from rlhf.ppo import math as pm
+from rlhf.core.adapters import HEAD_FILE, read_score_head
+from rlhf.core.data import write_jsonl
+from rlhf.core.formatting import encode_prompt, encode_prompt_reply
 
 REPO = Path(__file__).resolve().parents[1]
 THINGS = ["coffee", "tea", "pizza", "bread", "cheese", "apple", "mango", "pasta", "soup", "salad",
@@ -85,26 +85,26 @@ def ppo_argv(pipeline: dict[str, Path], out: Path, *extra: str) -> list[str]:
 
 
 def capture_registry(monkeypatch) -> list:
-    """Make rlhf.ppo.run hand us the AdapterRegistry it builds."""
-    import rlhf.ppo
+    """Make rlhf.ppo.trainer.run hand us the AdapterRegistry it builds."""
+    import rlhf.ppo.trainer
 
     built = []
-    original = rlhf.ppo.build_roles
+    original = rlhf.ppo.trainer.build_roles
 
     def build_and_keep(*args, **kwargs):
         registry, reference = original(*args, **kwargs)
         built.append(registry)
         return registry, reference
 
-    monkeypatch.setattr(rlhf.ppo, "build_roles", build_and_keep)
+    monkeypatch.setattr(rlhf.ppo.trainer, "build_roles", build_and_keep)
     return built
 
 
 def make_trainer(pipeline: dict[str, Path], *extra: str, sft_model: Path | None = None, edit_model=None):
-    """A PPOTrainer built the way rlhf.ppo.run builds it, without a run directory.
+    """A PPOTrainer built the way rlhf.ppo.trainer.run builds it, without a run directory.
     ``edit_model(peft_model)`` runs on the loaded roles before the trainer is made."""
-    from rlhf.models import load_tokenizer
-    from rlhf.ppo import PPOTrainer, build_roles, parse_ppo
+    from rlhf.core.models import load_tokenizer
+    from rlhf.ppo.trainer import PPOTrainer, build_roles, parse_ppo
 
     argv = ppo_argv(pipeline, pipeline["root"] / "unused", *extra)
     if sft_model is not None:
@@ -153,7 +153,7 @@ def comparable_metrics(run_dir: Path) -> dict:
 @pytest.fixture(scope="module")
 def straight_run(pipeline, tmp_path_factory):
     """4 PPO steps without interruption (checkpoints at 2 and 4); returns (output dir, registry)."""
-    from rlhf.ppo import run
+    from rlhf.ppo.trainer import run
 
     monkeypatch = pytest.MonkeyPatch()
     built = capture_registry(monkeypatch)
@@ -167,7 +167,7 @@ def straight_run(pipeline, tmp_path_factory):
 
 @pytest.mark.slow
 def test_smoke_trains_policy_and_value_only(pipeline, straight_run):
-    from rlhf.generation import load_for_generation
+    from rlhf.core.generation import load_for_generation
 
     out, registry = straight_run
     sft, reward = pipeline["sft"], pipeline["reward"]
@@ -205,7 +205,7 @@ KILL_AT_STEP_2 = textwrap.dedent("""
     import os, sys
     import torch
     torch.set_num_threads(1)
-    from rlhf.ppo import run
+    from rlhf.ppo.trainer import run
 
     def die(step):
         if step == 2:
@@ -219,7 +219,7 @@ KILL_AT_STEP_2 = textwrap.dedent("""
 def assert_killed_run_resumes_to(straight: Path, pipeline, tmp_path: Path, *extra: str) -> None:
     """Kill a run like ``straight`` (``extra`` args) after its step-2 checkpoint, resume it, and check
     it ends with the same policy, value model and metrics."""
-    from rlhf.ppo import run
+    from rlhf.ppo.trainer import run
 
     resumed = tmp_path / "ppo"
     argv = ppo_argv(pipeline, resumed, *extra)
@@ -258,8 +258,8 @@ def test_killed_run_resumes_to_the_same_result(pipeline, straight_run, tmp_path)
 
 @pytest.mark.slow
 def test_killed_policy_head_run_resumes_to_the_same_result(pipeline, tmp_path):
-    from rlhf.errors import UserError
-    from rlhf.ppo import run
+    from rlhf.core.errors import UserError
+    from rlhf.ppo.trainer import run
 
     straight = tmp_path / "straight" / "ppo"
     run(ppo_argv(pipeline, straight, "--value_model", "policy_head"))
@@ -299,8 +299,8 @@ def test_policy_head_value_loss_trains_the_policy_trunk(pipeline):
 
 @pytest.mark.slow
 def test_non_finite_stops_and_keeps_last_checkpoint(pipeline, tmp_path, monkeypatch):
-    from rlhf.generation import load_for_generation
-    from rlhf.ppo import STATE_FILE, NonFiniteError, run
+    from rlhf.core.generation import load_for_generation
+    from rlhf.ppo.trainer import STATE_FILE, NonFiniteError, run
 
     built = capture_registry(monkeypatch)
 
@@ -348,8 +348,8 @@ def eos_biased_generate(trainer, prompts: list, seed: int = 0):
 @pytest.mark.slow
 def test_rollout_invariants(pipeline):
     from reward.score import load_reward_model
-    from rlhf.scoring import score_replies
-    from rlhf.generation import decode_responses
+    from rlhf.core.scoring import score_replies
+    from rlhf.core.generation import decode_responses
 
     trainer = make_trainer(pipeline, "--batch_size", "8", "--mini_batch_size", "8", "--gradient_accumulation_steps",
                            "1", "--ppo_epochs", "1", "--max_new_tokens", "12")
@@ -534,8 +534,8 @@ def test_merge_for_generation_auto_merges_only_where_the_backup_fits(monkeypatch
     never on a quantized base, where an explicit true is refused rather than ignored."""
     import psutil
 
-    import rlhf.ppo as ppo
-    from rlhf.errors import UserError
+    import rlhf.ppo.trainer as ppo
+    from rlhf.core.errors import UserError
 
     gib = 2**30
     memory = type("Memory", (), {"total": 24 * gib, "available": 20 * gib})
@@ -622,7 +622,7 @@ def synthetic_stats(step: int, score: float, kl: float, length: float = 8.0) -> 
 @pytest.mark.slow
 def test_negative_kl_and_collapse_warnings(pipeline, caplog):
     trainer = make_trainer(pipeline)
-    caplog.set_level(logging.WARNING, logger="rlhf.ppo")
+    caplog.set_level(logging.WARNING, logger="rlhf.ppo.trainer")
 
     # Negative KL: warned once the run of negative estimates reaches the patience (3), once only.
     for step, kl in enumerate([-0.1, 0.2, -0.3, -0.2], start=1):
@@ -731,8 +731,8 @@ def test_dropout_is_off_in_the_update_even_in_training_mode(pipeline):
 def test_adaptive_kl_horizon_is_relative_to_the_run(pipeline):
     """With the default horizon (a fifth of the run's replies) a KL that stays far off target moves the
     coefficient by a factor that matters within the run; a fixed 10,000-reply horizon moved it 0.3 %."""
-    from rlhf.errors import UserError
-    from rlhf.ppo import parse_ppo
+    from rlhf.core.errors import UserError
+    from rlhf.ppo.trainer import parse_ppo
 
     trainer = make_trainer(pipeline, "--max_steps", "10", "--batch_size", "4", "--mini_batch_size", "4")
     assert trainer.kl_ctl.horizon == 8  # 10 steps x 4 replies / 5
@@ -755,8 +755,8 @@ def test_adaptive_kl_horizon_is_relative_to_the_run(pipeline):
 def test_launch_settings_ppo_does_not_honour_are_refused(setting, value, expected):
     from accelerate.utils import DistributedType
 
-    from rlhf.errors import UserError
-    from rlhf.ppo import check_launch
+    from rlhf.core.errors import UserError
+    from rlhf.ppo.trainer import check_launch
 
     launch = {"distributed_type": DistributedType.MULTI_GPU, "mixed_precision": "no", "gradient_accumulation_steps": 1}
     check_launch(type("Launch", (), launch))  # plain DDP passes
@@ -766,7 +766,7 @@ def test_launch_settings_ppo_does_not_honour_are_refused(setting, value, expecte
 
 
 def test_accelerate_gradient_accumulation_is_refused_before_any_work(pipeline, tmp_path, monkeypatch, capsys):
-    from rlhf.cli import main
+    from rlhf.app.cli import main
 
     monkeypatch.setenv("ACCELERATE_GRADIENT_ACCUMULATION_STEPS", "4")
     out = tmp_path / "ppo"
@@ -801,8 +801,8 @@ def test_normalize_reward_scales_scores_by_the_running_moments_then_penalizes(pi
 
 
 def test_replies_per_prompt_repeats_each_prompt_and_splits_ranks_by_prompt():
-    from rlhf.errors import UserError
-    from rlhf.rollout import PromptSampler
+    from rlhf.core.errors import UserError
+    from rlhf.ppo.rollout import PromptSampler
 
     prompts = [f"p{i}" for i in range(10)]
     plain = PromptSampler(prompts, 4, seed=3)
@@ -820,8 +820,8 @@ def test_replies_per_prompt_repeats_each_prompt_and_splits_ranks_by_prompt():
 
 
 def test_replies_per_prompt_samples_different_replies_to_the_same_prompt(pipeline):
-    from rlhf.errors import UserError
-    from rlhf.ppo import parse_ppo
+    from rlhf.core.errors import UserError
+    from rlhf.ppo.trainer import parse_ppo
 
     trainer = make_trainer(pipeline, "--batch_size", "8", "--mini_batch_size", "4", "--replies_per_prompt", "4",
                            "--max_new_tokens", "8")

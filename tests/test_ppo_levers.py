@@ -1,4 +1,4 @@
-"""scripts/ppo_levers.py's bookkeeping: run names per seed, issue 13's goal check, the table over evaluations."""
+"""experiments/ppo_levers.py's bookkeeping: run names per seed, issue 13's goal check, the table over evaluations."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "ppo_levers.py"
+SCRIPT = Path(__file__).resolve().parents[1] / "experiments" / "ppo_levers.py"
 
 
 @pytest.fixture(scope="module")

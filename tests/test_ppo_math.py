@@ -1,4 +1,4 @@
-"""Tests for rlhf/ppo_math.py.
+"""Tests for rlhf/ppo/math.py.
 
 Each function gets a tiny hand-computed case (the arithmetic is in the comments) and a comparison
 on random inputs against a slow plain-Python reference written as directly from the definition as
@@ -12,7 +12,7 @@ import pytest
 import torch
 from torch.testing import assert_close
 
-from rlhf.ppo_math import (
+from rlhf.ppo.math import (
     AdaptiveKLController,
     FixedKLController,
     RunningMoments,

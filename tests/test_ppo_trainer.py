@@ -31,10 +31,10 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import save_file
-from tiny_model import make_tiny_gpt2_dir
+from rlhf.demo.tiny_model import make_tiny_gpt2_dir
 
-from rlhf import ppo_math as pm
-from rlhf.adapters import HEAD_FILE, read_score_head
+from rlhf.ppo import math as pm
+from rlhf.core.adapters import HEAD_FILE, read_score_head
 
 DROPOUT = 0.1  # in the GPT-2 config (resid, embd, attn) and in every LoRA adapter
 TEMPERATURE = 0.7  # not 1, so a logprob that forgets the temperature is caught
@@ -66,7 +66,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def model_args(base: Path):
-    from rlhf.models import ModelArguments
+    from rlhf.core.models import ModelArguments
 
     return ModelArguments(model_name_or_path=str(base), lora_r=4, lora_alpha=8, lora_dropout=DROPOUT)
 
@@ -77,7 +77,7 @@ def save_random_lora(base: Path, out: Path, seed: int, head: bool = False) -> Pa
     from peft import get_peft_model
     from transformers import GPT2LMHeadModel
 
-    from rlhf.models import build_peft_config
+    from rlhf.core.models import build_peft_config
 
     model = GPT2LMHeadModel.from_pretrained(base)
     model = get_peft_model(model, build_peft_config(model_args(base), model))
@@ -104,7 +104,7 @@ def roles(tmp_path_factory) -> dict[str, dict[str, Path]]:
     from peft import PeftModel
     from transformers import GPT2LMHeadModel
 
-    from rlhf.models import load_tokenizer
+    from rlhf.core.models import load_tokenizer
 
     root = tmp_path_factory.mktemp("ppo_trainer")
     gpt2 = make_tiny_gpt2_dir(root / "gpt2", dropout=DROPOUT)
@@ -122,9 +122,9 @@ def roles(tmp_path_factory) -> dict[str, dict[str, Path]]:
 
 def make_trainer(dirs: dict[str, Path], layout: str, **overrides):
     """A PPOTrainer on ``dirs`` with update ``layout``; ``overrides``: other PPOArguments."""
-    from rlhf.generation import SamplingArguments
-    from rlhf.models import load_tokenizer
-    from rlhf.ppo import PPOArguments, PPOTrainer, build_roles
+    from rlhf.core.generation import SamplingArguments
+    from rlhf.core.models import load_tokenizer
+    from rlhf.ppo.trainer import PPOArguments, PPOTrainer, build_roles
 
     mini_batch_size, accumulation, checkpointing = LAYOUTS[layout]
     args = PPOArguments(sft_model=str(dirs["sft"]), reward_model=str(dirs["reward"]), output_dir="unused",

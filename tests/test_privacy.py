@@ -8,9 +8,9 @@ import logging
 
 import pytest
 
-from rlhf.cli import main
-from rlhf.data import read_records, write_jsonl
-from rlhf.privacy import find_pii, mask
+from rlhf.app.cli import main
+from rlhf.core.data import read_records, write_jsonl
+from rlhf.eval.privacy import find_pii, mask
 
 # One planted item of each kind, with the placeholder a scrubbed copy must hold instead.
 PLANTED = {
@@ -139,7 +139,7 @@ def test_user_errors(argv, message, tmp_path, capsys):
 
 
 def test_scrub_and_canaries_write_one_copy_without_the_items_and_with_the_canaries(tmp_path, capsys):
-    from rlhf.canaries import sidecar_path
+    from rlhf.eval.canaries import sidecar_path
 
     path, out = tmp_path / "train.jsonl", tmp_path / "clean.jsonl"
     write_jsonl(path, planted_rows())

@@ -23,7 +23,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import TrainerCallback
 
-from rlhf.data import write_jsonl
+from rlhf.core.data import write_jsonl
 
 REPO = Path(__file__).resolve().parents[1]
 FOODS = ["coffee", "tea", "pizza", "bread", "cheese", "apple", "mango", "pasta", "soup", "salad",
@@ -144,7 +144,7 @@ def assert_same(found, expected, where: str) -> None:
 
 
 def test_whole_run_train_loss_by_hand():
-    from rlhf.stage import whole_run_train_loss
+    from rlhf.core.stage import whole_run_train_loss
 
     history = [{"loss": 4.0, "step": 2}, {"eval_loss": 9.0, "step": 2}, {"loss": 2.0, "step": 4},
                {"loss": 7.0, "step": 6}]  # logged after the resume: already inside resumed_loss
@@ -157,7 +157,7 @@ def test_whole_run_train_loss_by_hand():
 
 
 def test_resume_skips_a_checkpoint_cut_off_while_being_written(tmp_path):
-    from rlhf.outputs import RunDir
+    from rlhf.core.outputs import RunDir
 
     run = RunDir(tmp_path / "out")
     for step, files in ((2, ["adapter_model.safetensors", "optimizer.pt", "trainer_state.json"]),
@@ -193,7 +193,7 @@ def test_resume_from_a_checkpoint_that_is_not_a_logging_step(tiny_model_dir, tmp
     resumed = tmp_path / "resumed"
     argv = stage_argv(tiny_model_dir, train_file, resumed) + schedule
     work = kill_after_the_step_2_checkpoint("sft.train", argv, tmp_path)
-    with caplog.at_level(logging.INFO, logger="rlhf.stage"):
+    with caplog.at_level(logging.INFO, logger="rlhf.core.stage"):
         run(argv + ["--resume"])
     assert f"resuming from {work / 'checkpoint-2'}" in [r.getMessage() for r in caplog.records]
 
@@ -207,7 +207,7 @@ def test_resume_from_a_checkpoint_that_is_not_a_logging_step(tiny_model_dir, tmp
 
 
 def test_a_run_that_fails_before_its_first_checkpoint_leaves_nothing(tmp_path):
-    from rlhf.outputs import RunDir
+    from rlhf.core.outputs import RunDir
 
     run = RunDir(tmp_path / "out")
     with pytest.raises(ValueError, match="bad input"), run.removed_on_error():

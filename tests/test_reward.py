@@ -10,12 +10,12 @@ import torch
 import torch.nn.functional as F
 from torch.testing import assert_close
 
-from rlhf.adapters import read_score_head
-from rlhf.cli import main
-from rlhf.data import write_jsonl
-from rlhf.models import ModelArguments, load_base_model, load_tokenizer
+from rlhf.core.adapters import read_score_head
+from rlhf.app.cli import main
+from rlhf.core.data import write_jsonl
+from rlhf.core.models import ModelArguments, load_base_model, load_tokenizer
 from reward.score import load_reward_model, pair_metrics
-from rlhf.scoring import score_replies
+from rlhf.core.scoring import score_replies
 from reward.train import run, tokenize_pairs
 
 WORDS = ["coffee", "tea", "pizza", "bread", "cheese", "apple", "mango", "pasta", "soup", "salad", "book", "song"]

@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from rlhf.errors import DataError
-from rlhf.risks import (BIAS_PAIRS, GENERAL_TEXT, QA_FILE, bias_gaps, factual_drift, forgetting_status, qa_answers,
+from rlhf.core.errors import DataError
+from rlhf.eval.risks import (BIAS_PAIRS, GENERAL_TEXT, QA_FILE, bias_gaps, factual_drift, forgetting_status, qa_answers,
                         read_bias_pairs, read_qa)
 
 
@@ -48,7 +48,7 @@ def test_bias_gaps_find_a_planted_gap_and_not_noise():
 
 
 def test_shipped_files_load_and_bad_rows_name_file_and_line(tmp_path):
-    from rlhf.data import load_rows
+    from rlhf.core.data import load_rows
 
     qa = read_qa(QA_FILE)
     assert len(qa) >= 40 and all(0 <= q["answer"] < len(q["choices"]) for q in qa)

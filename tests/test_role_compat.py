@@ -4,7 +4,7 @@ Policy and reference come from the SFT output, reward and value from the reward 
 adapter + score head), all on one base model. Each case below used to load and train on a wrong
 base (a silently wrong reward) or crash in peft with a traceback; now ``build_roles`` refuses it
 with a one-line ``UserError`` (exit 2 through the CLI) before loading anything. Also here:
-``rlhf.runs.read_run``, which reads what a stage output directory holds.
+``rlhf.core.runs.read_run``, which reads what a stage output directory holds.
 
 Real tiny stage outputs (one training step each) where the case is about what training writes;
 copies with an edited adapter_config.json / config.yaml where only the recorded facts matter.
@@ -20,8 +20,8 @@ import pytest
 import torch
 import yaml
 
-from rlhf.cli import main
-from rlhf.errors import UserError
+from rlhf.app.cli import main
+from rlhf.core.errors import UserError
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "configs" / "tiny"
@@ -65,8 +65,8 @@ def ppo_argv(sft: Path, reward: Path, *extra: str) -> list[str]:
 
 
 def build(sft: Path, reward: Path, *extra: str):
-    """``rlhf.ppo.build_roles`` as ``rlhf ppo`` calls it."""
-    from rlhf.ppo import build_roles, parse_ppo
+    """``rlhf.ppo.trainer.build_roles`` as ``rlhf ppo`` calls it."""
+    from rlhf.ppo.trainer import build_roles, parse_ppo
 
     model_args, _, args, _, _ = parse_ppo(ppo_argv(sft, reward, *extra))
     return build_roles(model_args, args, torch.device("cpu"))
@@ -97,7 +97,7 @@ def edited_copy(source: Path, target: Path, adapter: dict | None = None, stage: 
 
 
 def test_read_run_of_real_stage_outputs(runs):
-    from rlhf.runs import read_run
+    from rlhf.core.runs import read_run
 
     sft, full, reward = read_run(runs["sft"]), read_run(runs["sft_full"]), read_run(runs["reward"])
     assert (sft.kind, sft.is_adapter, sft.peft_type, sft.task, sft.has_score_head) == ("sft", True, "LORA", "causal-lm", False)
@@ -147,7 +147,7 @@ def test_non_lora_sft_adapters_are_refused_before_loading(method, peft_type, run
 
 
 def test_reward_adapter_on_another_base_is_refused(runs, tmp_path):
-    from tiny_model import make_tiny_model_dir
+    from rlhf.demo.tiny_model import make_tiny_model_dir
 
     other = make_tiny_model_dir(tmp_path / "other_model", seed=1)  # same shapes, other weights
     reward = edited_copy(runs["reward"], tmp_path / "reward", adapter={"base_model_name_or_path": str(other)})

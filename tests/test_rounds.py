@@ -1,4 +1,4 @@
-"""Labeling rounds (rlhf/rounds.py, rlhf pipeline --rounds): the loop on tiny models, a stop for labels and
+"""Labeling rounds (rlhf/app/rounds.py, rlhf pipeline --rounds): the loop on tiny models, a stop for labels and
 its continuation, a kill mid-round; PPO continuing from an earlier policy; the reward model's warm start."""
 
 import json
@@ -8,11 +8,11 @@ from pathlib import Path
 import pytest
 import yaml
 
-from label.annotate import annotate_campaign
-from label.store import Campaign
-from rlhf.errors import UserError
-from rlhf.pipeline import run_pipeline
-from rlhf.rounds import pair_accuracy, prompt_slice
+from rlhf.label.annotate import annotate_campaign
+from rlhf.label.store import Campaign
+from rlhf.core.errors import UserError
+from rlhf.app.pipeline import run_pipeline
+from rlhf.app.rounds import pair_accuracy, prompt_slice
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -152,18 +152,18 @@ def test_campaign_labeler_stops_for_labels_and_a_rerun_continues(round0, tmp_pat
 
 
 def test_a_kill_mid_round_resumes_where_it_stopped(round0, tmp_path, monkeypatch, caplog):
-    import rlhf.ppo
+    import rlhf.ppo.trainer
 
     root = _copy(round0, tmp_path)
     argv = _pipeline_argv(round0["configs"], root, round0["model"], "--rounds", "1")
-    original = rlhf.ppo.run
+    original = rlhf.ppo.trainer.run
 
     def killed_after_first_checkpoint(argv, values=None, on_checkpoint=None):
         def kill(step):
             raise KeyboardInterrupt
         return original(argv, values, on_checkpoint=kill)
 
-    monkeypatch.setattr(rlhf.ppo, "run", killed_after_first_checkpoint)
+    monkeypatch.setattr(rlhf.ppo.trainer, "run", killed_after_first_checkpoint)
     with pytest.raises(KeyboardInterrupt):
         run_pipeline(argv)
     round_dir = root / "round-1"
@@ -171,7 +171,7 @@ def test_a_kill_mid_round_resumes_where_it_stopped(round0, tmp_path, monkeypatch
     reward_mtime = (round_dir / "reward" / "metrics.json").stat().st_mtime
     labels = Campaign(round_dir / "campaign").labels()
 
-    monkeypatch.setattr(rlhf.ppo, "run", original)
+    monkeypatch.setattr(rlhf.ppo.trainer, "run", original)
     with caplog.at_level("INFO"):
         run_pipeline(argv)
     assert any("resuming from" in r.getMessage() and "checkpoint-1" in r.getMessage() for r in caplog.records)
@@ -206,8 +206,8 @@ def test_ppo_policy_model_starts_the_policy_from_an_earlier_ppo_run(round0):
     import torch
     from peft import get_peft_model_state_dict
 
-    from rlhf.ppo import build_roles, check_policy_model, parse_ppo
-    from rlhf.runs import check_shared_base
+    from rlhf.ppo.trainer import build_roles, check_policy_model, parse_ppo
+    from rlhf.core.runs import check_shared_base
 
     root = round0["root"]
     model_args, _, args, _, _ = parse_ppo(["--config", str(round0["configs"]["ppo"]), "--sft_model", str(root / "sft"),
@@ -235,10 +235,10 @@ def test_reward_warm_start_copies_the_previous_adapter_and_head(round0):
 
     from peft import get_peft_model
 
-    from rlhf.models import ModelArguments, build_peft_config, load_base_model
-    from rlhf.rounds import warm_start_callback
-    from rlhf.runs import load_run
-    from rlhf.scoring import score_replies
+    from rlhf.core.models import ModelArguments, build_peft_config, load_base_model
+    from rlhf.app.rounds import warm_start_callback
+    from rlhf.core.runs import load_run
+    from rlhf.core.scoring import score_replies
 
     previous = round0["root"] / "reward"
     config = yaml.safe_load((previous / "config.yaml").read_text())

@@ -9,10 +9,10 @@ import pytest
 import torch
 from transformers import TrainerCallback
 
-from rlhf.data import write_jsonl
-from rlhf.formatting import encode_prompt, encode_reply
-from rlhf.models import load_tokenizer
-from rlhf.stage import TrainerStageArguments, parse_stage
+from rlhf.core.data import write_jsonl
+from rlhf.core.formatting import encode_prompt, encode_reply
+from rlhf.core.models import load_tokenizer
+from rlhf.core.stage import TrainerStageArguments, parse_stage
 from sft.train import run, tokenize_sft_rows
 
 WORDS = ["coffee", "tea", "pizza", "bread", "cheese", "apple", "mango", "pasta", "soup", "salad", "book", "song"]
@@ -78,7 +78,7 @@ def test_labels_are_ignored_exactly_on_prompt_tokens(kind, tiny_model_dir, tmp_p
 
     # What each row should look like: prompt tokens (label -100), reply tokens + EOS (label = token).
     tokenizer = load_tokenizer(str(tiny_model_dir))
-    from rlhf.data import normalize_row, Record
+    from rlhf.core.data import normalize_row, Record
 
     expected = {}
     for row in rows:

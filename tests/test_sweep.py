@@ -1,4 +1,4 @@
-"""rlhf sweep (rlhf/sweep.py): a killed sweep continues with its finished trials kept, pruning is recorded,
+"""rlhf sweep (rlhf/app/sweep.py): a killed sweep continues with its finished trials kept, pruning is recorded,
 the search space and the objectives."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from rlhf.errors import UserError
+from rlhf.core.errors import UserError
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -49,7 +49,7 @@ def sft_sweep(tiny_model_dir, tmp_path) -> dict[str, Path]:
 
 
 def sweep_args(paths: dict, trials: int, pruner: str = "median"):
-    from rlhf.sweep import parse_sweep_args
+    from rlhf.app.sweep import parse_sweep_args
 
     return parse_sweep_args(["--config", str(paths["config"]), "--space", str(paths["space"]), "--trials",
                              str(trials), "--study", str(paths["study"]), "--pruner", pruner])
@@ -58,7 +58,7 @@ def sweep_args(paths: dict, trials: int, pruner: str = "median"):
 KILLED_IN_TRIAL_2 = textwrap.dedent("""
     import os, sys
     from transformers import TrainerCallback
-    from rlhf.sweep import parse_sweep_args, run_sweep
+    from rlhf.app.sweep import parse_sweep_args, run_sweep
 
     class DieInTrial2(TrainerCallback):
         def on_step_end(self, args, state, control, **kwargs):
@@ -75,7 +75,7 @@ def test_killed_sweep_continues_with_its_finished_trials(sft_sweep):
     import optuna
     from optuna.trial import TrialState
 
-    from rlhf.sweep import run_sweep
+    from rlhf.app.sweep import run_sweep
 
     argv = ["--config", str(sft_sweep["config"]), "--space", str(sft_sweep["space"]), "--trials", "4",
             "--study", str(sft_sweep["study"]), "--pruner", "none"]
@@ -100,7 +100,7 @@ def test_killed_sweep_continues_with_its_finished_trials(sft_sweep):
         assert (trials_dir / str(n) / "metrics.json").exists()
     assert not (trials_dir / "2").exists() and not (trials_dir / "2.tmp").exists()
     # The reports: the best trial's config runs as it is, the table lists every trial, the PNG exists.
-    from rlhf.config import load_yaml
+    from rlhf.core.config import load_yaml
 
     best = load_yaml(sft_sweep["study"] / "best_config.yaml")
     assert best["learning_rate"] == study.best_params["learning_rate"] and best["lora_r"] == study.best_params["lora_r"]
@@ -115,7 +115,7 @@ def test_pruned_trial_is_recorded_as_pruned(sft_sweep):
     import optuna
     from optuna.trial import TrialState
 
-    from rlhf.sweep import run_sweep
+    from rlhf.app.sweep import run_sweep
 
     # Every validation loss is above 0: the first intermediate report prunes the trial.
     study = run_sweep(sweep_args(sft_sweep, 1), pruner=optuna.pruners.ThresholdPruner(upper=0.0))
@@ -128,7 +128,7 @@ def test_pruned_trial_is_recorded_as_pruned(sft_sweep):
 
 
 def test_search_space_errors_name_the_file_and_key(tmp_path):
-    from rlhf.sweep import Param, load_space
+    from rlhf.app.sweep import Param, load_space
 
     space = tmp_path / "space.yaml"
     space.write_text("learning_rate: {type: float, low: 1.0e-5, high: 1.0e-3, log: true}\n"
@@ -150,7 +150,7 @@ def test_search_space_errors_name_the_file_and_key(tmp_path):
 
 
 def test_objectives():
-    from rlhf.sweep import objective_value
+    from rlhf.app.sweep import objective_value
 
     assert objective_value("sft", {"validation_loss": 1.5}, 4.0, 0.1) == 1.5
     assert objective_value("reward", {"validation_accuracy": 0.75}, 4.0, 0.1) == 0.75

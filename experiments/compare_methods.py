@@ -1,0 +1,230 @@
+"""PPO, DPO, GRPO and RLOO from the same SFT and reward runs, each with the same wall-clock training budget.
+
+    make compare                                   # = python experiments/compare_methods.py
+    python experiments/compare_methods.py --budget_seconds 600 --k 4 --out runs/compare
+    python experiments/compare_methods.py --quick      # a tiny random model, a few seconds per method: the plumbing only
+
+Each method runs in its own process (its peak RSS is its own) from ``--sft`` and ``--reward`` (made
+with configs/sft.yaml and configs/reward.yaml when missing), with its demo config and a generous
+max_steps, and stops training once ``--budget_seconds`` of training have passed (model loading and
+the final evaluation are not counted): TRL stages by a TrainerCallback that ends training, PPO by
+stopping at its next checkpoint (save_steps 1) and finishing from it (``--resume --max_steps <step>``).
+The learning-rate schedules are each config's own over its max_steps, so a budget cut leaves them
+part-way: the comparison is "what each method reaches in this much time", not "at convergence".
+
+Then ``rlhf eval`` samples ``--k`` replies per held-out prompt (data/demo/prompts_heldout.jsonl) from
+SFT and every method with the same sampling settings and judges them: win rate against SFT (ties
+count half, 95 % bootstrap interval over prompts) by the demo annotator (the labeller of the training
+pairs) and by the lexicon judge (independent of it), reward-model score, KL to SFT, distinct-2 and
+reply length. One table goes to <out>/compare.md (and compare.json).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+METHODS = ("ppo", "dpo", "grpo", "rloo")
+MODULES = {"ppo": "rlhf.ppo.trainer", "dpo": "rlhf.methods.dpo", "grpo": "rlhf.methods.grpo", "rloo": "rlhf.methods.rloo"}
+HELDOUT = "data/demo/prompts_heldout.jsonl"
+
+
+# ----------------------------------------------------------------------------------------------
+# One method in a child process
+# ----------------------------------------------------------------------------------------------
+
+
+def child(method: str, argv: list[str], budget: float, report: str) -> None:
+    """Train ``method`` for at most ``budget`` seconds of training; write wall time and peak RSS to ``report``."""
+    import importlib
+
+    started = time.time()
+    run = importlib.import_module(MODULES[method]).run
+    if method == "ppo":
+        class OverBudget(Exception):
+            pass
+
+        clock: dict[str, float] = {}
+
+        def stop_when_over(step: int) -> None:
+            clock.setdefault("start", time.time())  # from the first checkpoint on: setup excluded
+            clock["step"] = step
+            if time.time() - clock["start"] >= budget:
+                raise OverBudget()
+
+        try:
+            run(argv + ["--save_steps", "1"], on_checkpoint=stop_when_over)
+        except OverBudget:
+            # Its checkpoint is complete: finish from it with max_steps = that step (evaluation, outputs).
+            run(argv + ["--save_steps", "1", "--resume", "--max_steps", str(clock["step"])])
+    else:
+        from transformers import TrainerCallback
+
+        class Budget(TrainerCallback):
+            def on_train_begin(self, args, state, control, **kwargs):
+                self.start = time.time()
+
+            def on_step_end(self, args, state, control, **kwargs):
+                if time.time() - self.start >= budget:
+                    control.should_training_stop = True
+                    control.should_save = True  # the run ends at a checkpoint like any other
+
+        run(argv, callbacks=[Budget()])
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # kB on Linux
+    Path(report).write_text(json.dumps({"wall_seconds": time.time() - started, "peak_rss_bytes": peak}))
+
+
+def run_method(method: str, argv: list[str], budget: float, out: Path) -> dict:
+    report = out / f"{method}.process.json"
+    if (out / method / "metrics.json").exists() and report.exists():
+        print(f"{method}: finished run in {out / method}, kept")
+        return json.loads(report.read_text())
+    code = (f"import sys; sys.path.insert(0, {str(REPO)!r}); from experiments.compare_methods import child; "
+            f"child({method!r}, {argv!r}, {budget!r}, {str(report)!r})")
+    print(f"{method}: training for {budget:.0f} s ...", flush=True)
+    subprocess.run([sys.executable, "-c", code], cwd=REPO, check=True)
+    return json.loads(report.read_text())
+
+
+# ----------------------------------------------------------------------------------------------
+# Inputs: the SFT and reward runs
+# ----------------------------------------------------------------------------------------------
+
+
+def quick_setup(out: Path) -> tuple[Path, Path, dict[str, list[str]]]:
+    """A tiny random model, tiny SFT and reward runs, and each method's tiny config."""
+    from rlhf.demo.tiny_model import make_tiny_model_dir
+
+    from reward.train import run as run_reward
+    from sft.train import run as run_sft
+
+    model = out / "tiny_model"
+    if not (model / "config.json").exists():
+        make_tiny_model_dir(model)
+    sft, reward = out / "sft", out / "reward"
+    if not (sft / "metrics.json").exists():
+        run_sft(["--config", "configs/tiny/sft.yaml", "--model_name_or_path", str(model), "--output_dir", str(sft),
+                 "--overwrite_output_dir", "true"])
+    if not (reward / "metrics.json").exists():
+        run_reward(["--config", "configs/tiny/reward.yaml", "--model_name_or_path", str(model), "--output_dir",
+                    str(reward), "--overwrite_output_dir", "true"])
+    configs = {m: ["--config", f"configs/tiny/{m}.yaml", "--max_steps", "200"] for m in METHODS}
+    configs["ppo"] += ["--eval_prompts", "4"]
+    return sft, reward, configs
+
+
+def demo_setup(sft: Path, reward: Path) -> dict[str, list[str]]:
+    from reward.train import run as run_reward
+    from sft.train import run as run_sft
+
+    if not (sft / "metrics.json").exists():
+        run_sft(["--config", "configs/sft.yaml", "--output_dir", str(sft)])
+    if not (reward / "metrics.json").exists():
+        run_reward(["--config", "configs/reward.yaml", "--output_dir", str(reward)])
+    # Generous step counts: the budget ends each run. DPO: epochs over the pairs until then.
+    return {"ppo": ["--config", "configs/ppo.yaml", "--max_steps", "1000"],
+            "dpo": ["--config", "configs/dpo.yaml", "--num_train_epochs", "50", "--early_stopping_patience", "null"],
+            "grpo": ["--config", "configs/grpo.yaml", "--max_steps", "1000"],
+            "rloo": ["--config", "configs/rloo.yaml", "--max_steps", "1000"]}
+
+
+# ----------------------------------------------------------------------------------------------
+# The table
+# ----------------------------------------------------------------------------------------------
+
+
+def table(report: dict, processes: dict[str, dict], budget: float, k: int, prompts: int) -> str:
+    from rlhf.eval.statistics import format_interval
+
+    runs, rates = report["runs"], report["win_rates"]
+    judge = {name.split(":")[0]: name for name in next(iter(rates.values()))}
+
+    def rate(method: str, which: str, key: str = "win_rate") -> str:
+        return format_interval(rates[method][judge[which]], key)
+
+    lines = [f"# PPO, DPO, GRPO, RLOO from the same SFT and reward runs ({budget:.0f} s of training each)", "",
+             f"{prompts} held-out prompts x {k} samples per policy; win rates against SFT, ties half, "
+             "95 % bootstrap intervals over prompts.", "",
+             "| method | win rate vs SFT (annotator) | win rate (lexicon, independent) | prompts won (lexicon) | "
+             "reward-model score | KL to SFT (nats/reply) | distinct-2 | reply words | wall s (all) | peak RSS GiB |",
+             "|---|---|---|---|---:|---:|---:|---:|---:|---:|"]
+    for name in ["sft", *METHODS]:
+        if name not in runs:
+            continue
+        r = runs[name]
+        wins = (("(baseline)",) * 3 if name == "sft" else
+                (rate(name, "annotator"), rate(name, "lexicon"), rate(name, "lexicon", "prompt_win_rate")))
+        process = processes.get(name, {})
+        wall = f"{process['wall_seconds']:.0f}" if process else ""
+        peak = f"{process['peak_rss_bytes'] / 2**30:.2f}" if process else ""
+        lines.append(f"| {name.upper() if name != 'sft' else 'SFT'} | {wins[0]} | {wins[1]} | {wins[2]} | "
+                     f"{r['scores'][judge['reward']]['mean']:.3f} | {r['kl_to_reference']:.2f} | "
+                     f"{r['distinct_2']:.3f} | {r['reply_length']:.1f} | {wall} | {peak} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default="runs/compare", help="runs, eval and the table go here")
+    parser.add_argument("--sft", help="SFT run (default: <out>/sft, trained with configs/sft.yaml if missing)")
+    parser.add_argument("--reward", help="reward run (default: <out>/reward, configs/reward.yaml if missing)")
+    parser.add_argument("--budget_seconds", type=float, default=420.0, help="training time of each method")
+    parser.add_argument("--k", type=int, default=4, help="samples per held-out prompt and policy")
+    parser.add_argument("--max_new_tokens", type=int, default=32, help="longest reply in the evaluation")
+    parser.add_argument("--methods", default=",".join(METHODS), help="comma-separated subset")
+    parser.add_argument("--quick", action="store_true", help="tiny random model and configs: the plumbing only")
+    args = parser.parse_args(argv)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    methods = [m for m in args.methods.split(",") if m]
+    if args.quick:
+        budget = min(args.budget_seconds, 15.0)
+        sft, reward, configs = quick_setup(out)
+    else:
+        budget = args.budget_seconds
+        sft, reward = Path(args.sft or out / "sft"), Path(args.reward or out / "reward")
+        configs = demo_setup(sft, reward)
+    processes = {}
+    for method in methods:
+        argv = configs[method] + ["--sft_model", str(sft), "--reward_model", str(reward),
+                                  "--output_dir", str(out / method)]
+        processes[method] = run_method(method, argv, budget, out)
+
+    from rlhf.app.cli import main as rlhf_main
+
+    heldout = [line for line in (REPO / HELDOUT).read_text().splitlines() if line.strip()]
+    k = 2 if args.quick else args.k
+    eval_argv = ["eval", "--runs", str(sft), *[str(out / m) for m in methods], "--prompts", str(REPO / HELDOUT),
+                 "--out", str(out / "eval"), "--judges", f"annotator,lexicon,reward:{reward}", "--k", str(k),
+                 "--skip", "forgetting,factual,bias", "--max_new_tokens", str(8 if args.quick else args.max_new_tokens),
+                 "--bootstrap", "2000"]
+    from rlhf.eval.evaluate import kept_report
+
+    report = kept_report(out / "eval", methods, k)
+    if report:
+        print(f"{out / 'eval' / 'report.json'}: every method evaluated, kept")
+    else:
+        code = rlhf_main(eval_argv)
+        if code not in (0, 3):
+            return code
+        report = json.loads((out / "eval" / "report.json").read_text())
+    text = table(report, processes, budget, k, len(heldout))
+    (out / "compare.md").write_text(text)
+    (out / "compare.json").write_text(json.dumps({"processes": processes, "budget_seconds": budget,
+                                                  "win_rates": report["win_rates"]}, indent=2))
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,114 @@
+"""SFT -> reward -> PPO (or DPO, GRPO, RLOO) in one command, skipping finished stages and resuming an
+interrupted one.
+
+    rlhf pipeline --config configs/pipeline.yaml [--output_root runs/demo] [--method dpo]
+    rlhf pipeline --config configs/pipeline.yaml --rounds 2      # then labeling rounds (rlhf/app/rounds.py)
+
+A stage is finished when its output directory exists (outputs are renamed into place only when a
+stage completes); it was interrupted when ``<output_dir>.tmp`` holds a checkpoint.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+from rlhf.core.config import build_config, load_yaml
+from rlhf.core.errors import UserError
+from rlhf.core.outputs import RunDir
+
+logger = logging.getLogger(__name__)
+METHODS = ("ppo", "dpo", "grpo", "rloo")
+
+
+@dataclass
+class PipelineArguments:
+    """Which stage configs to run, and where their outputs go."""
+
+    sft_config: str = "configs/sft.yaml"
+    """Config of the SFT stage."""
+    reward_config: str = "configs/reward.yaml"
+    """Config of the reward stage."""
+    method: str = "ppo"
+    """The alignment stage after SFT and reward: ppo, dpo, grpo or rloo (each from the same SFT and reward runs)."""
+    ppo_config: str = "configs/ppo.yaml"
+    """Config of the PPO stage."""
+    dpo_config: str = "configs/dpo.yaml"
+    """Config of the DPO stage (method: dpo)."""
+    grpo_config: str = "configs/grpo.yaml"
+    """Config of the GRPO stage (method: grpo)."""
+    rloo_config: str = "configs/rloo.yaml"
+    """Config of the RLOO stage (method: rloo)."""
+    output_root: str | None = None
+    """If set, each stage writes to <output_root>/<stage> (else its config's output_dir)."""
+    model_name_or_path: str | None = None
+    """If set, overrides every stage's base model."""
+    stages: list[str] | None = None
+    """Run only these stages (default: all three: sft, reward and the method)."""
+    rounds: int = 0
+    """Labeling rounds after the first PPO (rlhf/app/rounds.py, docs/rounds.md): each samples the current policy,
+    has the pairs the reward model is least sure about labeled, retrains the reward model on all labels so
+    far and continues PPO. 0 = none."""
+    rounds_config: str = "configs/rounds.yaml"
+    """Settings of the rounds: labeler (annotator or campaign), budget, random_share, reward_init..."""
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise UserError(f"method: expected one of {', '.join(METHODS)}, found {self.method!r}")
+
+
+def stage_output(config_path: str, stage: str, root: str | None) -> str:
+    if root:
+        return str(Path(root) / stage)
+    config = load_yaml(config_path)
+    if "output_dir" not in config:
+        raise UserError(f"{config_path}: expected an output_dir key (or set output_root in the pipeline config)")
+    return str(config["output_dir"])
+
+
+def run_pipeline(argv: list[str] | None = None) -> dict[str, str]:
+    """Run the stages in order; returns {stage: output_dir}."""
+    import importlib
+
+    from reward.train import run as run_reward
+    from sft.train import run as run_sft
+
+    (args,), _ = build_config([PipelineArguments], argv)
+    stages = ("sft", "reward", args.method)
+    wanted = args.stages or list(stages)
+    for s in wanted:
+        if s not in stages:
+            raise UserError(f"stages: expected some of {', '.join(stages)}, found {s!r}")
+    configs = {"sft": args.sft_config, "reward": args.reward_config, args.method: getattr(args, f"{args.method}_config")}
+    outputs = {s: stage_output(configs[s], s, args.output_root) for s in stages}
+    module = "rlhf.ppo.trainer" if args.method == "ppo" else f"rlhf.methods.{args.method}"
+    runners = {"sft": run_sft, "reward": run_reward, args.method: importlib.import_module(module).run}
+    if args.rounds and "ppo" not in outputs:
+        raise UserError("rounds: labeling rounds continue a PPO policy; expected method: ppo, found another method")
+    for stage in stages:
+        if stage not in wanted:
+            continue
+        run_dir = RunDir(outputs[stage])
+        if run_dir.is_complete():
+            logger.info("%s: finished run in %s, skipping", stage, run_dir.final)
+            continue
+        argv_stage = ["--config", configs[stage], "--output_dir", outputs[stage]]
+        if args.model_name_or_path and stage in ("sft", "reward"):
+            argv_stage += ["--model_name_or_path", args.model_name_or_path]
+        if stage == args.method:  # every method starts from the SFT run and its reward run
+            argv_stage += ["--sft_model", outputs["sft"], "--reward_model", outputs["reward"]]
+        if run_dir.last_checkpoint() is not None:
+            logger.info("%s: resuming the interrupted run in %s", stage, run_dir.work)
+            argv_stage.append("--resume")
+        logger.info("%s: running %s", stage, " ".join(argv_stage))
+        runners[stage](argv_stage)
+    if args.rounds:
+        from rlhf.app.rounds import run_rounds
+
+        if any(not RunDir(outputs[s]).is_complete() for s in ("sft", "reward", "ppo")):
+            raise UserError("rounds: expected finished sft, reward and ppo runs to start from; run those stages first")
+        result = run_rounds(args.rounds, args.rounds_config, configs, outputs, args.model_name_or_path)
+        if result["waiting_for_labels"]:
+            outputs["waiting_for_labels"] = result["waiting_for_labels"]
+    return outputs

@@ -1,0 +1,285 @@
+"""One base model in memory, several named roles: the adapter registry shared by every stage.
+
+PPO needs four models: policy, reference, reward and value. Here they are one base model with peft
+adapters (``policy``, ``value``, ``reward`` and optionally ``reference``) plus small scalar heads;
+the reference can also be the base with every adapter switched off (TRL's ``use_adapter`` idea). A
+role is entered through :meth:`AdapterRegistry.use`, which always restores the previous adapter.
+
+peft's ``set_adapter`` marks only the active adapter as trainable; we train two adapters (policy and
+value) in one step, so the registry re-applies each adapter's own trainable flag after every switch.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from pathlib import Path
+from typing import Iterator
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from rlhf.core.errors import UserError
+
+HEAD_FILE = "score_head.safetensors"
+
+
+def last_non_pad_index(input_ids: torch.Tensor, pad_token_id: int) -> torch.Tensor:
+    """Index of the rightmost token that is not padding, per row: ``(b, s) -> (b,)``.
+
+    The same rule as transformers' sequence-classification heads, so a reward adapter scores a PPO
+    sequence exactly where it scored its training pairs (left or right padding alike). Rows made
+    only of padding give 0.
+    """
+    positions = torch.arange(input_ids.shape[1], device=input_ids.device)
+    return ((input_ids != pad_token_id).long() * positions).argmax(-1)
+
+
+def read_score_head(adapter_dir: str | os.PathLike) -> torch.Tensor | None:
+    """The (1, hidden) score weight a SEQ_CLS adapter saved beside its LoRA weights, if any."""
+    adapter_dir = Path(adapter_dir)
+    head_file = adapter_dir / HEAD_FILE
+    if head_file.exists():
+        return load_file(str(head_file))["weight"]
+    weights = adapter_dir / "adapter_model.safetensors"
+    if not weights.exists():
+        return None
+    tensors = load_file(str(weights))
+    for key, value in tensors.items():
+        if key.endswith("score.weight") or key.endswith("score.modules_to_save.weight"):
+            return value
+    return None
+
+
+def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Positions counted over real tokens only: ``(b, s) -> (b, s)``.
+
+    With left padding the first real token must sit at position 0, as it does during ``generate``
+    and in right-padded training batches; otherwise logprobs and scores shift with the pad width.
+    """
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+class AdapterRegistry:
+    """Named peft adapters and scalar heads on one base model."""
+
+    def __init__(self, base_model: nn.Module):
+        self.base_model = base_model
+        self.peft_model = None
+        self.heads = nn.ModuleDict()
+        self.trainable: dict[str, bool] = {}
+        self._params_by_adapter: dict[str, list[nn.Parameter]] | None = None
+        self._role: str | None = None  # the role entered last through use(); None = the base
+
+    # -- building ------------------------------------------------------------------------------
+
+    @property
+    def names(self) -> list[str]:
+        return list(self.trainable)
+
+    def add(self, name: str, peft_config, trainable: bool = True) -> None:
+        """A fresh adapter ``name`` from a peft config."""
+        from peft import get_peft_model
+
+        if self.peft_model is None:
+            self.peft_model = get_peft_model(self.base_model, peft_config, adapter_name=name)
+        else:
+            self.peft_model.add_adapter(name, peft_config)
+        self.trainable[name] = trainable
+        self._params_by_adapter = None
+        self._apply_trainable()
+
+    def load(self, name: str, adapter_dir: str | os.PathLike, trainable: bool = False) -> None:
+        """Load a saved adapter (and its score head, if it has one) as ``name``."""
+        from peft import PeftModel
+
+        adapter_dir = Path(adapter_dir)
+        if not (adapter_dir / "adapter_config.json").exists():
+            raise UserError(f"{adapter_dir}: expected a peft adapter (adapter_config.json), found none")
+        if self.peft_model is None:
+            self.peft_model = PeftModel.from_pretrained(
+                self.base_model, str(adapter_dir), adapter_name=name, is_trainable=trainable
+            )
+        else:
+            self.peft_model.load_adapter(str(adapter_dir), adapter_name=name, is_trainable=trainable)
+        head = read_score_head(adapter_dir)
+        if head is not None:
+            self.add_head(name, head, trainable=trainable)
+        self.trainable[name] = trainable
+        self._params_by_adapter = None
+        self._apply_trainable()
+
+    def add_head(self, name: str, weight: torch.Tensor | None = None, trainable: bool = True) -> nn.Linear:
+        """A ``Linear(hidden, 1, bias=False)`` scalar head for role ``name``."""
+        hidden = self.base_model.config.get_text_config().hidden_size
+        head = nn.Linear(hidden, 1, bias=False)
+        if weight is not None:
+            head.weight.data.copy_(weight.reshape(1, hidden).float())
+        else:
+            nn.init.normal_(head.weight, std=1.0 / (hidden + 1))
+        head.to(next(self.base_model.parameters()).device)
+        head.requires_grad_(trainable)
+        self.heads[name] = head
+        return head
+
+    def _adapter_params(self) -> dict[str, list[nn.Parameter]]:
+        # Matching every parameter name against every adapter costs more than the switch itself
+        # (PPO switches seven times a step), so it is done once per set of adapters.
+        if self._params_by_adapter is None:
+            self._params_by_adapter = {name: [] for name in self.trainable}
+            for param_name, param in self.peft_model.named_parameters():
+                for adapter in self.trainable:
+                    if f".{adapter}." in param_name:
+                        self._params_by_adapter[adapter].append(param)
+        return self._params_by_adapter
+
+    def _apply_trainable(self) -> None:
+        for adapter, params in self._adapter_params().items():
+            for param in params:
+                param.requires_grad = self.trainable[adapter]
+
+    def parameters_of(self, name: str) -> list[nn.Parameter]:
+        """Trainable parameters of adapter ``name`` and its head."""
+        params = [p for p in self._adapter_params().get(name, []) if p.requires_grad]
+        if name in self.heads:
+            params += [p for p in self.heads[name].parameters() if p.requires_grad]
+        return params
+
+    # -- switching ----------------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def use(self, name: str | None) -> Iterator[nn.Module]:
+        """Run with adapter ``name`` active (None: all adapters off, i.e. the base model)."""
+        outer = self._role
+        self._role = name
+        try:
+            if name is None:
+                try:
+                    with self.peft_model.disable_adapter():
+                        yield self.peft_model
+                finally:
+                    # peft re-enables the adapter layers on exit through set_adapter, which freezes
+                    # every adapter but the active one (the value adapter would silently stop training).
+                    self._apply_trainable()
+                return
+            if name not in self.trainable:
+                raise KeyError(f"no adapter named {name!r}; have {self.names}")
+            previous = self.peft_model.active_adapter
+            self.peft_model.set_adapter(name)
+            self._apply_trainable()
+            try:
+                yield self.peft_model
+            finally:
+                self.peft_model.set_adapter(previous)
+                self._apply_trainable()
+        finally:
+            self._role = outer
+
+    def enable_gradient_checkpointing(self) -> None:
+        """Recompute each decoder layer's activations in the backward pass, under the role that ran it.
+
+        Non-reentrant recomputation runs during backward with whatever adapter is active then: a
+        value loss backpropagated after the registry switched back to the policy would be recomputed
+        under the policy adapter and give silently wrong gradients. The checkpoint's ``context_fn``
+        captures the role at forward time and re-enters it for the recomputation. Like every
+        transformers model, it only checkpoints in training mode (see disable_dropout).
+        """
+        registry = self
+
+        def role_contexts():
+            role = registry._role
+            return contextlib.nullcontext(), registry.use(role)
+
+        self.base_model.activation_checkpointing_enable(
+            activation_checkpointing_kwargs={"use_reentrant": False, "context_fn": role_contexts})
+
+    def can_merge(self, name: str) -> bool:
+        """Whether :meth:`merged` can fold adapter ``name`` into the base weights exactly."""
+        from peft import PeftType
+
+        config = self.peft_model.peft_config.get(name)
+        quantized = getattr(self.base_model, "hf_quantizer", None) is not None or any(
+            getattr(self.base_model, flag, False) for flag in ("is_loaded_in_4bit", "is_loaded_in_8bit"))
+        return config is not None and config.peft_type == PeftType.LORA and not quantized
+
+    def _lora_layers(self, name: str) -> list[nn.Module]:
+        from peft.tuners.lora import LoraLayer
+
+        return [m for m in self.peft_model.modules() if isinstance(m, LoraLayer) and name in m.lora_A]
+
+    def merge_backup_bytes(self, name: str) -> int:
+        """Bytes :meth:`merged` keeps aside for adapter ``name``: every base weight its LoRA wraps."""
+        return sum(p.numel() * p.element_size() for layer in self._lora_layers(name)
+                   for p in layer.get_base_layer().parameters(recurse=False))
+
+    @contextlib.contextmanager
+    def merged(self, name: str, backup_device: torch.device | str | None = None) -> Iterator[nn.Module]:
+        """Inference with LoRA adapter ``name`` folded into the base weights, restored bit for bit after.
+
+        Unmerged, every wrapped layer runs two extra small matmuls (and peft's Python around them)
+        per forward; when decoding a few tokens at a time that is 15-20 % of a step. peft's unmerge
+        subtracts the update again, which leaves rounding errors in the base weights that the frozen
+        roles share, so the merged layers' original weights are kept meanwhile and copied back: a
+        transient copy of the wrapped weights (:meth:`merge_backup_bytes`), on ``backup_device``
+        (default: where the weights are; host memory keeps it off a GPU). Not for training (no
+        gradient reaches the adapter).
+        """
+        if not self.can_merge(name):
+            raise ValueError(f"adapter {name!r} cannot be merged exactly (not LoRA, or a quantized base)")
+        layers = self._lora_layers(name)
+        originals = [{k: v.detach().to(backup_device, copy=True)
+                      for k, v in layer.get_base_layer().named_parameters(recurse=False)} for layer in layers]
+        try:
+            self.peft_model.merge_adapter([name])
+            yield self.peft_model
+        finally:
+            self.peft_model.unmerge_adapter()
+            with torch.no_grad():
+                for layer, saved in zip(layers, originals):
+                    for key, param in layer.get_base_layer().named_parameters(recurse=False):
+                        param.copy_(saved[key])
+
+    # -- forward passes -----------------------------------------------------------------------
+
+    def _body(self) -> nn.Module:
+        # The transformer without its LM head (LlamaModel inside LlamaForCausalLM): reward and value
+        # need hidden states only, and the vocabulary projection is the most expensive matmul.
+        return self.peft_model.get_base_model().base_model
+
+    def hidden_states(self, name: str | None, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Final hidden states ``(b, s, h)`` under adapter ``name`` (None = base model)."""
+        with self.use(name):
+            return self._body()(
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                position_ids=position_ids_from_mask(attention_mask),
+                use_cache=False,
+            ).last_hidden_state
+
+    def lm_head(self) -> nn.Module:
+        return self.peft_model.get_base_model().get_output_embeddings()
+
+    def score(self, name: str, input_ids: torch.Tensor, attention_mask: torch.Tensor, pad_token_id: int) -> torch.Tensor:
+        """Scalar score ``(b,)`` of each sequence at its last non-pad token (reward model)."""
+        hidden = self.hidden_states(name, input_ids, attention_mask)  # (b, s, h)
+        index = last_non_pad_index(input_ids, pad_token_id)  # (b,)
+        last = hidden[torch.arange(hidden.shape[0], device=hidden.device), index]  # (b, h)
+        return self.heads[name](last.to(self.heads[name].weight.dtype)).squeeze(-1)
+
+    # -- saving -------------------------------------------------------------------------------
+
+    def save(self, name: str, directory: str | os.PathLike) -> None:
+        """Save adapter ``name`` (and its head, or only a head) so :meth:`load` or peft can read it back."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        if name in self.trainable:  # else a head without an adapter of its own (a value head on the policy)
+            self.peft_model.save_pretrained(str(directory), selected_adapters=[name])
+            nested = directory / name  # peft nests non-default adapter names in a sub-folder
+            if nested.is_dir():
+                for item in nested.iterdir():
+                    os.replace(item, directory / item.name)
+                nested.rmdir()
+        if name in self.heads:
+            save_file({"weight": self.heads[name].weight.detach().cpu().contiguous()}, str(directory / HEAD_FILE))
+
