@@ -76,17 +76,38 @@ def _reward_stage_metrics(run_dir: str) -> dict | None:
     return out
 
 
-def _kl_budget(run_dir: str, given: float | None) -> float | None:
-    """--kl_budget, else a PPO run's own kl_target (its config.yaml), else none."""
-    if given is not None:
-        return given
-    config = Path(run_dir) / "config.yaml"
-    if config.exists():
-        from rlhf.core.config import load_yaml
+def kl_budget(run_dir: str, given: float | None, reference_path: str, sampling) -> tuple[float | None, str | None]:
+    """The KL budget a run's measured KL is held against, and why none applies where none does.
 
-        value = load_yaml(config).get("kl_target")
-        return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
-    return None
+    ``--kl_budget`` applies as given. Else a PPO run's own ``kl_target`` (its config.yaml), but only
+    where the evaluation measures what PPO's controller held: the KL to the same reference (its
+    ``sft_model``), over replies sampled with the same ``max_new_tokens`` and temperature (KL per reply
+    grows with reply length, and the log-ratio is taken at the sampling temperature). A fixed KL
+    coefficient has no target. Returns ``(budget, note)``: the budget or None, and where a target
+    exists but does not compare, a note saying why.
+    """
+    if given is not None:
+        return given, None
+    config = Path(run_dir) / "config.yaml"
+    if not config.exists():
+        return None, None
+    from rlhf.core.config import load_yaml
+
+    run = load_yaml(config)
+    target = run.get("kl_target")
+    if not isinstance(target, (int, float)) or isinstance(target, bool):
+        return None, None
+    if run.get("kl_controller", "adaptive") == "fixed":
+        return None, "kl_controller fixed: the run holds a KL coefficient, not a KL target; nothing to compare"
+    sft = run.get("sft_model")
+    if not sft or Path(sft).resolve() != Path(reference_path).resolve():
+        return None, (f"kl_target {target:g} is the KL to {sft}, this evaluation measures the KL to "
+                      f"{reference_path}: not compared (pass --reference {sft})")
+    for key in ("max_new_tokens", "temperature"):
+        if key in run and float(run[key]) != float(getattr(sampling, key)):
+            return None, (f"kl_target {target:g} holds for replies sampled with {key} {run[key]}, this evaluation "
+                          f"samples with {getattr(sampling, key)}: not compared (pass --{key} {run[key]})")
+    return float(target), None
 
 
 def _resolve_data(path: str | None, default: Path) -> Path | None:
@@ -228,7 +249,7 @@ def evaluate(args: argparse.Namespace, sections: tuple[str, ...] = SECTIONS) -> 
                                  "comparison": "all k x k sample pairs per prompt"},
                     "status": {}}
     if quality:
-        _quality_figures(report, args, names, baseline, prompts, samples, judges)
+        _quality_figures(report, args, names, baseline, prompts, samples, judges, reference_path, sampling)
         for judge in judges:
             if judge.kind == "reward" and judge.run_dir:
                 report.setdefault("reward_stage", {})[judge.name] = _reward_stage_metrics(judge.run_dir)
@@ -257,7 +278,7 @@ def evaluate(args: argparse.Namespace, sections: tuple[str, ...] = SECTIONS) -> 
 
 
 def _quality_figures(report: dict, args, names: list[str], baseline: str, prompts: list, samples: dict[str, Samples],
-                     judges: list) -> None:
+                     judges: list, reference_path: str, sampling) -> None:
     from rlhf.eval.judges import prompt_text
 
     texts = [prompt_text(p) for p in prompts]
@@ -280,8 +301,10 @@ def _quality_figures(report: dict, args, names: list[str], baseline: str, prompt
     for name in names:
         if name == baseline:
             continue
-        budget = _kl_budget(runs[name]["path"], args.kl_budget)
+        budget, note = kl_budget(runs[name]["path"], args.kl_budget, reference_path, sampling)
         runs[name]["kl_budget"] = budget
+        if note:
+            runs[name]["kl_budget_note"] = note
         flags[name] = hacking_flags(runs[name], runs[baseline], report["win_rates"][name], reward_judges, independent,
                                     budget, args.length_tolerance)
     report["hacking_flags"] = flags
@@ -289,9 +312,16 @@ def _quality_figures(report: dict, args, names: list[str], baseline: str, prompt
     # Over every run's replies to each prompt: do the judges order them alike (a reward model's
     # accuracy on the policies' own replies, against each other judge)?
     pooled = {j.name: np.concatenate([samples[n].scores[j.name] for n in names], axis=1) for j in judges}
+    ordered = list(itertools.combinations(sorted(judges, key=lambda j: j.kind != "reward"), 2))
     report["judge_agreement"] = [
         {"judge": a.name, "other": b.name, **judge_agreement(pooled[a.name], pooled[b.name], args.tie_tolerance)}
-        for a, b in itertools.combinations(sorted(judges, key=lambda j: j.kind != "reward"), 2)]
+        for a, b in ordered]
+    # The same per run: a reward model may order SFT's replies like the labeler and drift on PPO's.
+    report["judge_agreement_by_run"] = {
+        name: [{"judge": a.name, "other": b.name,
+                **judge_agreement(samples[name].scores[a.name], samples[name].scores[b.name], args.tie_tolerance)}
+               for a, b in ordered]
+        for name in names}
     # Side by side: the prompts on which the first judge's per-run mean scores differ most.
     primary = judges[0].name
     chosen = widest_disagreement({n: samples[n].scores[primary].mean(axis=1) for n in names}, args.examples)
@@ -398,6 +428,9 @@ def _print_summary(report: dict) -> None:
     for name, flags in report.get("hacking_flags", {}).items():
         for f in flags:
             print(f"flag {name}: {f['flag']}: {f['detail']}")
+    for name, run in report.get("runs", {}).items():
+        if run.get("kl_budget_note"):
+            print(f"KL of {name}: {run['kl_budget_note']}")
     for a in report.get("judge_agreement", []):
         if a["agreement"] is not None:
             print(f"{a['judge']} orders same-prompt replies as {a['other']} does on {a['agreement']:.1%} of "
