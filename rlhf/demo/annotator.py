@@ -163,6 +163,25 @@ def distinct_ratio(reply: str) -> float:
     return len(set(cw)) / len(cw) if cw else 1.0
 
 
+def sentences(text: str) -> list[str]:
+    """The reply's sentences: split after ., ! or ? (runs of them) followed by a space; never empty."""
+    parts = [p.strip() for p in re.split(r"(?<=[.!?])\s+", text.strip())]
+    return [p for p in parts if p] or [text]
+
+
+def whole_reply_sentiment(reply: str) -> float:
+    """VADER's compound polarity of the whole reply, in [-1, 1]. It sums every word's valence before
+    squashing, so each further positive sentence raises it: it rewards length at equal sentiment."""
+    return _vader().polarity_scores(reply)["compound"]
+
+
+def sentence_mean_sentiment(reply: str) -> float:
+    """The mean of VADER's compound over the reply's sentences, in [-1, 1]: two sentences as positive
+    as one score as that one does, so a longer reply is not preferred for its length."""
+    found = sentences(reply)
+    return sum(_vader().polarity_scores(s)["compound"] for s in found) / len(found)
+
+
 def score_parts(prompt: str, reply: str) -> ScoreParts:
     """The annotator's score of ``reply`` to ``prompt``, term by term (see the module docstring)."""
     subject = topic_words(prompt)
