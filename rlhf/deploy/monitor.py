@@ -2,6 +2,7 @@
 
     rlhf monitor --reference logs/week1.jsonl --current logs/week2.jsonl --out monitor/week2
     rlhf monitor --reference ref.jsonl --current now.jsonl --reward_model runs/demo/reward --threshold 0.001
+    rlhf monitor --config configs/monitor.yaml --current logs/week3.jsonl   # keys of MonitorArguments
     # exit code 0: no drift; 3: drift past the threshold (a scheduler alerts on it); 2: bad input
 
 Each log row has ``prompt`` (a string or chat messages) and ``response`` (or ``completion``; may be
@@ -18,34 +19,54 @@ reply_length        Kolmogorov-Smirnov, words per reply         D
 prompt_length       Kolmogorov-Smirnov, words per prompt        D
 empty_rate          2x2 chi-square (Fisher's exact when small)  Cohen's h
 refusal_rate        2x2 chi-square (Fisher's exact when small)  Cohen's h
-reply_vocabulary    chi-square on the top-K word counts         Cramér's V
-prompt_vocabulary   chi-square on the top-K word counts         Cramér's V
+reply_vocabulary    Fisher's exact test per top-K word on the   Cohen's h of the word with the
+                    share of replies using it, Bonferroni over  smallest p-value
+                    the K words
+prompt_vocabulary   the same, over prompts                      the same
 ==================  ==========================================  ==============================
 
+Every test counts replies (or prompts), never words, because replies are the independent draws: the
+words of one reply are not (a reply that says "great" once often says it ten times). A test on word
+counts treats each word as a draw, so it mistakes one window's chance mix of long and short
+repetitive replies for drift (measured: 200 of 200 alarms on same-distribution windows of
+repetitive replies, tests/test_monitor.py). The vocabulary tests therefore ask, word by word, how
+many replies use it, with an exact test that needs no large-count approximation, and take the
+smallest p-value times the number of words (Bonferroni, valid however the words depend on each other).
+
 A metric has drifted when its p-value is below ``threshold / m`` (Bonferroni over the m tests run,
-so an unchanged model raises a false alarm with probability at most ``threshold`` per check) AND
-its effect size is at least ``min_effect``: with thousands of logged replies a p-value alone flags
-changes too small to matter. reward_score runs when ``--reward_model`` is given (the replies are
-scored with it) or when every row of both files carries a ``score``.
+so an unchanged model raises a false alarm with probability at most ``threshold`` per check, when
+the rows of each window are independent draws) AND its effect size is at least ``min_effect``: with
+thousands of logged replies a p-value alone flags changes too small to matter. reward_score runs
+when ``--reward_model`` is given (the replies are scored with it, each after its prompt laid out as
+in reward training: chat messages through the chat template, turn by turn) or when every row of
+both files carries a ``score``.
 """
 
 from __future__ import annotations
 
-import argparse
 import math
 import os
 import re
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from rlhf.core.errors import DataError, UserError
 
+if TYPE_CHECKING:
+    import numpy as np
+
 DRIFT_EXIT_CODE = 3
 MIN_ROWS = 2
-# Openings and phrases of a refusal; matched case-insensitively anywhere in the first 200 characters.
+# Openings and phrases of a refusal; matched case-insensitively anywhere in the first 200 characters,
+# after typographic apostrophes are read as ASCII ones (_APOSTROPHES).
 REFUSAL_PATTERN = (r"\b(i can ?not|i can't|i'm not able to|i am not able to|i'm unable to|i am unable to|"
                    r"i won't|i will not|i'm sorry|i am sorry|i apologi[sz]e|sorry, but|as an ai)\b")
+# Chat models and word processors write "I’m sorry, I can’t" with U+2019 (and some U+2018 or the
+# modifier letter U+02BC); mapping them to "'" lets the default pattern and a user's own
+# --refusal_regex be written with the ASCII apostrophe alone.
+_APOSTROPHES = str.maketrans({"\u2019": "'", "\u2018": "'", "\u02bc": "'"})
 _WORD = re.compile(r"\w+")
 
 
@@ -55,12 +76,17 @@ class Window:
 
     path: str
     prompts: list[str]
+    """Each prompt's text (a chat prompt's messages joined), for the length and vocabulary tests."""
     replies: list[str]
     scores: list[float] | None
     """The rows' own ``score`` fields when every row has one, else None."""
+    chat_prompts: list[str | list[dict]] | None = None
+    """The prompts as logged: a string or a list of ``{'role', 'content'}`` messages, which the reward
+    model scores in its training layout (None: the same as ``prompts``)."""
 
 
-def _text(value) -> str:
+def prompt_text(value: str | list[dict]) -> str:
+    """A logged prompt as text: a chat prompt's message contents, one per line."""
     if isinstance(value, list):  # chat messages
         return "\n".join(str(m.get("content", "")) for m in value if isinstance(m, dict))
     return value
@@ -68,12 +94,16 @@ def _text(value) -> str:
 
 def read_window(path: str | os.PathLike) -> Window:
     """Read a log file through the toolkit's data loader; bad rows are a one-line DataError."""
-    from rlhf.core.data import read_records
+    from rlhf.core.data import _check_messages, read_records
 
     prompts, replies, scores = [], [], []
     for rec in read_records(path):
         prompt = rec.row.get("prompt")
-        if not (isinstance(prompt, str) or isinstance(prompt, list) and all(isinstance(m, dict) for m in prompt)):
+        if isinstance(prompt, list) and prompt:
+            # As the data loader checks a training prompt (role and content of each message), so
+            # a logged chat prompt can be scored turn by turn as the reward model saw them.
+            prompt = _check_messages(rec, "prompt", prompt)
+        elif not isinstance(prompt, str):
             raise DataError(rec.location, "prompt", "a string or a list of chat messages",
                             "<missing>" if "prompt" not in rec.row else prompt)
         key = "completion" if "completion" in rec.row and "response" not in rec.row else "response"
@@ -84,13 +114,14 @@ def read_window(path: str | os.PathLike) -> Window:
         score = rec.row.get("score")
         if score is not None and (isinstance(score, bool) or not isinstance(score, (int, float)) or not math.isfinite(score)):
             raise DataError(rec.location, "score", "a finite number", score)
-        prompts.append(_text(prompt))
+        prompts.append(prompt)
         replies.append(reply)
         scores.append(score)
     if len(prompts) < MIN_ROWS:
         raise UserError(f"{path}: expected at least {MIN_ROWS} logged rows to compare, found {len(prompts)}")
     have = [s for s in scores if s is not None]
-    return Window(str(path), prompts, replies, [float(s) for s in scores] if len(have) == len(scores) else None)
+    return Window(str(path), [prompt_text(p) for p in prompts], replies,
+                  [float(s) for s in scores] if len(have) == len(scores) else None, prompts)
 
 
 def words(text: str) -> list[str]:
@@ -138,37 +169,81 @@ def compare_rates(k_ref: int, n_ref: int, k_cur: int, n_cur: int) -> dict:
             "current": {"rate": p_cur, "count": k_cur, "n": n_cur}}
 
 
-def compare_vocabulary(reference: list[str], current: list[str], top_k: int = 50) -> dict:
-    """Chi-square test of word counts over the ``top_k`` most frequent words of both windows (+ 'other').
+def fisher_exact_many(k_ref: np.ndarray | list[int], n_ref: int, k_cur: np.ndarray | list[int],
+                      n_cur: int) -> np.ndarray:
+    """Two-sided Fisher exact p-values of the 2x2 tables ``[[k_ref, n_ref - k_ref], [k_cur, n_cur - k_cur]]``.
 
-    Effect size: Cramér's V = sqrt(chi2 / N) for a 2-row table (0.1 small, 0.3 medium). Also lists
-    the words whose share of the text moved most, for a person reading the report.
+    ``k_ref``, ``k_cur``: ``(w,)`` counts, one table per entry. Given the margins, k_cur is
+    hypergeometric when both windows come from one distribution; the p-value sums the probability of
+    every table no more likely than the observed one (scipy.stats.fisher_exact's rule, with its
+    relative tolerance of 1e-7), vectorized over the tables; tests/test_monitor.py checks it
+    against fisher_exact table by table.
     """
-    from scipy.stats import chi2_contingency
+    import numpy as np
+    from scipy.special import gammaln
 
-    ref = Counter(w for text in reference for w in words(text))
-    cur = Counter(w for text in current for w in words(text))
-    n_ref, n_cur = sum(ref.values()), sum(cur.values())
-    if n_ref == 0 or n_cur == 0:
-        return {"test": "none (no words in a window)", "statistic": 0.0, "p_value": 1.0,
-                "effect": 1.0 if n_ref != n_cur else 0.0, "effect_name": "cramers_v",
-                "reference": {"words": n_ref}, "current": {"words": n_cur}, "moved": []}
-    top = [w for w, _ in (ref + cur).most_common(top_k)]
-    rows = [[ref[w] for w in top] + [n_ref - sum(ref[w] for w in top)],
-            [cur[w] for w in top] + [n_cur - sum(cur[w] for w in top)]]
-    keep = [j for j in range(len(rows[0])) if rows[0][j] + rows[1][j] > 0]
-    table = [[row[j] for j in keep] for row in rows]
-    if len(keep) < 2:
-        statistic, p = 0.0, 1.0
-    else:
-        result = chi2_contingency(table, correction=False)
-        statistic, p = float(result.statistic), float(result.pvalue)
-    v = math.sqrt(statistic / (n_ref + n_cur))
-    moved = sorted(((cur[w] / n_cur - ref[w] / n_ref, w) for w in top), key=lambda t: -abs(t[0]))[:10]
-    return {"test": "chi2_contingency", "statistic": statistic, "p_value": p, "effect": v,
-            "effect_name": "cramers_v", "reference": {"words": n_ref, "distinct": len(ref)},
-            "current": {"words": n_cur, "distinct": len(cur)},
-            "moved": [{"word": w, "share_change": round(d, 5)} for d, w in moved]}
+    k_ref, k_cur = np.asarray(k_ref, dtype=np.int64), np.asarray(k_cur, dtype=np.int64)
+    total, n = k_ref + k_cur, n_ref + n_cur  # (w,), users of each word in both windows; rows in both
+    p = np.ones(len(total))
+    x = np.arange(n_cur + 1)[:, None]  # (n_cur + 1, 1): every count the current window could have
+
+    def log_choose(a, b):
+        return gammaln(a + 1) - gammaln(b + 1) - gammaln(a - b + 1)
+
+    # Chunks of words keep the (n_cur + 1, chunk) table near 2M numbers for windows of any size.
+    step = max(1, 2_000_000 // (n_cur + 1))
+    for lo in range(0, len(total), step):
+        t, k = total[lo : lo + step], k_cur[lo : lo + step]  # (c,)
+        possible = (x <= t) & (t - x <= n_ref)  # (n_cur + 1, c)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            log_prob = log_choose(t, x) + log_choose(n - t, n_cur - x) - log_choose(n, n_cur)
+        prob = np.where(possible, np.exp(np.where(possible, log_prob, 0.0)), 0.0)  # (n_cur + 1, c)
+        observed = prob[k, np.arange(len(k))]  # (c,)
+        p[lo : lo + step] = np.where(prob <= observed * (1 + 1e-7), prob, 0.0).sum(axis=0)
+    return np.minimum(p, 1.0)
+
+
+def compare_vocabulary(reference: list[str], current: list[str], top_k: int = 50) -> dict:
+    """Which share of the texts uses each of the ``top_k`` words most used in both windows, compared.
+
+    One text is one draw, whatever its length or how often it repeats a word: for each word, the
+    number of texts using it in each window goes through Fisher's exact test
+    (:func:`fisher_exact_many`), and the metric's p-value is the smallest times the number of words
+    (Bonferroni). Effect size: Cohen's h of that word's share of texts (0.2 small, 0.5 medium).
+    Also lists the words whose share of texts moved most, for a person reading the report.
+    """
+    return _compare_word_use([words(t) for t in reference], [words(t) for t in current], top_k)
+
+
+def _compare_word_use(reference: list[list[str]], current: list[list[str]], top_k: int) -> dict:
+    """:func:`compare_vocabulary` on texts already split into words."""
+    import numpy as np
+
+    n_ref, n_cur = len(reference), len(current)
+    ref = Counter(w for text in reference for w in set(text))  # word -> texts using it
+    cur = Counter(w for text in current for w in set(text))
+    # Ties broken by the word, not by which window met it first: the choice of words then depends on
+    # both windows pooled only, so the exact tests stay exact for the words chosen.
+    top = sorted((ref + cur).items(), key=lambda item: (-item[1], item[0]))[:top_k]
+    if not top:
+        return {"test": "none (no words in either window)", "statistic": 0.0, "p_value": 1.0, "effect": 0.0,
+                "effect_name": "cohens_h", "reference": {"words": 0, "texts": n_ref},
+                "current": {"words": 0, "texts": n_cur}, "moved": []}
+    top_words = [w for w, _ in top]
+    k_ref, k_cur = np.array([ref[w] for w in top_words]), np.array([cur[w] for w in top_words])  # (w,)
+    p = fisher_exact_many(k_ref, n_ref, k_cur, n_cur)  # (w,)
+    r_ref, r_cur = k_ref / n_ref, k_cur / n_cur
+    h = np.abs(2 * np.arcsin(np.sqrt(r_cur)) - 2 * np.arcsin(np.sqrt(r_ref)))  # (w,)
+    best = min(range(len(top_words)), key=lambda j: (p[j], -h[j]))  # smallest p; the larger effect on a tie
+    moved = sorted(range(len(top_words)), key=lambda j: -abs(r_cur[j] - r_ref[j]))[:10]
+    return {"test": f"fisher_exact per word x {len(top_words)} (bonferroni)", "statistic": float(p[best]),
+            "p_value": float(min(1.0, p[best] * len(top_words))), "effect": float(h[best]),
+            "effect_name": "cohens_h", "word": top_words[best],
+            "reference": {"words": sum(len(t) for t in reference), "distinct": len(ref), "texts": n_ref},
+            "current": {"words": sum(len(t) for t in current), "distinct": len(cur), "texts": n_cur},
+            "moved": [{"word": top_words[j], "share_change": round(float(r_cur[j] - r_ref[j]), 5),
+                       "reference_share": round(float(r_ref[j]), 5), "current_share": round(float(r_cur[j]), 5),
+                       "p_value": float(p[j])} for j in moved]}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -176,40 +251,48 @@ def compare_vocabulary(reference: list[str], current: list[str], top_k: int = 50
 # ----------------------------------------------------------------------------------------------
 
 
+def check_settings(threshold: float, min_effect: float, top_k: int, refusal_pattern: str) -> re.Pattern:
+    """The refusal pattern, compiled, once every setting is in range (else a UserError naming the key)."""
+    if not 0 < threshold < 1:
+        raise UserError(f"threshold: expected a p-value in (0, 1), found {threshold:g}")
+    if min_effect < 0:
+        raise UserError(f"min_effect: expected a non-negative effect size, found {min_effect:g}")
+    if top_k < 1:
+        raise UserError(f"top_k: expected at least 1 word to compare, found {top_k}")
+    try:
+        return re.compile(refusal_pattern, re.IGNORECASE)
+    except re.error as e:
+        raise UserError(f"refusal_regex: expected a regular expression, found {refusal_pattern!r} ({e})") from None
+
+
 def drift_report(reference: Window, current: Window, threshold: float = 0.01, min_effect: float = 0.1,
                  reward_scores: tuple[list[float], list[float]] | None = None, top_k: int = 50,
                  refusal_pattern: str = REFUSAL_PATTERN) -> dict:
     """Every comparison, which ones drifted, and the overall status ('ok' or 'drift')."""
-    if not 0 < threshold < 1:
-        raise UserError(f"--threshold: expected a p-value in (0, 1), found {threshold}")
-    if min_effect < 0:
-        raise UserError(f"--min_effect: expected a non-negative effect size, found {min_effect}")
-    try:
-        refusal = re.compile(refusal_pattern, re.IGNORECASE)
-    except re.error as e:
-        raise UserError(f"--refusal_regex: expected a regular expression, found {refusal_pattern!r} ({e})") from None
-
-    def count(window: Window, test) -> int:
-        return sum(1 for r in window.replies if test(r))
-
+    refusal = check_settings(threshold, min_effect, top_k, refusal_pattern)
     n_ref, n_cur = len(reference.replies), len(current.replies)
+    # Each text split into words once, for its length and for the vocabulary test.
+    reply_words = [[words(r) for r in w.replies] for w in (reference, current)]
+    prompt_words = [[words(p) for p in w.prompts] for w in (reference, current)]
     metrics: dict[str, dict] = {}
     if reward_scores is None and reference.scores is not None and current.scores is not None:
         reward_scores = (reference.scores, current.scores)
     if reward_scores is not None:
         metrics["reward_score"] = compare_samples(*reward_scores)
-    metrics["reply_length"] = compare_samples([len(words(r)) for r in reference.replies],
-                                              [len(words(r)) for r in current.replies])
-    metrics["prompt_length"] = compare_samples([len(words(p)) for p in reference.prompts],
-                                               [len(words(p)) for p in current.prompts])
-    empty = lambda r: not r.strip()  # noqa: E731
-    refused = lambda r: bool(refusal.search(r[:200]))  # noqa: E731
+    metrics["reply_length"] = compare_samples(*([len(t) for t in texts] for texts in reply_words))
+    metrics["prompt_length"] = compare_samples(*([len(t) for t in texts] for texts in prompt_words))
+
+    def count(window: Window, test) -> int:
+        return sum(1 for r in window.replies if test(r))
+
+    empty = lambda r: not r.strip()
+    refused = lambda r: bool(refusal.search(r[:200].translate(_APOSTROPHES)))
     metrics["empty_rate"] = compare_rates(count(reference, empty), n_ref, count(current, empty), n_cur)
     metrics["refusal_rate"] = compare_rates(count(reference, refused), n_ref, count(current, refused), n_cur)
-    metrics["reply_vocabulary"] = compare_vocabulary(reference.replies, current.replies, top_k)
-    metrics["prompt_vocabulary"] = compare_vocabulary(reference.prompts, current.prompts, top_k)
+    metrics["reply_vocabulary"] = _compare_word_use(*reply_words, top_k)
+    metrics["prompt_vocabulary"] = _compare_word_use(*prompt_words, top_k)
 
-    alpha = threshold / len(metrics)  # Bonferroni: one false alarm in 1/threshold unchanged checks
+    alpha = threshold / len(metrics)  # Bonferroni: at most one false alarm in 1/threshold unchanged checks
     for m in metrics.values():
         m["drifted"] = bool(m["p_value"] < alpha and m["effect"] >= min_effect)
     drifted = [name for name, m in metrics.items() if m["drifted"]]
@@ -276,7 +359,7 @@ def plot_report(report: dict, reference: Window, current: Window, path: str | os
         ax.barh([m["word"] for m in moved], [m["share_change"] for m in moved],
                 color=["tab:green" if m["share_change"] > 0 else "tab:gray" for m in moved])
         ax.axvline(0, color="black", linewidth=0.5)
-        ax.set_xlabel("change in share of words (current - reference)", fontsize=8)
+        ax.set_xlabel("change in share of texts using the word (current - reference)", fontsize=8)
         title(ax, name, label)
     status = report["status"].upper()
     fig.suptitle(f"{status}: {report['current']} vs {report['reference']}", color="red" if report["drifted"] else "green")
@@ -285,35 +368,60 @@ def plot_report(report: dict, reference: Window, current: Window, path: str | os
     plt.close(fig)
 
 
-def score_windows(reward_model: str, reference: Window, current: Window, batch_size: int = 16):
-    """Reward-model scores of both windows' replies, laid out as the reward model was trained."""
-    # The reward stage's own scorer, so a reply is laid out exactly as in reward training.
-    from rlhf.core.scoring import score_replies
+def score_windows(reward_model: str, reference: Window, current: Window,
+                  batch_size: int = 16) -> tuple[list[float], list[float]]:
+    """Reward-model scores of both windows' replies, each after its prompt laid out as in reward training.
+
+    The reward stage scores ``(prompt, reply)`` through :func:`rlhf.core.scoring.score_replies`, with the
+    prompt as the data loader keeps it: a string, or chat messages that go through the chat template
+    turn by turn (system, user, assistant, user...). So the logged prompt goes in as logged, not as
+    the joined text the length and vocabulary tests read, which would be one user turn.
+    """
     from rlhf.core.runs import load_run
+    from rlhf.core.scoring import score_replies
 
     model, tokenizer = load_run(reward_model, "seq-cls")
-    return tuple(score_replies(model, tokenizer, w.prompts, w.replies, batch_size) for w in (reference, current))
+    return tuple(score_replies(model, tokenizer, w.prompts if w.chat_prompts is None else w.chat_prompts,
+                               w.replies, batch_size) for w in (reference, current))
+
+
+@dataclass
+class MonitorArguments:
+    """What ``rlhf monitor`` compares, and when a difference counts as drift."""
+
+    reference: str = ""
+    """Logged prompt/response rows of the reference window (any format the data loader reads)."""
+    current: str = ""
+    """Logged prompt/response rows of the window to check."""
+    reward_model: str | None = None
+    """A reward stage output to score both windows' replies with, each prompt laid out as in reward training."""
+    threshold: float = 0.01
+    """Family-wise false-alarm probability: a test drifts when its p-value is below threshold / number of tests."""
+    min_effect: float = 0.1
+    """Smallest effect that counts: KS D, or Cohen's h of a rate or of a word's share of replies."""
+    top_k: int = 50
+    """Words compared by the vocabulary tests (the ones most used in both windows)."""
+    refusal_regex: str = REFUSAL_PATTERN
+    """What counts as a refusal, searched case-insensitively in a reply's first 200 characters
+    (typographic apostrophes read as ')."""
+    out: str | None = None
+    """Write report.json and drift.png into this directory."""
+    batch_size: int = 16
+    """Reward-model scoring batch."""
+
+    def __post_init__(self) -> None:
+        for key in ("reference", "current"):
+            if not getattr(self, key):
+                raise UserError(f"{key}: expected a log file of prompt/response rows (--{key} FILE), found none")
+        check_settings(self.threshold, self.min_effect, self.top_k, self.refusal_regex)
 
 
 def monitor_command(argv: list[str]) -> int:
     """``rlhf monitor --reference <file> --current <file>``: exit 0 (no drift), 3 (drift) or 2 (bad input)."""
+    from rlhf.core.config import build_config
     from rlhf.core.outputs import write_json
 
-    parser = argparse.ArgumentParser(prog="rlhf monitor", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--reference", required=True, help="logged prompt/response rows of the reference window")
-    parser.add_argument("--current", required=True, help="logged prompt/response rows of the window to check")
-    parser.add_argument("--reward_model", help="a reward stage output to score both windows' replies with")
-    parser.add_argument("--threshold", type=float, default=0.01,
-                        help="family-wise p-value: a test drifts below threshold / number of tests (default 0.01)")
-    parser.add_argument("--min_effect", type=float, default=0.1,
-                        help="smallest effect that counts: KS D, Cohen's h or Cramér's V (default 0.1)")
-    parser.add_argument("--top_k", type=int, default=50, help="words compared by the vocabulary tests")
-    parser.add_argument("--refusal_regex", default=REFUSAL_PATTERN, help="what counts as a refusal (case-insensitive)")
-    parser.add_argument("--out", help="write report.json and drift.png into this directory")
-    parser.add_argument("--batch_size", type=int, default=16, help="reward-model scoring batch")
-    args = parser.parse_args(argv)
-    if args.top_k < 1:
-        raise UserError(f"--top_k: expected at least 1, found {args.top_k}")
+    (args,), _ = build_config([MonitorArguments], argv)
     reference, current = read_window(args.reference), read_window(args.current)
     scores = score_windows(args.reward_model, reference, current, args.batch_size) if args.reward_model else None
     report = drift_report(reference, current, args.threshold, args.min_effect, scores, args.top_k, args.refusal_regex)
