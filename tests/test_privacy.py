@@ -1,4 +1,4 @@
-"""rlhf data scan: planted private data of each kind is found (masked in the report) and scrubbed."""
+"""rlhf data scan: planted private data of each kind is found (masked, with its score) and scrubbed."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import pytest
 
 from rlhf.app.cli import main
 from rlhf.core.data import read_records, write_jsonl
-from rlhf.eval.privacy import find_pii, mask
+from rlhf.eval.privacy import NAMES_NOT_CHECKED, find_pii, mask
 
 # One planted item of each kind, with the placeholder a scrubbed copy must hold instead.
 PLANTED = {
@@ -21,6 +21,10 @@ PLANTED = {
     "API_KEY": ("sk-proj-Q7x2LmP9rT4vW8yZ1aB3cD5eF", "<API_KEY>"),
 }
 NOT_A_CARD = "4539 1488 0343 6468"  # the card above with its last digit changed: fails the Luhn check
+
+
+def entities(text: str, **kwargs) -> list[str]:
+    return [item[0] for item in find_pii(text, **kwargs)]
 
 
 def planted_rows() -> list[dict]:
@@ -77,9 +81,9 @@ def test_scrub_replaces_each_item_with_its_placeholder(tmp_path, capsys):
 
 
 def test_luhn_decides_what_is_a_card():
-    assert [e for e, _, _ in find_pii(f"card {PLANTED['CREDIT_CARD'][0]}")] == ["CREDIT_CARD"]
-    assert [e for e, _, _ in find_pii(f"card {NOT_A_CARD}")] == []
-    assert [e for e, _, _ in find_pii("4539148803436468")] == []
+    assert entities(f"card {PLANTED['CREDIT_CARD'][0]}") == ["CREDIT_CARD"]
+    assert entities(f"card {NOT_A_CARD}") == []
+    assert entities("4539148803436468") == []
 
 
 @pytest.mark.parametrize("text, entity", [
@@ -89,9 +93,11 @@ def test_luhn_decides_what_is_a_card():
     ('{"client_secret": "9f8e7d6c5b4a39281706f5e4"}', "API_KEY"),
     ("-----BEGIN RSA PRIVATE KEY-----\nMIIEpAIBAAKCAQEA7\n-----END RSA PRIVATE KEY-----", "API_KEY"),
     ("2001:db8:85a3::8a2e:370:7334", "IP_ADDRESS"),
+    ("1BvBMSEYstWetqTFn5Au4m4GFg7xJaNVN2", "CRYPTO"),  # a bitcoin address (checksum)
+    ("my ssn is 078-05-1121", "US_SSN"),
 ])
 def test_more_shapes(text, entity):
-    assert entity in [e for e, _, _ in find_pii(text)]
+    assert entity in entities(text)
 
 
 @pytest.mark.parametrize("text", [
@@ -135,7 +141,8 @@ def test_user_errors(argv, message, tmp_path, capsys):
     assert main(["data", "scan", str(tmp_path / "missing.jsonl")]) == 2
     assert "missing.jsonl: no such file or directory" in capsys.readouterr().err
     assert main(["data", "clean", str(path)]) == 2
-    assert "expected an action (scan), found 'clean'" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "'clean'" in err and "scan" in err  # not an action of rlhf data; scan is
 
 
 def test_scrub_and_canaries_write_one_copy_without_the_items_and_with_the_canaries(tmp_path, capsys):
@@ -154,3 +161,143 @@ def test_scrub_and_canaries_write_one_copy_without_the_items_and_with_the_canari
     # The canaries are not private data: a scan of the copy reports nothing.
     capsys.readouterr()
     assert main(["data", "scan", str(out)]) == 0
+
+
+# ----------------------------------------------------------------------------------------------
+# Issue 24 item 5: numbers, IBANs, internal emails, version numbers, order numbers, scores,
+# the threshold, --spacy_model, the ScanArguments config.
+# ----------------------------------------------------------------------------------------------
+
+
+def test_a_number_is_scanned_as_its_text_and_scrubbed_to_its_placeholder(tmp_path, capsys):
+    path, clean = tmp_path / "train.jsonl", tmp_path / "clean.jsonl"
+    write_jsonl(path, [{"prompt": "pay", "completion": "done .", "card": 4111111111111111, "count": 3, "ok": True},
+                       {"prompt": "ring me", "completion": "sure .", "phone": 4155550132}])
+    assert main(["data", "scan", str(path)]) == 1
+    out = capsys.readouterr().out
+    assert f"{path}:1: card: CREDIT_CARD 41************11 (score 1.00)" in out
+    # A bare digit run is a phone only with a phone word nearby: here the field's name.
+    assert f"{path}:2: phone: PHONE_NUMBER 41******32 (score 0.55)" in out
+    assert main(["data", "scan", str(path), "--scrub", "--out", str(clean)]) == 0
+    rows = [r.row for r in read_records(clean)]
+    assert rows[0] == {"prompt": "pay", "completion": "done .", "card": "<CREDIT_CARD>", "count": 3, "ok": True}
+    assert rows[1]["phone"] == "<PHONE>"
+
+
+def test_an_iban_is_found():
+    assert entities("pay to IBAN GB82 WEST 1234 5698 7654 32 please") == ["IBAN_CODE"]
+    assert entities("DE89370400440532013000") == ["IBAN_CODE"]
+    assert entities("GB82 WEST 1234 5698 7654 33") == []  # the checksum fails
+
+
+def test_an_email_on_an_internal_domain_is_found():
+    assert entities("write to a.b@company.internal today") == ["EMAIL_ADDRESS"]
+    assert entities("pip install pkg@1.2.3") == []  # a numeric "domain" is no email
+    # A public suffix validates the address (score 1); an internal domain is a pattern only (0.5).
+    assert [item[3] for item in find_pii("jane.roe@example.org and a.b@company.internal")] == [1.0, 0.5]
+
+
+def test_a_version_number_is_not_an_ip_address():
+    assert entities("version 1.2.3.4") == []
+    assert entities("upgrade to v. 10.0.0.1 or release 2.1.0.3 now") == []
+    assert entities("the server 1.2.3.4 is down") == ["IP_ADDRESS"]
+
+
+def test_an_order_number_is_not_a_phone_number():
+    assert entities("Order 1234567890") == []
+    assert entities("the order number is 1234567890") == []  # "number" is not a phone word
+    assert entities("call me on 4155550132") == ["PHONE_NUMBER"]  # a phone word: 0.2 + 0.35
+    assert entities("Order +1 415-555-0132") == ["PHONE_NUMBER"]  # formatted as a phone: 0.4
+
+
+def test_each_finding_has_its_score_and_the_threshold_is_honoured(tmp_path, capsys):
+    path = tmp_path / "train.jsonl"
+    write_jsonl(path, [{"prompt": "Order 1234567890 shipped", "completion": f"card {PLANTED['CREDIT_CARD'][0]}"},
+                       {"prompt": "the server 203.0.113.42 is down", "completion": "restart it ."}])
+    assert main(["data", "scan", str(path)]) == 1
+    out = capsys.readouterr()
+    assert out.out.splitlines() == [f"{path}:1: completion: CREDIT_CARD 45***************67 (score 1.00)",
+                                    f"{path}:2: prompt: IP_ADDRESS 20********42 (score 0.60)"]
+    assert "found 1 CREDIT_CARD, 1 IP_ADDRESS scoring >= 0.3 in" in out.err
+    # Lower: the order number shows, as the weak phone match it is.
+    assert main(["data", "scan", str(path), "--threshold", "0.2"]) == 1
+    assert f"{path}:1: prompt: PHONE_NUMBER 12******90 (score 0.20)" in capsys.readouterr().out
+    # Higher: only the Luhn-checked card is left.
+    assert main(["data", "scan", str(path), "--threshold", "0.9"]) == 1
+    assert capsys.readouterr().out.splitlines() == [f"{path}:1: completion: CREDIT_CARD 45***************67 (score 1.00)"]
+    assert main(["data", "scan", str(path), "--threshold", "1.5"]) == 2
+    assert "threshold: expected a score between 0 and 1, found 1.5" in capsys.readouterr().err
+
+
+def test_the_report_says_names_are_not_checked_without_a_spacy_model(tmp_path, capsys):
+    path = tmp_path / "train.jsonl"
+    write_jsonl(path, [{"prompt": "Jane Roe lives in Springfield", "completion": "nice ."}])
+    assert main(["data", "scan", str(path)]) == 0
+    assert NAMES_NOT_CHECKED in capsys.readouterr().out
+    assert NAMES_NOT_CHECKED.startswith("person names and places were not checked")
+
+
+def test_a_missing_spacy_model_is_refused_before_any_work(tmp_path, capsys, monkeypatch):
+    import rlhf.core.data
+
+    path = tmp_path / "train.jsonl"
+    write_jsonl(path, planted_rows())
+    monkeypatch.setattr(rlhf.core.data, "read_records", lambda *a, **k: pytest.fail("the file was read"))
+    assert main(["data", "scan", str(path), "--spacy_model", "xx_no_such_pipeline_sm"]) == 2
+    out = capsys.readouterr()
+    assert out.out == ""
+    assert ("spacy_model: expected an installed spaCy pipeline (a package such as en_core_web_sm, installed with "
+            "`python -m spacy download en_core_web_sm`, or a pipeline directory), found 'xx_no_such_pipeline_sm'"
+            in out.err)
+    blank = tmp_path / "blank_pipeline"
+    import spacy
+
+    spacy.blank("en").to_disk(blank)
+    assert main(["data", "scan", str(path), "--spacy_model", str(blank)]) == 2
+    assert "expected a pipeline with an NER component (ner or entity_ruler), found the components none" in \
+        capsys.readouterr().err
+
+
+def test_a_spacy_ner_pipeline_finds_person_names_and_places(tmp_path, capsys):
+    import spacy
+
+    # A stand-in for a trained pipeline such as en_core_web_sm: rules that tag one name and one place.
+    nlp = spacy.blank("en")
+    nlp.add_pipe("entity_ruler").add_patterns([{"label": "PERSON", "pattern": "Jane Roe"},
+                                               {"label": "GPE", "pattern": "Springfield"}])
+    nlp.to_disk(tmp_path / "ner_pipeline")
+    path, clean = tmp_path / "train.jsonl", tmp_path / "clean.jsonl"
+    write_jsonl(path, [{"prompt": "Jane Roe lives in Springfield", "completion": "call +1 415-555-0132 ."}])
+    assert main(["data", "scan", str(path), "--spacy_model", str(tmp_path / "ner_pipeline")]) == 1
+    out = capsys.readouterr()
+    assert f"{path}:1: prompt: PERSON J******e (score 0.85)" in out.out
+    assert f"{path}:1: prompt: LOCATION Sp*******ld (score 0.85)" in out.out
+    assert "PHONE_NUMBER" in out.out and NAMES_NOT_CHECKED not in out.out + out.err
+    assert main(["data", "scan", str(path), "--spacy_model", str(tmp_path / "ner_pipeline"),
+                 "--scrub", "--out", str(clean)]) == 0
+    assert read_records(clean)[0].row["prompt"] == "<PERSON> lives in <LOCATION>"
+
+
+def test_scan_settings_come_from_a_yaml_file_or_keys_and_the_file_from_its_first_word(tmp_path, capsys):
+    path, clean = tmp_path / "train.jsonl", tmp_path / "clean.jsonl"
+    write_jsonl(path, planted_rows())
+    config = tmp_path / "scan.yaml"
+    config.write_text(f"file: {path}\nthreshold: 0.9\nscrub: true\nout: {clean}\n")
+    assert main(["data", "scan", "--config", str(config)]) == 0
+    assert "found 1 API_KEY, 1 CREDIT_CARD, 1 EMAIL_ADDRESS scoring >= 0.9" in capsys.readouterr().out
+    assert PLANTED["PHONE_NUMBER"][0] in clean.read_text()  # 0.75 < 0.9: kept
+    # The command line wins over the file; --file and the first word are the same key.
+    assert main(["data", "scan", "--config", str(config), "--threshold", "0.3"]) == 0
+    assert "found 1 API_KEY, 1 CREDIT_CARD, 1 EMAIL_ADDRESS, 1 IP_ADDRESS, 1 PHONE_NUMBER" in capsys.readouterr().out
+    assert main(["data", "scan", "--file", str(path)]) == main(["data", "scan", str(path)]) == 1
+    capsys.readouterr()
+    assert main(["data", "scan", str(path), "--treshold", "0.5"]) == 2
+    assert "unknown key 'treshold'; did you mean threshold?" in capsys.readouterr().err
+    assert main(["data", "scan"]) == 2
+    assert "expected a data file (rlhf data scan <file>, or --file), found none" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_info:
+        main(["data", "scan", "--help"])
+    assert exit_info.value.code == 0
+    help_text = capsys.readouterr().out
+    assert "--threshold (float, default: 0.3)" in help_text and "Report (and scrub) only items" in help_text
+    assert "--spacy_model (str, default: None)" in help_text
