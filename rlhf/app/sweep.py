@@ -13,19 +13,24 @@ The search space is a small YAML, one config key per entry (docs/sweep.md):
 Each trial is one run of the stage (its config plus the trial's values) into ``<study>/trials/<n>``.
 The objective is the stage's own held-out figure (:data:`OBJECTIVES`). Trials report an intermediate
 figure at each evaluation or log (a TrainerCallback), so the pruner (median by default) stops bad
-ones early; PPO runs its own loop, without Trainer callbacks: its trials are never pruned.
+ones early; PPO runs its own loop, without Trainer callbacks: its trials are never pruned. The
+pruner compares trials at the same optuna step, so the step is the number of training samples seen
+(not optimizer steps: trials may differ in batch size) and the figure is one a searched key does not
+rescale (DPO reports preference accuracy, not beta-scaled reward margins).
 
 The study is a SQLite file, ``<study>/study.db``: killing the sweep and running the same command again
 continues it. Finished and pruned trials are kept; a trial that was running when the sweep died is
-marked failed and its values are queued again, so it is re-run from the start. One sweep process per
-study. At the end (and after each trial): ``best_config.yaml`` (the stage config with the best
-trial's values, ready for ``rlhf <stage> --config``), ``trials.md`` (a table of every trial) and
-``search.png`` (optimization history and parameter importances, optuna's matplotlib plots).
+marked failed and its values are queued again, so it is re-run from the start. The sampler's seed
+is drawn from ``--seed`` and the number of trials already in the study (:func:`sampler_seed`): the
+same seed again would replay the first trials' values. One sweep process per study. At the end
+(and after each trial): ``best_config.yaml`` (the stage config with the best trial's values, ready
+for ``rlhf <stage> --config``), ``trials.md`` (a table of every trial) and ``search.png``
+(optimization history and parameter importances, optuna's matplotlib plots).
 """
 
 from __future__ import annotations
 
-import argparse
+import dataclasses
 import importlib
 import io
 import logging
@@ -33,13 +38,13 @@ import math
 import os
 import shutil
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
 import yaml
 
-from rlhf.core.config import load_yaml
+from rlhf.core.config import build_config, format_help, load_yaml, parse_overrides
 from rlhf.core.errors import UserError
 
 logger = logging.getLogger(__name__)
@@ -51,7 +56,9 @@ OBJECTIVES = {
     "sft": ("minimize", "validation loss of the final (best) model", "eval_loss"),
     "reward": ("maximize", "validation pairwise accuracy of the final (best) model", "eval_accuracy"),
     "ppo": ("maximize", "held-out reward-model score minus the KL budget penalty", None),
-    "dpo": ("maximize", "held-out reward-model score minus the KL budget penalty", "eval_rewards/margins"),
+    # Not eval_rewards/margins: TRL's rewards are beta * log-ratio, so a beta search would prune low betas
+    # for their beta. Preference accuracy (chosen log-ratio above rejected) is the same for every beta > 0.
+    "dpo": ("maximize", "held-out reward-model score minus the KL budget penalty", "eval_rewards/accuracies"),
     "grpo": ("maximize", "held-out reward-model score minus the KL budget penalty", "reward"),
     "rloo": ("maximize", "held-out reward-model score minus the KL budget penalty", "reward"),
 }
@@ -157,26 +164,37 @@ def reward_validation_accuracy(run_dir: Path) -> float | None:
     return max(found) if found else None
 
 
+def samples_seen(args, state) -> int:
+    """Training samples behind ``state.global_step`` optimizer steps (``args``: the TrainingArguments):
+    per-device batch x devices of this process x gradient accumulation x processes."""
+    return state.global_step * args.train_batch_size * args.gradient_accumulation_steps * args.world_size
+
+
 def pruning_callback(trial, key: str) -> Any:
-    """A TrainerCallback that reports ``key`` (an evaluation or a logged figure) and prunes the trial."""
+    """A TrainerCallback that reports ``key`` (an evaluation or a logged figure) and prunes the trial.
+
+    The optuna step of a report is the number of training samples seen (:func:`samples_seen`): the
+    pruner compares a trial with the others' values at the same step, and trials that search the
+    batch size reach a given optimizer step having seen different amounts of data."""
     import optuna
     from transformers import TrainerCallback
 
     class ReportAndPrune(TrainerCallback):
-        def _report(self, state, values: dict) -> None:
+        def _report(self, args, state, values: dict) -> None:
             value = values.get(key)
             if value is None or not math.isfinite(value):
                 return
-            trial.report(float(value), step=state.global_step)
+            samples = samples_seen(args, state)
+            trial.report(float(value), step=samples)
             if trial.should_prune():
-                raise optuna.TrialPruned(f"{key} = {value:.4g} at step {state.global_step}")
+                raise optuna.TrialPruned(f"{key} = {value:.4g} after {samples} samples")
 
         def on_evaluate(self, args, state, control, metrics=None, **kwargs):
-            self._report(state, metrics or {})
+            self._report(args, state, metrics or {})
 
         def on_log(self, args, state, control, logs=None, **kwargs):
             if not key.startswith("eval_"):
-                self._report(state, logs or {})
+                self._report(args, state, logs or {})
 
     return ReportAndPrune()
 
@@ -186,25 +204,60 @@ def pruning_callback(trial, key: str) -> Any:
 # ----------------------------------------------------------------------------------------------
 
 
+SAMPLERS = ("tpe", "random")
+PRUNERS = ("median", "none")
+
+
 @dataclass
 class SweepArguments:
-    config: str
+    """What a sweep searches and how it judges trials. Command line only: ``--config`` names the stage
+    config, and every ``--key value`` that is not one of these goes to every trial."""
+
+    stage_config: str
+    """The stage config (YAML) every trial starts from; --config FILE says the same. Its file name (sft.yaml,
+    dpo.yaml, ...) names the stage unless stage is set."""
     space: str
+    """Search space YAML, one config key per entry: key: {type: float|int|categorical, ...} (docs/sweep.md)."""
     trials: int
+    """Finished + pruned trials to reach; a continued sweep counts the ones its study already has."""
     study: str
-    stage: str
-    overrides: list[str]
+    """Directory of the study: study.db, trials/<n>/, best_config.yaml, trials.md, search.png."""
+    stage: str | None = None
+    """sft, reward, ppo, dpo, grpo or rloo (null: the config file's name)."""
     sampler: str = "tpe"
+    """tpe or random."""
     pruner: str = "median"
+    """median (from the third trial on, stop a trial whose figure is worse than the median of the earlier
+    trials' after as many training samples) or none."""
     seed: int = 0
+    """The sampler's seed (a continued sweep derives a fresh one from it and the trials so far); the trials
+    keep the stage config's seed."""
     kl_budget: float = 4.0
+    """Policy stages: nats per reply of KL to the reference that cost nothing."""
     kl_penalty: float = 0.1
+    """Policy stages: objective lost per nat of KL beyond the budget."""
+    overrides: list[str] = field(default_factory=list, init=False)
+    """The --key value pairs every trial gets: the command line's keys that are not the sweep's."""
+
+    def __post_init__(self) -> None:
+        if self.trials < 1:
+            raise UserError(f"trials: expected at least 1, found {self.trials}")
+        for name, allowed in (("sampler", SAMPLERS), ("pruner", PRUNERS)):
+            if getattr(self, name) not in allowed:
+                raise UserError(f"{name}: expected one of {', '.join(allowed)}, found {getattr(self, name)!r}")
+        for name in ("kl_budget", "kl_penalty"):
+            if getattr(self, name) < 0:
+                raise UserError(f"{name}: expected a number >= 0, found {getattr(self, name)}")
+        for name, key in (("stage_config", "stage_config (--config)"), ("space", "space")):
+            if not Path(getattr(self, name)).is_file():
+                raise UserError(f"{key}: expected a YAML file, found no {getattr(self, name)}")
+        self.stage = infer_stage(self.stage_config, self.stage)
 
 
 def infer_stage(config: str, stage: str | None) -> str:
     if stage:
         if stage not in STAGE_MODULES:
-            raise UserError(f"--stage: expected one of {', '.join(STAGE_MODULES)}, found {stage!r}")
+            raise UserError(f"stage: expected one of {', '.join(STAGE_MODULES)}, found {stage!r}")
         return stage
     name = Path(config).stem
     if name not in STAGE_MODULES:
@@ -213,19 +266,39 @@ def infer_stage(config: str, stage: str | None) -> str:
     return name
 
 
+def sampler_seed(seed: int, started: int) -> int:
+    """The sampler's seed for a sweep (re)started with ``started`` trials already in its study.
+
+    A new study takes ``seed`` itself, so a sweep run in one go is reproducible from it. A continued
+    one must not: the sampler's random state is not in study.db, and the same seed would draw the
+    first trials' values again (TPE's first trials are random draws), duplicates that count toward
+    ``trials``. Every start that ran a trial leaves the count higher, so each start that draws gets
+    its own stream, and the same kills followed by the same commands give the same trials.
+    """
+    if started == 0:
+        return seed
+    import numpy as np
+
+    return int(np.random.SeedSequence([seed, started]).generate_state(1)[0])
+
+
 def make_study(args: SweepArguments, pruner=None):
     import optuna
 
     study_dir = Path(args.study)
     study_dir.mkdir(parents=True, exist_ok=True)
-    sampler = {"tpe": lambda: optuna.samplers.TPESampler(seed=args.seed),
-               "random": lambda: optuna.samplers.RandomSampler(seed=args.seed)}[args.sampler]()
     if pruner is None:
         pruner = {"median": lambda: optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=0),
                   "none": optuna.pruners.NopPruner}[args.pruner]()
-    return optuna.create_study(
+    study = optuna.create_study(
         study_name=f"{args.stage}-sweep", storage=f"sqlite:///{(study_dir / 'study.db').resolve()}",
-        load_if_exists=True, direction=OBJECTIVES[args.stage][0], sampler=sampler, pruner=pruner)
+        load_if_exists=True, direction=OBJECTIVES[args.stage][0], pruner=pruner)
+    started = len(study.get_trials(deepcopy=False))  # the seed depends on it: set the sampler once loaded
+    seed = sampler_seed(args.seed, started)
+    make_sampler = {"tpe": optuna.samplers.TPESampler, "random": optuna.samplers.RandomSampler}[args.sampler]
+    study.sampler = make_sampler(seed=seed)
+    logger.info("%s sampler, seed %d (%d trials already in the study)", args.sampler, seed, started)
+    return study
 
 
 def requeue_interrupted(study, trials_dir: Path) -> int:
@@ -249,7 +322,7 @@ def run_sweep(args: SweepArguments, callbacks: list | None = None, pruner=None):
     from optuna.trial import TrialState
 
     params = load_space(args.space)
-    base_config = load_yaml(args.config)
+    base_config = load_yaml(args.stage_config)
     direction, _, report_key = OBJECTIVES[args.stage]
     run_stage: Callable = importlib.import_module(STAGE_MODULES[args.stage]).run
     study_dir = Path(args.study)
@@ -260,7 +333,7 @@ def run_sweep(args: SweepArguments, callbacks: list | None = None, pruner=None):
     def objective(trial) -> float:
         values = {p.name: p.suggest(trial) for p in params}
         out = trials_dir / str(trial.number)
-        argv = ["--config", args.config, *args.overrides, "--output_dir", str(out), "--overwrite_output_dir", "true"]
+        argv = ["--config", args.stage_config, *args.overrides, "--output_dir", str(out), "--overwrite_output_dir", "true"]
         logger.info("trial %d: %s", trial.number, values)
         trial.set_user_attr("run_dir", str(out))
         try:
@@ -336,7 +409,7 @@ def trials_table(study, args: SweepArguments, params: list[Param]) -> str:
         state = t.state.name.lower() + (" (best)" if t.number == best else "")
         if t.state.name == "PRUNED" and t.intermediate_values:
             step = max(t.intermediate_values)
-            state += f" at step {step}"
+            state += f" after {step} samples"
         lines.append(f"| {t.number} | {state} | {cell(t.value)} | "
                      + " | ".join(cell(t.params.get(n)) for n in names)
                      + f" | {cell(round(seconds, 1) if seconds is not None else None)} | {t.user_attrs.get('run_dir', '')} |")
@@ -386,33 +459,42 @@ def plot_search(study, path: Path) -> None:
 # ----------------------------------------------------------------------------------------------
 
 
+HELP_NOTE = """
+rlhf sweep: the keys above are command-line only; --config FILE is the stage config (--stage_config).
+Every other --key value, any key of that stage, goes to every trial (e.g. --max_steps 30)."""
+
+
 def parse_sweep_args(argv: list[str]) -> SweepArguments:
-    parser = argparse.ArgumentParser(
-        prog="rlhf sweep", description="optuna search over a stage's config keys; other --key value pairs go to "
-                                       "every trial")
-    parser.add_argument("--config", required=True, help="the stage config (YAML) every trial starts from")
-    parser.add_argument("--space", required=True, help="search space YAML: key: {type: float|int|categorical, ...}")
-    parser.add_argument("--trials", type=int, required=True, help="finished + pruned trials to reach")
-    parser.add_argument("--study", required=True, help="directory of the study (study.db, trials/, reports)")
-    parser.add_argument("--stage", choices=sorted(STAGE_MODULES), help="default: the config file's name")
-    parser.add_argument("--sampler", choices=["tpe", "random"], default="tpe")
-    parser.add_argument("--pruner", choices=["median", "none"], default="median")
-    parser.add_argument("--seed", type=int, default=0, help="the sampler's seed")
-    parser.add_argument("--kl_budget", type=float, default=4.0,
-                        help="policy stages: nats per reply of KL to the reference that cost nothing")
-    parser.add_argument("--kl_penalty", type=float, default=0.1,
-                        help="policy stages: objective lost per nat of KL beyond the budget")
-    known, overrides = parser.parse_known_args(argv)
-    if known.trials < 1:
-        raise UserError(f"--trials: expected at least 1, found {known.trials}")
-    for path, what in ((known.config, "--config"), (known.space, "--space")):
-        if not Path(path).is_file():
-            raise UserError(f"{what} {path}: no such file")
-    if "--output_dir" in overrides:
-        raise UserError("--output_dir: each trial writes to <study>/trials/<n>; leave it out")
-    stage = infer_stage(known.config, known.stage)
-    return SweepArguments(known.config, known.space, known.trials, known.study, stage, overrides, known.sampler,
-                          known.pruner, known.seed, known.kl_budget, known.kl_penalty)
+    """``rlhf sweep``'s command line in the stages' dialect (rlhf.core.config): ``--key value`` for the
+    fields of :class:`SweepArguments`, ``--config`` for the stage config, every other ``--key value``
+    kept in ``overrides`` for the trials; ``-h``/``--help`` lists the sweep's keys and exits."""
+    if any(token in ("-h", "--help") for token in argv):
+        print(format_help([SweepArguments]) + "\n" + HELP_NOTE)
+        raise SystemExit(0)
+    given, config = parse_overrides(argv)
+    # Here --config is the stage config, as in every documented sweep command; build_config would read
+    # it as a YAML of the sweep's own keys, so it reaches the dataclass under its field name.
+    if config is not None:
+        if "stage_config" in given:
+            raise UserError(f"command line: expected --config or --stage_config, found both ({config} and "
+                            f"{given['stage_config']})")
+        given["stage_config"] = config
+    fields = [f for f in dataclasses.fields(SweepArguments) if f.init]
+    missing = [f.name for f in fields if f.default is dataclasses.MISSING
+               and f.default_factory is dataclasses.MISSING and f.name not in given]
+    if missing:
+        names = ", ".join("--config" if k == "stage_config" else f"--{k}" for k in missing)
+        raise UserError(f"command line: expected {names}, found none (rlhf sweep --help lists the keys)")
+    if "output_dir" in given:
+        raise UserError("command line: key 'output_dir': each trial writes to <study>/trials/<n>; leave it out")
+    own = {f.name for f in fields}
+
+    def tokens(keys: list[str]) -> list[str]:
+        return [t for k in keys for t in (f"--{k}", *(given[k] if isinstance(given[k], list) else [given[k]]))]
+
+    (args,), _ = build_config([SweepArguments], tokens([k for k in given if k in own]))
+    args.overrides = tokens([k for k in given if k not in own])
+    return args
 
 
 def sweep_command(argv: list[str]) -> int:
