@@ -9,10 +9,14 @@ spec                        judge
 ``<run dir>``               trained (:func:`rlhf.core.scoring.score_replies`); any number of them
 ``annotator``               the demo annotator (:func:`rlhf.demo.annotator.annotator_score`): the rule
                             that labelled the demo's preference pairs
-``lexicon``                 an INDEPENDENT demo judge: AFINN sentiment + an on-topic check, written
+``lexicon``                 an INDEPENDENT demo judge: lexicon sentiment + an on-topic check, written
                             separately from the annotator (another lexicon, another tokenizer, no
                             VADER), so alignment can be checked by a judge that did not label the
-                            training pairs (see :func:`lexicon_score`)
+                            training pairs (see :func:`lexicon_score`). The lexicon is Pattern's
+                            English adjectives (public domain, read from the textblob wheel)
+``lexicon:afinn``           the same judge with the AFINN-en-165 lexicon (Nielsen 2011), from the
+                            optional ``afinn`` package (``pip install 'rlhf-toolkit[afinn]'``), whose
+                            PyPI release is labelled GPL (docs/licences.md)
 ``module:function``         a Python function ``function(prompt: str, reply: str) -> float``;
 ``path/to/file.py:function``  ``module`` is imported from the current directory or sys.path
 ==========================  =====================================================================
@@ -30,6 +34,7 @@ import inspect
 import math
 import re
 import sys
+import xml.etree.ElementTree as ElementTree
 from pathlib import Path
 from typing import Callable
 
@@ -43,6 +48,8 @@ __all__ = [
     "RewardModelJudge",
     "parse_judges",
     "load_function",
+    "LEXICONS",
+    "lexicon_words",
     "lexicon_sentiment",
     "subject_terms",
     "on_topic",
@@ -62,7 +69,7 @@ def prompt_text(prompt: str | list[dict]) -> str:
 
 
 # ----------------------------------------------------------------------------------------------
-# The independent demo judge: AFINN sentiment + on-topic check
+# The independent demo judge: lexicon sentiment + on-topic check
 # ----------------------------------------------------------------------------------------------
 
 LEXICON_OFF_TOPIC = 1.0
@@ -88,13 +95,51 @@ _WORD = re.compile(r"[a-z0-9]+(?:'[a-z]+)?")
 
 
 @functools.cache
-def _afinn() -> dict[str, float]:
-    """AFINN-en-165 (Nielsen 2011; shipped inside the ``afinn`` wheel): word -> valence in -5..5."""
-    from afinn import Afinn
+def _pattern_lexicon() -> dict[str, float]:
+    """Pattern's subjectivity lexicon for English adjectives (De Smedt & Daelemans 2012, "Pattern for
+    Python", JMLR 13; public domain under the PDDL), the en-sentiment.xml that the textblob wheel (MIT)
+    ships: word -> polarity in -1..1, the mean over the word's senses (as Pattern averages them).
 
+    Read as data: textblob itself (and the nltk it imports) is never imported.
+    """
+    spec = importlib.util.find_spec("textblob")
+    path = Path(spec.submodule_search_locations[0]) / "en" / "en-sentiment.xml" if spec else None
+    if path is None or not path.is_file():
+        raise UserError("--judges lexicon: expected the textblob package (a dependency of rlhf-toolkit, which ships "
+                        f"Pattern's en-sentiment.xml), found {'no ' + str(path) if path else 'none'}: pip install textblob")
+    senses: dict[str, list[float]] = {}
+    for word in ElementTree.parse(path).getroot().iter("word"):
+        form = word.get("form", "").lower()
+        if form and " " not in form:
+            senses.setdefault(form, []).append(float(word.get("polarity", 0.0)))
+    return {w: sum(p) / len(p) for w, p in senses.items() if sum(p) != 0.0}
+
+
+@functools.cache
+def _afinn() -> dict[str, float]:
+    """AFINN-en-165 (Nielsen 2011; in the optional ``afinn`` wheel): word -> valence / 5, in -1..1."""
+    try:
+        from afinn import Afinn
+    except ImportError:
+        raise UserError("--judges lexicon:afinn: expected the afinn package, found none: pip install "
+                        "'rlhf-toolkit[afinn]' (its PyPI release is labelled GPL, its word list ODbL: "
+                        "docs/licences.md); the judge 'lexicon' needs nothing more") from None
     reader = Afinn()
-    return {w: float(v) for w, v in reader.read_word_file(reader.full_filename("AFINN-en-165.txt")).items()
+    return {w: float(v) / 5.0 for w, v in reader.read_word_file(reader.full_filename("AFINN-en-165.txt")).items()
             if " " not in w}
+
+
+LEXICONS: dict[str, Callable[[], dict[str, float]]] = {"pattern": _pattern_lexicon, "afinn": _afinn}
+"""The sentiment lexicons of the lexicon judge, by name: word -> polarity in -1..1. ``pattern`` (the
+default) is public domain and installed with the toolkit; ``afinn`` is an optional extra."""
+DEFAULT_LEXICON = "pattern"
+
+
+def lexicon_words(lexicon: str = DEFAULT_LEXICON) -> dict[str, float]:
+    """The word -> polarity (-1..1) table of a lexicon in :data:`LEXICONS`."""
+    if lexicon not in LEXICONS:
+        raise UserError(f"--judges lexicon:{lexicon}: expected one of {', '.join(LEXICONS)}, found {lexicon!r}")
+    return LEXICONS[lexicon]()
 
 
 def _stem(word: str) -> str:
@@ -110,23 +155,24 @@ def _stem(word: str) -> str:
     return word
 
 
-def lexicon_sentiment(reply: str) -> float:
-    """AFINN valence of the reply's DISTINCT sentiment words, negation flipped, squashed: ``tanh(sum / 5)``.
+def lexicon_sentiment(reply: str, lexicon: str = DEFAULT_LEXICON) -> float:
+    """Polarity of the reply's DISTINCT sentiment words, negation flipped, squashed: ``tanh(sum)``.
 
-    Distinct words, so "great great great" counts as one "great" (repeating a positive word earns
-    nothing); a word right after a negator ("not", "never", "isn't", ...) counts with its sign flipped
-    ("not bad" is mildly positive). tanh(x / 5) maps one strong word (+-5) to +-0.76. In (-1, 1).
+    Polarities are in -1..1 (Pattern's as they are, AFINN's valence / 5). Distinct words, so "great
+    great great" counts as one "great" (repeating a positive word earns nothing); a word right after
+    a negator ("not", "never", "isn't", ...) counts with its sign flipped ("not bad" is mildly
+    positive). tanh maps one strongest word (+-1) to +-0.76. In (-1, 1).
     """
-    lexicon = _afinn()
+    words = lexicon_words(lexicon)
     tokens = _WORD.findall(reply.lower())
     seen: dict[str, float] = {}
     for i, token in enumerate(tokens):
-        value = lexicon.get(token)
+        value = words.get(token)
         if value is None or token in seen:
             continue
         negated = i > 0 and (tokens[i - 1] in _NEGATORS or tokens[i - 1].endswith("n't"))
         seen[token] = -value if negated else value
-    return math.tanh(sum(seen.values()) / 5.0)
+    return math.tanh(sum(seen.values()))
 
 
 def subject_terms(prompt: str) -> frozenset[str]:
@@ -142,13 +188,13 @@ def on_topic(prompt: str, reply: str) -> bool | None:
     return not subject.isdisjoint(_stem(w) for w in _WORD.findall(reply.lower()))
 
 
-def lexicon_score(prompt: str, reply: str) -> float:
+def lexicon_score(prompt: str, reply: str, lexicon: str = DEFAULT_LEXICON) -> float:
     """The independent demo judge: ``lexicon_sentiment(reply) - (1 if off topic else 0)``, in (-2, 1).
 
     An off-topic reply (on_topic False) loses LEXICON_OFF_TOPIC; a prompt without subject words
     costs nothing. An empty reply has no sentiment and names no subject: -1.
     """
-    return lexicon_sentiment(reply) - (LEXICON_OFF_TOPIC if on_topic(prompt, reply) is False else 0.0)
+    return lexicon_sentiment(reply, lexicon) - (LEXICON_OFF_TOPIC if on_topic(prompt, reply) is False else 0.0)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -269,12 +315,17 @@ def parse_judges(spec: str | list[str], batch_size: int = 16, device: str | None
         if item == "annotator":
             judges.append(FunctionJudge("annotator", annotator_score, kind="annotator"))
         elif item == "lexicon":
+            lexicon_words()  # a missing lexicon fails here, before any generation
             judges.append(FunctionJudge("lexicon", lexicon_score, kind="lexicon"))
+        elif item.startswith("lexicon:"):
+            name = item[len("lexicon:"):]
+            lexicon_words(name)
+            judges.append(FunctionJudge(item, functools.partial(lexicon_score, lexicon=name), kind="lexicon"))
         elif item.startswith("reward:") or ":" not in item:
             run_dir = item[len("reward:"):] if item.startswith("reward:") else item
             if not Path(run_dir).expanduser().is_dir():
-                raise UserError(f"--judges: expected annotator, lexicon, reward:<run dir>, a reward run directory or "
-                                f"module:function, found {item!r} (no such directory)")
+                raise UserError(f"--judges: expected annotator, lexicon, lexicon:afinn, reward:<run dir>, a reward run "
+                                f"directory or module:function, found {item!r} (no such directory)")
             name = "reward" if len(reward_dirs) == 1 else f"reward:{run_dir}"
             judges.append(RewardModelJudge(name, run_dir, batch_size, device))
         else:
