@@ -8,7 +8,7 @@ TORCH_VERSION ?= 2.13.0
 export TOKENIZERS_PARALLELISM := false
 export HF_HUB_OFFLINE := 1
 
-.PHONY: install demo demo-rounds test data model bench-sft bench-ppo bench-scale compare clean
+.PHONY: install demo demo-rounds test test-fast data model bench-sft bench-ppo bench-scale compare clean
 
 install: $(VENV)/.installed
 
@@ -35,6 +35,11 @@ demo-rounds: install model
 test: install
 	sh scripts/install_browser.sh
 	$(PY) -m pytest -q -x --durations=15
+
+# The edit loop: every test not marked slow (pure functions, configs, bad input, the labeling API), in
+# under 2 minutes on 2 cores. `make test` stays the whole suite.
+test-fast: install
+	$(PY) -m pytest -q -m "not slow"
 
 bench-sft: install model
 	$(PY) bench/bench_sft.py

@@ -50,9 +50,10 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-# Llama-architecture shapes (STACK-NOTES): hidden, intermediate, layers, heads, KV heads; vocab 49152, tied.
+# Llama-architecture shapes from each model's config.json: hidden, intermediate, layers, heads, KV heads;
+# vocab 49152, tied.
 SHAPES = {
-    "quick": (128, 256, 2, 4, 2),  # bitsandbytes' CPU 4-bit kernels need hidden >= 128 (STACK-NOTES)
+    "quick": (128, 256, 2, 4, 2),  # bitsandbytes' CPU 4-bit kernels need hidden >= 128
     "135m": (576, 1536, 30, 9, 3),
     "360m": (960, 2560, 32, 15, 5),
     "1.7b": (2048, 8192, 24, 32, 32),
@@ -98,7 +99,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--cache", default=str(REPO / "runs" / "bench_scale"), help="where the random models are kept")
     p.add_argument("--json", default=None, help="also write every figure to this JSON file")
     p.add_argument("--markdown", default=None, help="also write the table to this Markdown file")
-    p.add_argument("--fits", action="store_true", help="print the README's what-fits-where table (estimates, CUDA)")
+    p.add_argument("--fits", action="store_true",
+                   help="print the what-fits-where table of docs/results.md (estimates, CUDA)")
     p.add_argument("--from_json", default=None, help="print the table of earlier --json runs (comma-separated) with today's estimator")
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
     p.add_argument("--workdir", default=None, help=argparse.SUPPRESS)
@@ -559,7 +561,7 @@ def build_table(a: argparse.Namespace, results: dict[str, dict]) -> tuple[str, l
     return "\n".join(lines), [{"name": n, "value": v, "goal": g} for n, v, g in ratios]
 
 
-# Shapes of the "what fits where" table (README), read off their configs (STACK-NOTES).
+# Shapes of the "what fits where" table (docs/results.md), read off each model's config.json.
 FIT_MODELS = {
     "SmolLM2-1.7B": ("llama", dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=24,
                                    num_attention_heads=32, num_key_value_heads=32, vocab_size=49152,

@@ -1,4 +1,4 @@
-"""Issue 13's levers, each measured on the held-out prompts: PPO variants from the same SFT and reward runs.
+"""PPO levers, each measured on the held-out prompts: PPO variants from the same SFT and reward runs.
 
     python experiments/ppo_levers.py                       # after make demo: runs/demo/{sft,reward} -> runs/levers
     python experiments/ppo_levers.py --variants baseline,replies_per_prompt_4 --seeds 42,1,2,3 --jobs 2
@@ -20,7 +20,7 @@ annotator), the annotator and the ``--reward`` model; runs an earlier evaluation
 already covers are not sampled again (SFT's samples are the same in each, so the figures compare).
 ``<out>/levers.md`` gets one row per run: share of prompts won against SFT (ties half) with its 95 %
 bootstrap interval per judge, on-topic rate, distinct-2, reply words, KL to SFT, the PPO run's wall
-time and whether it meets issue 13's goal; then one row per variant over its seeds. ``--jobs 2``
+time and whether it meets the goal (GOAL below); then one row per variant over its seeds. ``--jobs 2``
 trains two runs side by side with one thread each (wall times are then those of a shared machine).
 Finished runs are kept, so a rerun only does what is missing.
 """
@@ -60,7 +60,7 @@ VARIANTS: dict[str, tuple[str, list[str]]] = {
 OWN_REWARD = {"sft_pairs": "sft_pairs", "replies_per_prompt_4_reward_432": "432_pairs"}
 """Variants that train against a reward model of their own (built once by REWARD_BUILDERS, shared)."""
 GOAL = {"prompts_won": 0.75, "ci_low": 0.60, "distinct_ratio": 0.9}
-"""Issue 13's goal against SFT: prompts won by the independent judge, the low end of its interval, and
+"""The goal against SFT: prompts won by the independent judge, the low end of its interval, and
 distinct-2 as a share of SFT's; on-topic rate at least SFT's and mean KL below the run's kl_target."""
 
 
@@ -162,7 +162,7 @@ def mean(values: list[float]) -> float:
 
 
 def meets_goal(report: dict, name: str, kl_target: float) -> bool:
-    """Issue 13's goal for one run of ``report``, judged by the independent lexicon judge."""
+    """The goal (GOAL) for one run of ``report``, judged by the independent lexicon judge."""
     runs, rates = report["runs"], report["win_rates"][name]
     won = next(v for judge, v in rates.items() if judge.startswith("lexicon"))
     sft = runs[report["baseline"]]

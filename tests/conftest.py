@@ -38,7 +38,7 @@ def tiny_model_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_model_dir_4bit(tmp_path_factory) -> Path:
-    """Large enough for bitsandbytes 4-bit kernels on CPU (see STACK-NOTES)."""
+    """Large enough for bitsandbytes 4-bit kernels on CPU (they need hidden >= 128)."""
     return make_tiny_model_dir(tmp_path_factory.mktemp("tiny4") / "model", hidden_size=128, heads=4, kv_heads=2)
 
 

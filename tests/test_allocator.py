@@ -9,6 +9,9 @@ from pathlib import Path
 
 import pytest
 
+# Each test starts a process that allocates and frees hundreds of MiB.
+pytestmark = pytest.mark.slow
+
 REPO = Path(__file__).resolve().parents[1]
 
 # Frees a 256 MiB tensor (block_mib) and reports how much of it the process still holds.

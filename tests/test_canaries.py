@@ -143,6 +143,7 @@ def test_data_scan_canaries_writes_a_copy_and_a_sidecar(tmp_path, capsys):
 # -- end to end: plant, train, measure -------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_a_planted_canary_is_found_after_training_and_not_before(tiny_model_dir, tmp_path, capsys):
     from sft.train import run as sft_run
 

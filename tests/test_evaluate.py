@@ -147,6 +147,7 @@ def runs(tiny_model_dir, tmp_path_factory) -> dict[str, Path]:
             "judge": root / "my_judges.py"}
 
 
+@pytest.mark.slow
 def test_report_win_rates_and_files(runs, tmp_path, capsys):
     out = tmp_path / "report"
     judge = f"{runs['judge']}:distinct_words"
@@ -190,6 +191,7 @@ def test_report_win_rates_and_files(runs, tmp_path, capsys):
     assert len(rows) == 4 * len(THINGS) * 3 and set(rows[0]["scores"]) == {judge, "annotator", "lexicon"}
 
 
+@pytest.mark.slow
 def test_forgetting_turns_red_when_perplexity_rises_and_factual_lists_changes(runs, tmp_path, capsys):
     out = tmp_path / "forgetting"
     argv = ["eval", "forgetting", "--runs", str(runs["base"]), str(runs["sharp"]), str(runs["base"]),
@@ -220,6 +222,7 @@ def prefers_she(prompt: str, reply: str) -> float:
 '''
 
 
+@pytest.mark.slow
 def test_bias_check_detects_a_planted_bias(runs, tmp_path):
     from rlhf.core.data import write_jsonl
 
@@ -239,6 +242,7 @@ def test_bias_check_detects_a_planted_bias(runs, tmp_path):
     assert "Bias (counterfactual pairs)" in (out / "report.html").read_text()
 
 
+@pytest.mark.slow
 def test_bad_input_is_one_line(runs, tmp_path, capsys):
     assert main(["eval", "--runs", str(tmp_path / "nope"), "--prompts", str(runs["prompts"]), "--out", str(tmp_path)]) == 2
     assert "expected a stage output or model directory" in capsys.readouterr().err

@@ -58,6 +58,7 @@ def sft_run(tiny_model_dir, tmp_path_factory) -> Path:
     return run_dir
 
 
+@pytest.mark.slow
 def test_export_loads_with_bare_transformers_and_decodes_like_the_adapter(sft_run, tiny_model_dir, tmp_path, capsys):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -89,6 +90,7 @@ def test_export_loads_with_bare_transformers_and_decodes_like_the_adapter(sft_ru
         defaults.max_new_tokens, defaults.temperature, True)
 
 
+@pytest.mark.slow
 def test_export_bfloat16(sft_run, tmp_path):
     from transformers import AutoModelForCausalLM
 
@@ -113,6 +115,7 @@ def test_full_model_is_copied(tiny_model_dir, tmp_path):
         _greedy(AutoModelForCausalLM.from_pretrained(tiny_model_dir), tokenizer, PROMPTS[0])
 
 
+@pytest.mark.slow
 def test_push_to_hub_without_a_hub_is_one_line_and_writes_nothing(sft_run, tmp_path, capsys, monkeypatch):
     from huggingface_hub import constants
 
@@ -130,6 +133,7 @@ def test_push_to_hub_without_a_hub_is_one_line_and_writes_nothing(sft_run, tmp_p
     assert not out.exists() and not (tmp_path / "pushed.tmp").exists()
 
 
+@pytest.mark.slow
 def test_a_failure_while_writing_leaves_nothing(sft_run, tmp_path, monkeypatch):
     from transformers import PreTrainedTokenizerBase
 

@@ -11,7 +11,7 @@ from rlhf.label.cli import main
 from rlhf.core.data import load_rows
 from test_label_api import XSS_REPLIES, make_campaign
 
-pytestmark = pytest.mark.browser
+pytestmark = [pytest.mark.browser, pytest.mark.slow]
 
 # Each step: the keys pressed and what they mean ("left"/"right" are screen sides).
 STEPS = [

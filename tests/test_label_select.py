@@ -146,6 +146,7 @@ def _tiny_reward_model(path, seed=1):
     return path
 
 
+@pytest.mark.slow
 def test_generate_select_uncertain_from_two_models(tmp_path, tiny_model_dir, capsys):
     from rlhf.core.runs import load_run
     from rlhf.core.scoring import score_replies

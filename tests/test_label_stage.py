@@ -42,6 +42,7 @@ def straight(tiny_model_dir, prompts_file, tmp_path_factory, one_thread) -> Path
     return out
 
 
+@pytest.mark.slow
 def test_pairs_of_own_replies_split_by_prompt(straight):
     from rlhf.demo.annotator import annotator_score
 
@@ -60,6 +61,7 @@ def test_pairs_of_own_replies_split_by_prompt(straight):
     assert 0.5 < metrics["label_agreement_with_noiseless"] <= 1.0
 
 
+@pytest.mark.slow
 def test_a_kill_while_labelling_then_a_rerun_gives_the_same_labels(straight, tiny_model_dir, prompts_file,
                                                                    tmp_path):
     out = tmp_path / "label"
@@ -86,6 +88,7 @@ run({cfg!r})
     assert outputs(out) == outputs(straight)
 
 
+@pytest.mark.slow
 def test_a_kill_while_sampling_leaves_no_half_campaign(tiny_model_dir, prompts_file, tmp_path):
     out = tmp_path / "label"
     cfg = config(tiny_model_dir, prompts_file, out)
@@ -103,6 +106,7 @@ run({cfg!r})
     assert not (out / "campaign").exists()
 
 
+@pytest.mark.slow
 def test_a_campaign_waits_for_people_and_a_rerun_continues(tiny_model_dir, prompts_file, tmp_path, capsys):
     from rlhf.label.annotate import annotate_campaign
     from rlhf.label.store import Campaign
@@ -119,6 +123,7 @@ def test_a_campaign_waits_for_people_and_a_rerun_continues(tiny_model_dir, promp
     assert (out / "metrics.json").exists()
 
 
+@pytest.mark.slow
 def test_a_finished_stage_is_not_overwritten_silently(straight, tiny_model_dir, prompts_file):
     with pytest.raises(UserError, match="overwrite_output_dir"):
         run(config(tiny_model_dir, prompts_file, straight))

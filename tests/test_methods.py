@@ -135,6 +135,7 @@ def test_dpo_reference_is_the_sft_adapter(starts, tmp_path):
     assert metrics["reference"] == "frozen adapter 'ref' on the shared base"
 
 
+@pytest.mark.slow
 def test_reward_function_scores_like_the_reward_model(starts):
     """The reward function (the reward adapter switched on inside it, on the policy's base) gives the
     scores of the stand-alone reward model loaded from its run directory, and leaves the policy active."""
@@ -184,6 +185,7 @@ def test_pipeline_method_key_runs_the_method_from_the_finished_stages(starts, tm
 
 
 @pytest.mark.parametrize("method", ["dpo", "rloo"])
+@pytest.mark.slow
 def test_runs_that_cannot_share_a_base_are_refused_before_any_output(method, starts, tmp_path):
     """Swapped SFT and reward runs: a one-line error naming the key, and no output directory at all."""
     from rlhf.core.errors import UserError

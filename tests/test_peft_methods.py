@@ -56,6 +56,7 @@ def sft_file(tmp_path_factory):
 
 
 @pytest.mark.parametrize("method", ["full", "lora", "qlora-4bit", "qlora-8bit", "prefix", "prompt", "ia3"])
+@pytest.mark.slow
 def test_method_trains_saves_and_loads(method, sft_file, tiny_model_dir, tiny_model_dir_4bit, tmp_path):
     model_dir = tiny_model_dir_4bit if method == "qlora-4bit" else tiny_model_dir
     tokenizer = load_tokenizer(str(model_dir))

@@ -276,6 +276,7 @@ def test_killed_policy_head_run_resumes_to_the_same_result(pipeline, tmp_path):
         run(argv + ["--resume", "--value_model", "policy_head"])
 
 
+@pytest.mark.slow
 def test_policy_head_value_loss_trains_the_policy_trunk(pipeline):
     """With zero advantages the policy loss has no gradient: the policy's LoRA then gets gradients
     only through a value head on its own trunk (policy_head), never from a separate critic."""
@@ -705,6 +706,7 @@ def test_gradient_checkpointing_holds_less_and_gives_the_same_gradients(pipeline
         torch.testing.assert_close(ckpt_grads[key], grad, rtol=1e-5, atol=1e-7, msg=key)
 
 
+@pytest.mark.slow
 def test_dropout_is_off_in_the_update_even_in_training_mode(pipeline):
     """The update runs in training mode (for checkpointing) yet two forwards agree exactly, whatever
     dropout the model's config and the SFT adapter asked for."""
@@ -728,6 +730,7 @@ def test_dropout_is_off_in_the_update_even_in_training_mode(pipeline):
     torch.testing.assert_close(first, second, rtol=0, atol=0)
 
 
+@pytest.mark.slow
 def test_adaptive_kl_horizon_is_relative_to_the_run(pipeline):
     """With the default horizon (a fifth of the run's replies) a KL that stays far off target moves the
     coefficient by a factor that matters within the run; a fixed 10,000-reply horizon moved it 0.3 %."""
@@ -765,6 +768,7 @@ def test_launch_settings_ppo_does_not_honour_are_refused(setting, value, expecte
         check_launch(type("Launch", (), launch))
 
 
+@pytest.mark.slow
 def test_accelerate_gradient_accumulation_is_refused_before_any_work(pipeline, tmp_path, monkeypatch, capsys):
     from rlhf.app.cli import main
 
@@ -775,6 +779,7 @@ def test_accelerate_gradient_accumulation_is_refused_before_any_work(pipeline, t
     assert not out.exists() and not out.with_name("ppo.tmp").exists()
 
 
+@pytest.mark.slow
 def test_normalize_reward_scales_scores_by_the_running_moments_then_penalizes(pipeline, tmp_path):
     """normalize_reward: each batch's raw scores join the running moments, the batch is scaled by
     them, clipped by reward_clip, and a cut-off reply then gets the missing-EOS penalty on that scale;
@@ -819,6 +824,7 @@ def test_replies_per_prompt_repeats_each_prompt_and_splits_ranks_by_prompt():
         PromptSampler(prompts, 4, seed=3, replies_per_prompt=3)
 
 
+@pytest.mark.slow
 def test_replies_per_prompt_samples_different_replies_to_the_same_prompt(pipeline):
     from rlhf.core.errors import UserError
     from rlhf.ppo.trainer import parse_ppo

@@ -1,4 +1,4 @@
-"""experiments/ppo_levers.py's bookkeeping: run names per seed, issue 13's goal check, the table over evaluations."""
+"""experiments/ppo_levers.py's bookkeeping: run names per seed, the goal check, the table over evaluations."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The PPO trainer's own numbers against a direct forward pass of each role (issue #12).
+"""The PPO trainer's own numbers against a direct forward pass of each role.
 
 tests/test_ppo_math.py pins the pure functions; this file pins what the trainer feeds them. A full
 ``PPOTrainer.train_step`` runs on a tiny GPT-2 whose config and LoRA adapters all carry dropout
@@ -59,7 +59,7 @@ LAYOUTS = {
 }
 
 
-pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]  # tests/conftest.py
 
 
 # -- tiny roles on a tiny GPT-2 -------------------------------------------------------------------

@@ -72,6 +72,7 @@ def test_pair_metrics_confident_and_right_is_well_calibrated():
 # ----------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_reward_trainer_loss_is_pairwise_logsigmoid(tiny_model_dir, tmp_path):
     from datasets import Dataset
     from trl import RewardConfig, RewardTrainer
@@ -125,6 +126,7 @@ def reward_run(tiny_model_dir, tmp_path_factory):
     return out, metrics
 
 
+@pytest.mark.slow
 def test_reward_run_outputs(reward_run, tiny_model_dir):
     out, returned = reward_run
     metrics = json.loads((out / "metrics.json").read_text())
@@ -151,6 +153,7 @@ def test_reward_run_outputs(reward_run, tiny_model_dir):
     assert again["mean_margin"] == pytest.approx(metrics["test_mean_margin"], abs=1e-5)
 
 
+@pytest.mark.slow
 def test_reward_score_command(reward_run, tmp_path, capsys):
     out, _ = reward_run
     rows = [{"prompt": "write a short review of the tea", "response": "the tea is lovely .", "id": 1},
@@ -171,6 +174,7 @@ def test_reward_score_command(reward_run, tmp_path, capsys):
     assert "scored 3 rows" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_reward_score_of_an_sft_run_is_one_line(tiny_model_dir, tmp_path, capsys):
     # `rlhf reward score --model runs/demo/sft`: an SFT output where a reward output is expected.
     from sft.train import run as sft_run

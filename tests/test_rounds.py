@@ -81,6 +81,7 @@ def _copy(round0: dict, tmp_path: Path) -> Path:
     return root
 
 
+@pytest.mark.slow
 def test_two_rounds_with_the_demo_annotator(round0, tmp_path, capsys):
     root = _copy(round0, tmp_path)
     outputs = run_pipeline(_pipeline_argv(round0["configs"], root, round0["model"], "--rounds", "2"))
@@ -123,6 +124,7 @@ def test_two_rounds_with_the_demo_annotator(round0, tmp_path, capsys):
     assert (root / "round-2/metrics.json").stat().st_mtime == before
 
 
+@pytest.mark.slow
 def test_campaign_labeler_stops_for_labels_and_a_rerun_continues(round0, tmp_path, capsys):
     root = _copy(round0, tmp_path)
     argv = _pipeline_argv(round0["configs"], root, round0["model"], "--rounds", "1")
@@ -151,6 +153,7 @@ def test_campaign_labeler_stops_for_labels_and_a_rerun_continues(round0, tmp_pat
     assert Campaign(campaign_dir).pairs() == pairs
 
 
+@pytest.mark.slow
 def test_a_kill_mid_round_resumes_where_it_stopped(round0, tmp_path, monkeypatch, caplog):
     import rlhf.ppo.trainer
 
@@ -181,6 +184,7 @@ def test_a_kill_mid_round_resumes_where_it_stopped(round0, tmp_path, monkeypatch
     assert Campaign(round_dir / "campaign").labels() == labels  # not sampled or labeled again
 
 
+@pytest.mark.slow
 def test_rounds_need_ppo_and_valid_settings(round0, tmp_path):
     root = _copy(round0, tmp_path)
     bad = tmp_path / "bad.yaml"
@@ -202,6 +206,7 @@ def _adapter_weights(directory: Path) -> dict:
     return load_file(str(directory / "adapter_model.safetensors"))
 
 
+@pytest.mark.slow
 def test_ppo_policy_model_starts_the_policy_from_an_earlier_ppo_run(round0):
     import torch
     from peft import get_peft_model_state_dict
@@ -230,6 +235,7 @@ def test_ppo_policy_model_starts_the_policy_from_an_earlier_ppo_run(round0):
         check_policy_model(str(root / "nothing"), shared)
 
 
+@pytest.mark.slow
 def test_reward_warm_start_copies_the_previous_adapter_and_head(round0):
     from types import SimpleNamespace
 

@@ -116,6 +116,7 @@ class WatchOutputDir(TrainerCallback):
         self.seen.append((self.out.exists(), self.out.with_name(self.out.name + ".tmp").exists()))
 
 
+@pytest.mark.slow
 def test_run_writes_a_complete_output_dir_only_at_the_end(tiny_model_dir, tmp_path):
     write_jsonl(tmp_path / "train.jsonl", prompt_completion_rows())
     write_jsonl(tmp_path / "val.jsonl", prompt_completion_rows()[:2])
@@ -163,6 +164,7 @@ def _sft_config():
     return SFTConfig
 
 
+@pytest.mark.slow
 def test_early_stopping_ends_the_run_before_max_steps(tiny_model_dir, tmp_path):
     write_jsonl(tmp_path / "train.jsonl", prompt_completion_rows())
     # A learning rate this large makes the validation loss worse after the first evaluation.

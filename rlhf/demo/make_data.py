@@ -161,7 +161,7 @@ PROMPT_TEMPLATES = (
 )
 
 
-# --more-forms (issue 13's "data diversity" lever, measured in docs/ppo_levers.md, not the default): six
+# --more-forms (the "data diversity" lever, measured in docs/ppo_levers.md, not the default): six
 # more request forms and more reply templates and adjectives, appended to the lists above so the
 # held-out file is unchanged (it draws trained forms from HELDOUT_TRAINED_FORMS).
 MORE_PROMPT_TEMPLATES = (
@@ -556,7 +556,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--more-forms", action="store_true",
-        help="six more request forms and more reply templates and adjectives (issue 13's data-diversity lever)",
+        help="six more request forms and more reply templates and adjectives (docs/ppo_levers.md)",
     )
     p.add_argument(
         "--subtle-fraction", type=float, default=0.3,
