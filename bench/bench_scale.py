@@ -3,6 +3,8 @@
     .venv/bin/python bench/bench_scale.py --quick                          # tiny shape, seconds (the test)
     .venv/bin/python bench/bench_scale.py --shape 360m                     # every row at SmolLM2-360M's shape
     .venv/bin/python bench/bench_scale.py --shape 1.7b --rows sft-lora,ppo-lora,ppo-lora-ckpt
+    .venv/bin/python bench/bench_scale.py --shape 1.7b --rows ppo-lora,ppo-lora-nobf16fwd --json 1.7b.json
+                                                                           # bf16_forwards on / off
     .venv/bin/python bench/bench_scale.py --shape 135m --dtype float32 --rows sft-lora,ppo-lora \\
         --malloc keep,glibc,bounded --steps 3                                # allocator settings side by side
 
@@ -26,12 +28,16 @@ included) with the allocator settings ``rlhf`` users get by default (``rlhf/core
                       value model trained in full with AdamW, policy and value losses backpropagated
                       together, full-sequence logits, generation scores kept (see child_trl019)
 
-Row names: ``<stage>-<lora|qlora>[-ckpt][-merge|-nomerge]``: lora = LoRA on a ``--dtype`` base
-(bfloat16 by default), qlora = QLoRA 4-bit NF4 (compute in ``--dtype``), ckpt = gradient
-checkpointing, merge/nomerge = PPO's ``merge_for_generation`` forced on/off (else its default).
+Row names: ``<stage>-<lora|qlora>[-ckpt][-merge|-nomerge][-bf16fwd|-nobf16fwd]``: lora = LoRA on a
+``--dtype`` base (bfloat16 by default), qlora = QLoRA 4-bit NF4 (compute in ``--dtype``), ckpt =
+gradient checkpointing, merge/nomerge = PPO's ``merge_for_generation`` forced on/off, bf16fwd/nobf16fwd
+= PPO's ``bf16_forwards`` forced on/off (else their defaults: ``bf16_forwards`` auto is on for lora
+rows on a bfloat16 base, so ``ppo-lora`` against ``ppo-lora-nobf16fwd`` is the option's saving; the
+estimate does not model the option yet and gives both rows the float32-adapter figure).
 Every row is printed beside ``rlhf estimate-memory``'s figure for it (``rlhf.core.memory``), and the
 ratios the issue asks for: the TRL 0.19 layout / ours, PPO / SFT, rollout time with and without
-merging. Timings are wall seconds of a shared 2-core machine: compare them within one run only.
+merging, PPO with bf16 forwards on / off. Timings are wall seconds of a shared 2-core machine: compare
+them within one run only.
 """
 
 from __future__ import annotations
@@ -63,10 +69,11 @@ VOCAB = 49152
 SIZES = {"quick": (2, 40, 8)}
 DEFAULT_SIZES = (8, 64, 128)
 STAGE_ROWS = [f"{s}-{m}{c}" for s in ("sft", "reward", "ppo") for m in ("lora", "qlora") for c in ("", "-ckpt")]
-DEFAULT_ROWS = {"quick": ["empty", "sft-lora", "reward-lora", "ppo-lora", "ppo-lora-nomerge", "trl019-lora"],
-                "360m": ["empty", *STAGE_ROWS, "ppo-lora-nomerge", "trl019-lora"],
-                "1.7b": ["sft-lora", "ppo-lora"]}
-ROW = re.compile(r"^(empty|trl019-lora|(sft|reward|ppo)-(lora|qlora)(-ckpt)?(-merge|-nomerge)?)$")
+DEFAULT_ROWS = {"quick": ["empty", "sft-lora", "reward-lora", "ppo-lora", "ppo-lora-nomerge", "ppo-lora-nobf16fwd",
+                          "trl019-lora"],
+                "360m": ["empty", *STAGE_ROWS, "ppo-lora-nomerge", "ppo-lora-nobf16fwd", "trl019-lora"],
+                "1.7b": ["sft-lora", "ppo-lora", "ppo-lora-nobf16fwd"]}
+ROW = re.compile(r"^(empty|trl019-lora|(sft|reward|ppo)-(lora|qlora)(-ckpt)?(-merge|-nomerge)?(-bf16fwd|-nobf16fwd)?)$")
 # glibc malloc settings a child can run under (--malloc). "keep" / "glibc" are what
 # RLHF_KEEP_FREED_MEMORY=1 / 0 give; "rlhf" is whatever rlhf/core/allocator.py does by default.
 MALLOC = {
@@ -114,6 +121,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     for row in a.rows if not a.child else []:
         if not ROW.match(row):
             p.error(f"--rows: expected names like sft-lora, ppo-qlora-ckpt, ppo-lora-nomerge, trl019-lora, found {row!r}")
+        parsed = parse_row(row)
+        if parsed["bf16fwd"] and (parsed["stage"], parsed["method"], a.dtype) != ("ppo", "lora", "bfloat16"):
+            p.error(f"--rows: {row}: -bf16fwd is PPO's bf16_forwards on, which needs a ppo-lora row and --dtype bfloat16")
     for m in a.malloc:
         if m not in MALLOC:
             p.error(f"--malloc: expected one of {', '.join(MALLOC)}, found {m!r}")
@@ -121,12 +131,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def parse_row(row: str) -> dict:
-    """``ppo-qlora-ckpt`` -> stage ppo, method qlora, checkpointing on, merge None (the default)."""
+    """``ppo-qlora-ckpt`` -> stage ppo, method qlora, checkpointing on, merge and bf16fwd None (the defaults)."""
     m = ROW.match(row)
     if row in ("empty", "trl019-lora"):
-        return {"stage": row, "method": "lora", "ckpt": False, "merge": None}
+        return {"stage": row, "method": "lora", "ckpt": False, "merge": None, "bf16fwd": None}
     merge = {None: None, "-merge": True, "-nomerge": False}[m.group(5)]
-    return {"stage": m.group(2), "method": m.group(3), "ckpt": bool(m.group(4)), "merge": merge}
+    bf16fwd = {None: None, "-bf16fwd": True, "-nobf16fwd": False}[m.group(6)]
+    return {"stage": m.group(2), "method": m.group(3), "ckpt": bool(m.group(4)), "merge": merge, "bf16fwd": bf16fwd}
 
 
 def peak_rss_mib() -> float:
@@ -243,6 +254,7 @@ def child_trainer_stage(a: argparse.Namespace, row: dict, model_dir: Path, work:
     """SFT or reward: the stage's own ``run`` on synthetic rows of exactly prompt + new tokens."""
     from rlhf.core.data import write_jsonl
     from rlhf.core.formatting import encode_prompt_reply
+    from rlhf.core.hooks import with_trainer_callbacks
     from rlhf.core.models import load_tokenizer
 
     tokenizer = load_tokenizer(str(model_dir))
@@ -263,13 +275,13 @@ def child_trainer_stage(a: argparse.Namespace, row: dict, model_dir: Path, work:
     write_jsonl(work / "train.jsonl", rows)
     timer = StepTimer()
     started = time.perf_counter()
-    run(values={"model_name_or_path": str(model_dir), "peft_method": peft_method(row["method"]),
-                "torch_dtype": a.dtype, "bf16": a.dtype == "bfloat16", "train_file": str(work / "train.jsonl"),
-                "validation_size": 0, "test_size": 0, "validation_file": None, "test_file": None,
-                "output_dir": str(work / "run"), "seed": 0, "max_steps": a.steps, "per_device_train_batch_size": b,
-                "save_strategy": "no", "eval_strategy": "no", "load_best_model_at_end": False, "disable_tqdm": True,
-                "logging_steps": 1, "gradient_checkpointing": row["ckpt"], **extra},
-        callbacks=[timer])
+    run({"model_name_or_path": str(model_dir), "peft_method": peft_method(row["method"]),
+         "torch_dtype": a.dtype, "bf16": a.dtype == "bfloat16", "train_file": str(work / "train.jsonl"),
+         "validation_size": 0, "test_size": 0, "validation_file": None, "test_file": None,
+         "output_dir": str(work / "run"), "seed": 0, "max_steps": a.steps, "per_device_train_batch_size": b,
+         "save_strategy": "no", "eval_strategy": "no", "load_best_model_at_end": False, "disable_tqdm": True,
+         "logging_steps": 1, "gradient_checkpointing": row["ckpt"], **extra},
+        with_trainer_callbacks(timer))
     return {"step_seconds": timer.seconds, "run_seconds": time.perf_counter() - started}
 
 
@@ -306,6 +318,7 @@ def child_ppo(a: argparse.Namespace, row: dict, model_dir: Path, work: Path) -> 
     force_reply_length()
     tokenizer = load_tokenizer(str(model_dir / "sft"))
     merge = {} if row["merge"] is None else {"merge_for_generation": row["merge"]}
+    merge.update({} if row["bf16fwd"] is None else {"bf16_forwards": row["bf16fwd"]})
     args = PPOArguments(sft_model=str(model_dir / "sft"), reward_model=str(model_dir / "reward"),
                         output_dir=str(work / "ppo"), seed=0, max_steps=a.steps, batch_size=a.batch_size,
                         mini_batch_size=a.batch_size, gradient_checkpointing=row["ckpt"], **merge)
@@ -329,7 +342,8 @@ def child_ppo(a: argparse.Namespace, row: dict, model_dir: Path, work: Path) -> 
                  f"{phases['score'][-1]:.1f}, update {phases['update'][-1]:.1f})")
     return {"step_seconds": steps, "phase_seconds": phases, "load_seconds": load_seconds,
             "reply_lengths": lengths, "merge_for_generation": args.merge_for_generation,
-            "merged": trainer.roles.merge_backup is not None}
+            "merged": trainer.roles.merge_backup is not None,
+            "bf16_forwards": trainer.registry.compute_dtype is not None}
 
 
 def child_trl019(a: argparse.Namespace, row: dict, model_dir: Path, work: Path) -> dict:
@@ -555,6 +569,17 @@ def build_table(a: argparse.Namespace, results: dict[str, dict]) -> tuple[str, l
         g_on, g_off = _last(on["phase_seconds"]["generate"]), _last(off["phase_seconds"]["generate"])
         ratios.append(("rollout seconds, merge on / off", g_on / g_off, ""))
         ratios.append(("peak, merge on / off", on["peak_rss_mib"] / off["peak_rss_mib"], ""))
+
+    def find(row):
+        return results.get(f"{row}/rlhf") or next((v for k, v in results.items() if k.startswith(f"{row}/")), None)
+
+    for ck in ("", "-ckpt"):  # bf16_forwards forced on, or the default where it was on, against off
+        on, off = find(f"ppo-lora{ck}-bf16fwd"), find(f"ppo-lora{ck}-nobf16fwd")
+        default = find(f"ppo-lora{ck}")
+        on = on or (default if default and default.get("bf16_forwards") else None)
+        if on and off:
+            ratios.append((f"PPO peak, bf16 forwards on / off, lora{ck}", on["peak_rss_mib"] / off["peak_rss_mib"],
+                           "< 1"))
     if ratios:
         lines += ["", "| ratio | value | goal |", "|---|---:|---|"]
         lines += [f"| {name} | {value:.2f} | {goal} |" for name, value, goal in ratios]

@@ -243,6 +243,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     from rlhf.core.models import load_tokenizer
     from rlhf.core.stage import trainer_defaults
+    from rlhf.core.hooks import with_trainer_callbacks
     from sft.train import run, tokenize_sft_rows
 
     model_path = resolve_model_path(args.model)
@@ -286,7 +287,7 @@ def main(argv: list[str] | None = None) -> dict:
             "disable_tqdm": True,
             **overrides,
         }
-        run(values=values, callbacks=[timer])
+        run(values, with_trainer_callbacks(timer))
         load_avg = os.getloadavg()[0]
 
     ceiling_after = gemm_ceiling(shapes, dtype)

@@ -6,9 +6,10 @@
 
 Each method runs in its own process (its peak RSS is its own) from ``--sft`` and ``--reward`` (made
 with configs/sft.yaml and configs/reward.yaml when missing), with its demo config and a generous
-max_steps, and stops training once ``--budget_seconds`` of training have passed (model loading and
-the final evaluation are not counted): TRL stages by a TrainerCallback that ends training, PPO by
-stopping at its next checkpoint (save_steps 1) and finishing from it (``--resume --max_steps <step>``).
+max_steps, and stops training once ``--budget_seconds`` of training have passed (model loading, the
+first step and the final evaluation are not counted): a StageHooks that hears every step's log
+(logging_steps 1) raises StopTraining, and the stage writes a checkpoint there and finishes from it
+as after its last step, whichever its training loop (TRL's Trainer or PPO's own).
 The learning-rate schedules are each config's own over its max_steps, so a budget cut leaves them
 part-way: the comparison is "what each method reaches in this much time", not "at convergence".
 
@@ -33,8 +34,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-METHODS = ("ppo", "dpo", "grpo", "rloo")
-MODULES = {"ppo": "rlhf.ppo.trainer", "dpo": "rlhf.methods.dpo", "grpo": "rlhf.methods.grpo", "rloo": "rlhf.methods.rloo"}
+from rlhf.app.stages import METHODS  # noqa: E402  (ppo, dpo, grpo, rloo: the registry's alignment stages)
+
 HELDOUT = "data/demo/prompts_heldout.jsonl"
 
 
@@ -43,53 +44,37 @@ HELDOUT = "data/demo/prompts_heldout.jsonl"
 # ----------------------------------------------------------------------------------------------
 
 
-def child(method: str, argv: list[str], budget: float, report: str) -> None:
+def child(method: str, config: dict, budget: float, report: str) -> None:
     """Train ``method`` for at most ``budget`` seconds of training; write wall time and peak RSS to ``report``."""
-    import importlib
+    from rlhf.app.stages import run_stage
+    from rlhf.core.hooks import StageHooks, StopTraining
+
+    class Budget(StageHooks):
+        """Ends training at the first step that ends ``budget`` seconds after the first one ended."""
+
+        start: float | None = None
+
+        def on_log(self, step: int, logs: dict) -> None:
+            if "loss" not in logs and "score" not in logs:  # evaluations and the final summary log too
+                return
+            now = time.time()
+            self.start = self.start or now  # setup and the first step (compilation, caches) excluded
+            if now - self.start >= budget:
+                raise StopTraining(f"{budget:.0f} s of training")
 
     started = time.time()
-    run = importlib.import_module(MODULES[method]).run
-    if method == "ppo":
-        class OverBudget(Exception):
-            pass
-
-        clock: dict[str, float] = {}
-
-        def stop_when_over(step: int) -> None:
-            clock.setdefault("start", time.time())  # from the first checkpoint on: setup excluded
-            clock["step"] = step
-            if time.time() - clock["start"] >= budget:
-                raise OverBudget()
-
-        try:
-            run(argv + ["--save_steps", "1"], on_checkpoint=stop_when_over)
-        except OverBudget:
-            # Its checkpoint is complete: finish from it with max_steps = that step (evaluation, outputs).
-            run(argv + ["--save_steps", "1", "--resume", "--max_steps", str(clock["step"])])
-    else:
-        from transformers import TrainerCallback
-
-        class Budget(TrainerCallback):
-            def on_train_begin(self, args, state, control, **kwargs):
-                self.start = time.time()
-
-            def on_step_end(self, args, state, control, **kwargs):
-                if time.time() - self.start >= budget:
-                    control.should_training_stop = True
-                    control.should_save = True  # the run ends at a checkpoint like any other
-
-        run(argv, callbacks=[Budget()])
+    run_stage(method, {**config, "logging_steps": 1}, Budget())
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # kB on Linux
     Path(report).write_text(json.dumps({"wall_seconds": time.time() - started, "peak_rss_bytes": peak}))
 
 
-def run_method(method: str, argv: list[str], budget: float, out: Path) -> dict:
+def run_method(method: str, config: dict, budget: float, out: Path) -> dict:
     report = out / f"{method}.process.json"
     if (out / method / "metrics.json").exists() and report.exists():
         print(f"{method}: finished run in {out / method}, kept")
         return json.loads(report.read_text())
     code = (f"import sys; sys.path.insert(0, {str(REPO)!r}); from experiments.compare_methods import child; "
-            f"child({method!r}, {argv!r}, {budget!r}, {str(report)!r})")
+            f"child({method!r}, {config!r}, {budget!r}, {str(report)!r})")
     print(f"{method}: training for {budget:.0f} s ...", flush=True)
     subprocess.run([sys.executable, "-c", code], cwd=REPO, check=True)
     return json.loads(report.read_text())
@@ -100,41 +85,35 @@ def run_method(method: str, argv: list[str], budget: float, out: Path) -> dict:
 # ----------------------------------------------------------------------------------------------
 
 
-def quick_setup(out: Path) -> tuple[Path, Path, dict[str, list[str]]]:
+def quick_setup(out: Path) -> tuple[Path, Path, dict[str, dict]]:
     """A tiny random model, tiny SFT and reward runs, and each method's tiny config."""
+    from rlhf.app.stages import run_stage
     from rlhf.demo.tiny_model import make_tiny_model_dir
-
-    from reward.train import run as run_reward
-    from sft.train import run as run_sft
 
     model = out / "tiny_model"
     if not (model / "config.json").exists():
         make_tiny_model_dir(model)
     sft, reward = out / "sft", out / "reward"
-    if not (sft / "metrics.json").exists():
-        run_sft(["--config", "configs/tiny/sft.yaml", "--model_name_or_path", str(model), "--output_dir", str(sft),
-                 "--overwrite_output_dir", "true"])
-    if not (reward / "metrics.json").exists():
-        run_reward(["--config", "configs/tiny/reward.yaml", "--model_name_or_path", str(model), "--output_dir",
-                    str(reward), "--overwrite_output_dir", "true"])
-    configs = {m: ["--config", f"configs/tiny/{m}.yaml", "--max_steps", "200"] for m in METHODS}
-    configs["ppo"] += ["--eval_prompts", "4"]
+    for stage, run_dir in (("sft", sft), ("reward", reward)):
+        if not (run_dir / "metrics.json").exists():
+            run_stage(stage, {"config": f"configs/tiny/{stage}.yaml", "model_name_or_path": str(model),
+                              "output_dir": str(run_dir), "overwrite_output_dir": True})
+    configs = {m: {"config": f"configs/tiny/{m}.yaml", "max_steps": 200} for m in METHODS}
+    configs["ppo"]["eval_prompts"] = 4
     return sft, reward, configs
 
 
-def demo_setup(sft: Path, reward: Path) -> dict[str, list[str]]:
-    from reward.train import run as run_reward
-    from sft.train import run as run_sft
+def demo_setup(sft: Path, reward: Path) -> dict[str, dict]:
+    from rlhf.app.stages import run_stage
 
-    if not (sft / "metrics.json").exists():
-        run_sft(["--config", "configs/sft.yaml", "--output_dir", str(sft)])
-    if not (reward / "metrics.json").exists():
-        run_reward(["--config", "configs/reward.yaml", "--output_dir", str(reward)])
+    for stage, run_dir in (("sft", sft), ("reward", reward)):
+        if not (run_dir / "metrics.json").exists():
+            run_stage(stage, {"config": f"configs/{stage}.yaml", "output_dir": str(run_dir)})
     # Generous step counts: the budget ends each run. DPO: epochs over the pairs until then.
-    return {"ppo": ["--config", "configs/ppo.yaml", "--max_steps", "1000"],
-            "dpo": ["--config", "configs/dpo.yaml", "--num_train_epochs", "50", "--early_stopping_patience", "null"],
-            "grpo": ["--config", "configs/grpo.yaml", "--max_steps", "1000"],
-            "rloo": ["--config", "configs/rloo.yaml", "--max_steps", "1000"]}
+    return {"ppo": {"config": "configs/ppo.yaml", "max_steps": 1000},
+            "dpo": {"config": "configs/dpo.yaml", "num_train_epochs": 50, "early_stopping_patience": None},
+            "grpo": {"config": "configs/grpo.yaml", "max_steps": 1000},
+            "rloo": {"config": "configs/rloo.yaml", "max_steps": 1000}}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -196,9 +175,8 @@ def main(argv: list[str] | None = None) -> int:
         configs = demo_setup(sft, reward)
     processes = {}
     for method in methods:
-        argv = configs[method] + ["--sft_model", str(sft), "--reward_model", str(reward),
-                                  "--output_dir", str(out / method)]
-        processes[method] = run_method(method, argv, budget, out)
+        config = {**configs[method], "sft_model": str(sft), "reward_model": str(reward), "output_dir": str(out / method)}
+        processes[method] = run_method(method, config, budget, out)
 
     from rlhf.app.cli import main as rlhf_main
 

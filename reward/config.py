@@ -14,6 +14,10 @@ class RewardStageArguments(TrainerStageArguments):
 
     calibration_bins: int = 10
     """Bins of the calibration plot (predicted P(chosen) against observed frequency)."""
+    warm_start: str | None = None
+    """An earlier reward stage output with the same base and adapter settings: this run's adapter and
+    score head start from its weights instead of fresh ones (labeling rounds retrain the reward model
+    so); a resumed run continues from its checkpoint instead. null = a fresh adapter."""
 
     def __post_init__(self) -> None:
         super().__post_init__()

@@ -6,10 +6,35 @@
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from pathlib import Path
 
-
 from rlhf.core.scoring import score_replies
+
+
+@dataclass
+class ScoreArguments:
+    """Settings of ``rlhf reward score``."""
+
+    model: str
+    """A reward stage output directory."""
+    input: str
+    """Rows with a prompt and a response (or completion): .jsonl, .json, .csv, .parquet."""
+    out: str
+    """Where to write the rows, each with a 'score' field added (JSONL)."""
+    batch_size: int = 16
+    """Sequences per forward pass."""
+
+
+def score_command(argv: list[str]) -> int:
+    """``rlhf reward score --model <reward run> --input <rows> --out <jsonl>``."""
+    from rlhf.core.config import build_config
+
+    (args,), _ = build_config([ScoreArguments], argv, prog="rlhf reward score",
+                              description="Score prompt/response rows with a trained reward model.")
+    n = score_file(args.model, args.input, args.out, args.batch_size)
+    print(f"scored {n} rows -> {args.out}")
+    return 0
 
 
 def pair_metrics(chosen: list[float], rejected: list[float], bins: int = 10) -> dict:

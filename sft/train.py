@@ -11,11 +11,13 @@ import math
 from typing import Any
 
 from rlhf.core.formatting import encode_prompt_reply
+from rlhf.core.hooks import StageHooks
 from rlhf.core.models import load_tokenizer
 from rlhf.core.stage import (StageRun, TrainerStageArguments, build_stage_model, finish_stage, make_trainer, parse_stage,
                         train_with_resume)
 
 logger = logging.getLogger(__name__)
+DESCRIPTION = "Supervised fine-tuning: TRL SFTTrainer, loss on completion tokens only, early stopping."
 
 
 def tokenize_sft_rows(tokenizer, rows: list[dict]) -> dict[str, list]:
@@ -35,12 +37,18 @@ def tokenize_sft_rows(tokenizer, rows: list[dict]) -> dict[str, list]:
     return {"input_ids": input_ids, "completion_mask": completion_mask}
 
 
-def run(argv: list[str] | None = None, values: dict[str, Any] | None = None, callbacks: list | None = None) -> dict:
-    """Run the SFT stage; returns its metrics. ``callbacks`` are extra TrainerCallbacks."""
+def run(config: dict[str, Any] | None = None, hooks: StageHooks | None = None, *,
+        argv: list[str] | None = None) -> dict:
+    """Run the SFT stage; returns its metrics.
+
+    ``config``: keys as in the YAML (``{"config": "configs/sft.yaml", "learning_rate": 1e-4}``);
+    ``argv``: command-line tokens, which win; ``hooks`` hear evaluations and checkpoints.
+    """
     from datasets import Dataset
     from trl import SFTConfig, SFTTrainer
 
-    stage: StageRun = parse_stage(TrainerStageArguments, SFTConfig, argv, values,
+    stage: StageRun = parse_stage(TrainerStageArguments, SFTConfig, config, argv=argv, prog="rlhf sft",
+                                  description=DESCRIPTION,
                                   defaults={"completion_only_loss": True, "learning_rate": 2e-4})
     splits = stage.data_args.load("sft")  # validates every row before anything is written
     tokenizer = load_tokenizer(stage.model_args.model_name_or_path, stage.model_args.trust_remote_code)
@@ -50,7 +58,7 @@ def run(argv: list[str] | None = None, values: dict[str, Any] | None = None, cal
         checkpoint = stage.prepare()
 
         model, _ = build_stage_model(stage, "causal-lm")
-        trainer = make_trainer(stage, SFTTrainer, model, tokenizer, data, callbacks)
+        trainer = make_trainer(stage, SFTTrainer, model, tokenizer, data, hooks)
         metrics: dict[str, Any] = train_with_resume(trainer, checkpoint)
         metrics.update(stage.parameter_counts, train_rows=len(splits["train"]))
         for name in ("validation", "test"):

@@ -46,8 +46,8 @@ def runs(tiny_model_dir, tmp_path_factory):
     common = ["--model_name_or_path", str(tiny_model_dir), "--validation_size", "0", "--test_size", "0",
               "--max_steps", "2", "--warmup_steps", "0", "--learning_rate", "2e-2", "--lora_r", "4",
               "--lora_alpha", "8", "--per_device_train_batch_size", "4"]
-    sft_run(common + ["--train_file", str(root / "sft.jsonl"), "--output_dir", str(root / "sft")])
-    reward_run(common + ["--train_file", str(root / "prefs.jsonl"), "--output_dir", str(root / "reward")])
+    sft_run(argv=common + ["--train_file", str(root / "sft.jsonl"), "--output_dir", str(root / "sft")])
+    reward_run(argv=common + ["--train_file", str(root / "prefs.jsonl"), "--output_dir", str(root / "reward")])
     return root / "sft", root / "reward"
 
 

@@ -152,10 +152,10 @@ def test_a_planted_canary_is_found_after_training_and_not_before(tiny_model_dir,
     assert main(["data", "scan", str(src), "--canaries", "1", "--canary_unseen", "4", "--canary_repeats", "8",
                  "--canary_format", WORD_FORMAT, "--canary_alphabet", WORD_ALPHABET, "--out", str(copy)]) == 0
     # Trained hard (full fine-tuning, lr 1e-2, 60 steps of 4 rows: 8 epochs) on the copy with the canary.
-    sft_run(["--config", str(REPO / "configs/tiny/sft.yaml"), "--model_name_or_path", str(tiny_model_dir),
-             "--train_file", str(copy), "--validation_file", "null", "--test_file", "null", "--validation_size", "0",
-             "--test_size", "0", "--peft_method", "full", "--learning_rate", "1e-2", "--max_steps", "60",
-             "--eval_steps", "1000", "--save_steps", "1000", "--logging_steps", "20", "--output_dir", str(tmp_path / "sft")])
+    sft_run(argv=["--config", str(REPO / "configs/tiny/sft.yaml"), "--model_name_or_path", str(tiny_model_dir),
+                  "--train_file", str(copy), "--validation_file", "null", "--test_file", "null", "--validation_size", "0",
+                  "--test_size", "0", "--peft_method", "full", "--learning_rate", "1e-2", "--max_steps", "60",
+                  "--eval_steps", "1000", "--save_steps", "1000", "--logging_steps", "20", "--output_dir", str(tmp_path / "sft")])
     out = tmp_path / "eval"
     argv = ["eval", "canaries", "--runs", str(tiny_model_dir), str(tmp_path / "sft"), "--canaries",
             str(sidecar_path(copy)), "--out", str(out), "--candidates", "200"]

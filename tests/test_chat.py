@@ -126,7 +126,7 @@ def test_old_turns_are_dropped_to_fit_the_context(tiny_model_dir):
 @pytest.mark.slow
 def test_rlhf_chat_over_a_pipe(adapter_run):
     env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1"}
-    done = subprocess.run([sys.executable, "-m", "rlhf.app.cli", "chat", str(adapter_run), "--greedy", "--max_new_tokens", "6"],
+    done = subprocess.run([sys.executable, "-m", "rlhf.app.cli", "chat", str(adapter_run), "--do_sample", "false", "--max_new_tokens", "6"],
                           input="describe the river\n/exit\n", capture_output=True, text=True, env=env, timeout=300)
     assert done.returncode == 0, done.stderr
     assert "you> assistant> " in done.stdout and done.stdout.count("you> ") == 2

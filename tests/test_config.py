@@ -26,8 +26,8 @@ def write_yaml(path, text: str):
 def test_precedence_defaults_yaml_values_command_line(tmp_path):
     config = write_yaml(tmp_path / "c.yaml", "learning_rate: 1.0e-4\nlora_r: 8\nlogging_steps: 2\nmax_steps: 7\n"
                                              f"output_dir: {tmp_path / 'out'}\n")
-    stage = parse_stage(TrainerStageArguments, sft_config(), ["--config", config, "--learning_rate", "3e-3"],
-                        values={"lora_r": 2, "max_steps": 9}, defaults={"learning_rate": 2e-4})
+    stage = parse_stage(TrainerStageArguments, sft_config(), {"lora_r": 2, "max_steps": 9},
+                        argv=["--config", config, "--learning_rate", "3e-3"], defaults={"learning_rate": 2e-4})
     args = stage.training_args
     assert args.learning_rate == 3e-3  # command line beats YAML
     assert stage.model_args.lora_r == 2 and args.max_steps == 9  # values beat YAML
@@ -37,7 +37,7 @@ def test_precedence_defaults_yaml_values_command_line(tmp_path):
     assert stage.given["learning_rate"] == 3e-3 and stage.given["lora_r"] == 2
     assert stage.run.final == tmp_path / "out"
 
-    plain = parse_stage(TrainerStageArguments, sft_config(), [], defaults={"learning_rate": 2e-4})
+    plain = parse_stage(TrainerStageArguments, sft_config(), argv=[], defaults={"learning_rate": 2e-4})
     assert plain.training_args.learning_rate == 2e-4  # the stage's own default beats TRL's
 
 
@@ -79,9 +79,9 @@ def test_bools(text, expected):
 
 
 def test_resume_is_a_bare_flag(tmp_path):
-    stage = parse_stage(TrainerStageArguments, sft_config(), ["--output_dir", str(tmp_path / "o"), "--resume"])
+    stage = parse_stage(TrainerStageArguments, sft_config(), argv=["--output_dir", str(tmp_path / "o"), "--resume"])
     assert stage.resume is True and stage.overwrite is False
-    stage = parse_stage(TrainerStageArguments, sft_config(), ["--output_dir", str(tmp_path / "o"),
+    stage = parse_stage(TrainerStageArguments, sft_config(), argv=["--output_dir", str(tmp_path / "o"),
                                                                 "--resume", "false", "--overwrite_output_dir"])
     assert stage.resume is False and stage.overwrite is True
 
@@ -89,8 +89,16 @@ def test_resume_is_a_bare_flag(tmp_path):
 def test_parse_overrides():
     assert parse_overrides(["--config", "a.yaml", "--lr", "1e-4", "--resume", "--x=1", "--dash-key", "v"]) == (
         {"lr": "1e-4", "resume": "true", "x": "1", "dash_key": "v"}, "a.yaml")
-    with pytest.raises(UserError, match="expected --key value, found '2'"):
-        parse_overrides(["--lr", "1", "2", "stray"])
+    # Several values make a list (for list keys such as rlhf eval's --runs); so does a repeated key.
+    assert parse_overrides(["--runs", "a", "b", "--model", "x", "--model", "y"]) == (
+        {"runs": ["a", "b"], "model": ["x", "y"]}, None)
+    with pytest.raises(UserError, match="key 'learning_rate': expected one float, found 2 values: 1 2"):
+        build_config([sft_config()], ["--learning_rate", "1", "2"])
+    with pytest.raises(UserError, match="expected --key value, found 'stray'"):
+        parse_overrides(["stray", "--lr", "1"])
+    # A positional shortcut fills its key: rlhf export runs/ppo = rlhf export --model runs/ppo.
+    assert parse_overrides(["runs/ppo", "--out", "x"], positional=("model",)) == (
+        {"model": "runs/ppo", "out": "x"}, None)
 
 
 def test_config_file_errors(tmp_path):
@@ -107,14 +115,14 @@ def test_resolved_config_reloads_to_the_same_values(tmp_path):
             "--bf16", "false", "--max_train_samples", "null", "--validation_size", "0.25", "--test_size", "3",
             "--max_steps", "12", "--early_stopping_patience", "null", "--peft_method", "ia3", "--resume",
             "--train_file", "data/x.jsonl", "--max_length", "64"]
-    first = parse_stage(TrainerStageArguments, sft_config(), argv)
+    first = parse_stage(TrainerStageArguments, sft_config(), argv=argv)
     save_resolved_config(tmp_path / "config.yaml", [first.model_args, first.data_args, first.stage_args], first.given)
 
     saved = yaml.safe_load((tmp_path / "config.yaml").read_text())
     assert "resume" not in saved  # resuming is an action, not a setting of the run
     assert saved["lora_target_modules"] == ["q_proj", "v_proj"] and saved["learning_rate"] == 3e-4
 
-    again = parse_stage(TrainerStageArguments, sft_config(), ["--config", str(tmp_path / "config.yaml")])
+    again = parse_stage(TrainerStageArguments, sft_config(), argv=["--config", str(tmp_path / "config.yaml")])
     assert again.model_args == first.model_args
     assert again.data_args == first.data_args
     assert again.stage_args == first.stage_args
@@ -147,7 +155,7 @@ def test_help_lists_every_key_with_its_default_and_help_text(flag, capsys):
 
 def test_help_of_a_trainer_stage_shows_trl_help_and_our_defaults(capsys):
     with pytest.raises(SystemExit):
-        parse_stage(TrainerStageArguments, sft_config(), ["--help"], defaults={"learning_rate": 2e-4})
+        parse_stage(TrainerStageArguments, sft_config(), argv=["--help"], defaults={"learning_rate": 2e-4})
     out = capsys.readouterr().out
     assert "  --learning_rate (float, default: 0.0002)\n      The initial learning rate" in out  # TRL's metadata
     assert "  --early_stopping_patience (int, default: 3)\n      Stop after" in out
@@ -208,8 +216,8 @@ def test_range_is_checked_where_the_value_came_from(tmp_path):
     config = write_yaml(tmp_path / "c.yaml", "per_device_train_batch_size: 0\n")
     with pytest.raises(UserError, match=r"c.yaml: key 'per_device_train_batch_size': expected an integer >= 1, "
                                         r"found 0$"):
-        parse_stage(TrainerStageArguments, sft_config(), ["--config", config])
-    stage = parse_stage(TrainerStageArguments, sft_config(), ["--max_steps", "-1", "--num_train_epochs", "0.5"])
+        parse_stage(TrainerStageArguments, sft_config(), argv=["--config", config])
+    stage = parse_stage(TrainerStageArguments, sft_config(), argv=["--max_steps", "-1", "--num_train_epochs", "0.5"])
     assert stage.training_args.max_steps == -1 and stage.training_args.num_train_epochs == 0.5
 
 

@@ -48,14 +48,14 @@ def stage_outputs(tiny_model_dir, tmp_path_factory):
 
     out = tmp_path_factory.mktemp("dist")
     common = ["--model_name_or_path", str(tiny_model_dir)]
-    run_sft(["--config", str(TINY / "sft.yaml"), *common, "--output_dir", str(out / "sft"),
-             "--train_file", str(ROOT / "data/demo/sft_train.jsonl"),
-             "--validation_file", str(ROOT / "data/demo/sft_validation.jsonl"),
-             "--test_file", str(ROOT / "data/demo/sft_test.jsonl")])
-    run_reward(["--config", str(TINY / "reward.yaml"), *common, "--output_dir", str(out / "reward"),
-                "--train_file", str(ROOT / "data/demo/prefs_train.jsonl"),
-                "--validation_file", str(ROOT / "data/demo/prefs_validation.jsonl"),
-                "--test_file", str(ROOT / "data/demo/prefs_test.jsonl")])
+    run_sft(argv=["--config", str(TINY / "sft.yaml"), *common, "--output_dir", str(out / "sft"),
+                  "--train_file", str(ROOT / "data/demo/sft_train.jsonl"),
+                  "--validation_file", str(ROOT / "data/demo/sft_validation.jsonl"),
+                  "--test_file", str(ROOT / "data/demo/sft_test.jsonl")])
+    run_reward(argv=["--config", str(TINY / "reward.yaml"), *common, "--output_dir", str(out / "reward"),
+                     "--train_file", str(ROOT / "data/demo/prefs_train.jsonl"),
+                     "--validation_file", str(ROOT / "data/demo/prefs_validation.jsonl"),
+                     "--test_file", str(ROOT / "data/demo/prefs_test.jsonl")])
     return out
 
 
@@ -160,8 +160,13 @@ def test_two_process_ppo_resumes_with_the_same_number_of_processes(stage_outputs
     killer = tmp_path / "ppo_killed_at_step_2.py"
     killer.write_text(
         "import os, sys\n"
+        "from rlhf.core.hooks import StageHooks\n"
         "from rlhf.ppo.trainer import run\n"
-        "run(sys.argv[1:], on_checkpoint=lambda step: os._exit(137) if step == 2 else None)\n"
+        "class Die(StageHooks):\n"
+        "    def on_checkpoint(self, step, path):\n"
+        "        if step == 2:\n"
+        "            os._exit(137)\n"
+        "run(argv=sys.argv[1:], hooks=Die())\n"
     )
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
            str(killer), *ppo_args(stage_outputs, resumed, batch_size=2), *sampling]
@@ -252,12 +257,13 @@ def test_two_process_ppo_stops_together_on_a_nan_found_by_one_process(stage_outp
         "    return roles\n"
         "ppo.build_roles = keep\n"
         "rank = int(os.environ['RANK'])\n"
-        "def poison(step):\n"
-        "    if step == 2 and rank == 1:\n"
-        "        with torch.no_grad():\n"
-        "            built[0].heads['reward'].weight.fill_(float('nan'))\n"
+        "class Poison(ppo.StageHooks):\n"
+        "    def on_checkpoint(self, step, path):\n"
+        "        if step == 2 and rank == 1:\n"
+        "            with torch.no_grad():\n"
+        "                built[0].heads['reward'].weight.fill_(float('nan'))\n"
         "try:\n"
-        "    ppo.run(sys.argv[1:], on_checkpoint=poison)\n"
+        "    ppo.run(argv=sys.argv[1:], hooks=Poison())\n"
         "except ppo.NonFiniteError as error:\n"
         "    print(f'process {rank} stopped: {error}', flush=True)\n"
         "    sys.exit(3)\n"

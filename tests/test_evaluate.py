@@ -138,10 +138,10 @@ def runs(tiny_model_dir, tmp_path_factory) -> dict[str, Path]:
     write_jsonl(root / "prompts.jsonl", [{"prompt": f"write a short review of the {w}"} for w in THINGS])
     write_jsonl(root / "sft.jsonl", [{"prompt": f"write a short review of the {w}", "completion": f"the {w} is good ."}
                                      for w in THINGS * 2])
-    sft_run(["--config", str(REPO / "configs/tiny/sft.yaml"), "--model_name_or_path", str(tiny_model_dir),
-             "--train_file", str(root / "sft.jsonl"), "--validation_file", "null", "--test_file", "null",
-             "--validation_size", "4", "--test_size", "0", "--max_steps", "2", "--eval_steps", "2",
-             "--output_dir", str(root / "sft")])
+    sft_run(argv=["--config", str(REPO / "configs/tiny/sft.yaml"), "--model_name_or_path", str(tiny_model_dir),
+                  "--train_file", str(root / "sft.jsonl"), "--validation_file", "null", "--test_file", "null",
+                  "--validation_size", "4", "--test_size", "0", "--max_steps", "2", "--eval_steps", "2",
+                  "--output_dir", str(root / "sft")])
     (root / "my_judges.py").write_text(JUDGE_FILE)
     return {"root": root, "base": tiny_model_dir, "sharp": sharp, "sft": root / "sft", "prompts": root / "prompts.jsonl",
             "judge": root / "my_judges.py"}

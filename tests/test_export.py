@@ -27,10 +27,10 @@ PROMPTS = ["write a short review of the tea", "describe the river", "what do you
 def _tiny_sft(model_dir: Path, out: Path, *extra: str) -> Path:
     from sft.train import run
 
-    run(["--config", str(REPO / "configs/tiny/sft.yaml"), "--model_name_or_path", str(model_dir),
-         "--output_dir", str(out), "--train_file", str(REPO / "data/demo/sft_train.jsonl"),
-         "--validation_file", str(REPO / "data/demo/sft_validation.jsonl"),
-         "--test_file", str(REPO / "data/demo/sft_test.jsonl"), *extra])
+    run(argv=["--config", str(REPO / "configs/tiny/sft.yaml"), "--model_name_or_path", str(model_dir),
+              "--output_dir", str(out), "--train_file", str(REPO / "data/demo/sft_train.jsonl"),
+              "--validation_file", str(REPO / "data/demo/sft_validation.jsonl"),
+              "--test_file", str(REPO / "data/demo/sft_test.jsonl"), *extra])
     return out
 
 

@@ -73,7 +73,7 @@ _CHILD = textwrap.dedent(r'''
                 for k in range(b * spec["steps"])]
         assert len(encode_prompt_reply(tokenizer, "", rows[0]["text"])[0]) == s
         write_jsonl(work / "train.jsonl", rows)
-        run(values={**common, **trainer, "train_file": str(work / "train.jsonl"), "max_length": s})
+        run({**common, **trainer, "train_file": str(work / "train.jsonl"), "max_length": s})
     elif stage == "reward":
         from reward.train import run
 
@@ -83,7 +83,7 @@ _CHILD = textwrap.dedent(r'''
         assert len(encode_prompt_reply(tokenizer, prompt, chosen)[0]) == s
         rows = [{"prompt": prompt, "chosen": chosen, "rejected": rejected}] * (b * spec["steps"])
         write_jsonl(work / "train.jsonl", rows)
-        run(values={**common, **trainer, "train_file": str(work / "train.jsonl")})
+        run({**common, **trainer, "train_file": str(work / "train.jsonl")})
     elif stage == "ppo":
         import torch
         from peft import get_peft_model
@@ -115,11 +115,11 @@ _CHILD = textwrap.dedent(r'''
         assert len(encode_prompt(tokenizer, prompts[0])) == s
         write_jsonl(work / "prompts.jsonl", [{"prompt": p} for p in prompts])
         micro = spec["micro_batch_size"]
-        run(values={**common, "sft_model": str(work / "sft"), "reward_model": str(work / "reward"),
-                    "train_file": str(work / "prompts.jsonl"), "max_steps": spec["steps"], "batch_size": b,
-                    "mini_batch_size": b, "gradient_accumulation_steps": b // micro, "ppo_epochs": spec["ppo_epochs"],
-                    "max_new_tokens": spec["max_new_tokens"], "eval_prompts": 0, "save_steps": 1000,
-                    "gradient_checkpointing": spec["gradient_checkpointing"]})
+        run({**common, "sft_model": str(work / "sft"), "reward_model": str(work / "reward"),
+             "train_file": str(work / "prompts.jsonl"), "max_steps": spec["steps"], "batch_size": b,
+             "mini_batch_size": b, "gradient_accumulation_steps": b // micro, "ppo_epochs": spec["ppo_epochs"],
+             "max_new_tokens": spec["max_new_tokens"], "eval_prompts": 0, "save_steps": 1000,
+             "gradient_checkpointing": spec["gradient_checkpointing"]})
     print("PEAK_RSS_BYTES", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
 ''')
 

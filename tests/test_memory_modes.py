@@ -23,19 +23,19 @@ def test_all_stages_train_in_each_memory_mode_with_gradient_checkpointing(method
 
     common = ["--model_name_or_path", str(tiny_model_dir_4bit), "--peft_method", method, "--torch_dtype", dtype,
               "--gradient_checkpointing", "true", "--warmup_steps", "0"]
-    run_sft(["--config", str(TINY / "sft.yaml"), *common, "--output_dir", str(tmp_path / "sft"),
-             "--train_file", str(DATA / "sft_train.jsonl"), "--validation_file", str(DATA / "sft_validation.jsonl"),
-             "--test_file", str(DATA / "sft_test.jsonl")])
-    run_reward(["--config", str(TINY / "reward.yaml"), *common, "--output_dir", str(tmp_path / "reward"),
-                "--train_file", str(DATA / "prefs_train.jsonl"),
-                "--validation_file", str(DATA / "prefs_validation.jsonl"),
-                "--test_file", str(DATA / "prefs_test.jsonl")])
-    metrics = run_ppo(["--config", str(TINY / "ppo.yaml"), "--sft_model", str(tmp_path / "sft"),
-                       "--reward_model", str(tmp_path / "reward"), "--output_dir", str(tmp_path / "ppo"),
-                       "--peft_method", method, "--torch_dtype", dtype, "--gradient_checkpointing", "true",
-                       "--max_steps", "2",
-                       "--learning_rate", "1e-2", "--train_file", str(DATA / "prompts_train.jsonl"),
-                       "--test_file", str(DATA / "prompts_test.jsonl")])
+    run_sft(argv=["--config", str(TINY / "sft.yaml"), *common, "--output_dir", str(tmp_path / "sft"),
+                  "--train_file", str(DATA / "sft_train.jsonl"), "--validation_file", str(DATA / "sft_validation.jsonl"),
+                  "--test_file", str(DATA / "sft_test.jsonl")])
+    run_reward(argv=["--config", str(TINY / "reward.yaml"), *common, "--output_dir", str(tmp_path / "reward"),
+                     "--train_file", str(DATA / "prefs_train.jsonl"),
+                     "--validation_file", str(DATA / "prefs_validation.jsonl"),
+                     "--test_file", str(DATA / "prefs_test.jsonl")])
+    metrics = run_ppo(argv=["--config", str(TINY / "ppo.yaml"), "--sft_model", str(tmp_path / "sft"),
+                            "--reward_model", str(tmp_path / "reward"), "--output_dir", str(tmp_path / "ppo"),
+                            "--peft_method", method, "--torch_dtype", dtype, "--gradient_checkpointing", "true",
+                            "--max_steps", "2",
+                            "--learning_rate", "1e-2", "--train_file", str(DATA / "prompts_train.jsonl"),
+                            "--test_file", str(DATA / "prompts_test.jsonl")])
     assert all(torch.isfinite(torch.tensor(v)) for k, v in metrics.items()
                if k.startswith("final_") and isinstance(v, float) and k != "final_explained_variance")
     before = load_file(str(tmp_path / "sft" / "adapter_model.safetensors"))

@@ -16,6 +16,7 @@ import torch
 from transformers import TrainerCallback
 
 from rlhf.core.data import write_jsonl
+from rlhf.core.hooks import with_trainer_callbacks
 from test_resume import (adapter_tensors, assert_same, comparable_metrics, kill_after_the_step_2_checkpoint,
                          pref_rows, sft_rows)
 
@@ -40,8 +41,8 @@ def starts(tiny_model_dir, tmp_path_factory) -> dict[str, Path]:
     common = ["--model_name_or_path", str(tiny_model_dir), "--validation_size", "4", "--test_size", "4",
               "--max_steps", "2", "--save_steps", "2", "--eval_steps", "2", "--logging_steps", "1",
               "--per_device_train_batch_size", "4", "--learning_rate", "5e-3", "--lora_r", "4", "--lora_alpha", "8"]
-    run_sft(common + ["--train_file", str(files["sft"]), "--output_dir", str(root / "sft_run")])
-    run_reward(common + ["--train_file", str(files["prefs"]), "--output_dir", str(root / "reward_run")])
+    run_sft(argv=common + ["--train_file", str(files["sft"]), "--output_dir", str(root / "sft_run")])
+    run_reward(argv=common + ["--train_file", str(files["prefs"]), "--output_dir", str(root / "reward_run")])
     return {**files, "sft_run": root / "sft_run", "reward_run": root / "reward_run", "root": root}
 
 
@@ -64,7 +65,7 @@ def test_method_trains_resumes_and_generates(method, starts, tmp_path):
 
     run = importlib.import_module(f"rlhf.methods.{method}").run
     straight = tmp_path / "straight"
-    metrics = run(method_argv(method, starts, straight))
+    metrics = run(argv=method_argv(method, starts, straight))
     for name in RUN_FILES:
         assert (straight / name).exists(), name
     assert not (straight / "ref").exists() and not (straight / "reward").exists()  # only the policy adapter
@@ -87,7 +88,7 @@ def test_method_trains_resumes_and_generates(method, starts, tmp_path):
         def on_step_end(self, args, state, control, **kwargs):
             steps.append(state.global_step)
 
-    run(argv + ["--resume"], callbacks=[StepsSeen()])
+    run(argv=argv + ["--resume"], hooks=with_trainer_callbacks(StepsSeen()))
     assert steps == [3, 4]
     a, b = adapter_tensors(straight), adapter_tensors(resumed)
     for key in a:
@@ -125,7 +126,7 @@ def test_dpo_reference_is_the_sft_adapter(starts, tmp_path):
             model.train(was)
 
     argv = method_argv("dpo", starts, tmp_path / "dpo") + ["--max_steps", "2", "--eval_prompts", "0"]
-    metrics = run(argv, callbacks=[Probe()])
+    metrics = run(argv=argv, hooks=with_trainer_callbacks(Probe()))
     sft_model, _ = load_run(starts["sft_run"])
     with torch.no_grad():
         expected = sft_model(input_ids=ids).logits
@@ -195,5 +196,5 @@ def test_runs_that_cannot_share_a_base_are_refused_before_any_output(method, sta
     swapped = [{str(starts["sft_run"]): str(starts["reward_run"]),
                 str(starts["reward_run"]): str(starts["sft_run"])}.get(a, a) for a in argv]
     with pytest.raises(UserError, match="sft_model: expected an SFT stage output"):
-        run(swapped)
+        run(argv=swapped)
     assert not (tmp_path / "out").exists() and not (tmp_path / "out.tmp").exists()

@@ -13,6 +13,7 @@ import torch
 from transformers import TrainerCallback
 
 from rlhf.core.data import write_jsonl
+from rlhf.core.hooks import with_trainer_callbacks
 from rlhf.core.formatting import encode_prompt_reply
 from rlhf.core.generation import load_for_generation
 from rlhf.core.models import ModelArguments, build_peft_config, find_target_modules, load_base_model, load_tokenizer
@@ -63,12 +64,12 @@ def test_method_trains_saves_and_loads(method, sft_file, tiny_model_dir, tiny_mo
     ids, _ = encode_prompt_reply(tokenizer, "write a short review of the tea", "the tea is good .")
     recorder = Recorder(torch.tensor([ids]))
     out = tmp_path / method
-    metrics = run([
+    metrics = run(argv=[
         "--model_name_or_path", str(model_dir), "--train_file", str(sft_file), "--output_dir", str(out),
         "--peft_method", method, "--validation_size", "0", "--test_size", "0",
         "--max_steps", "1", "--warmup_steps", "0", "--per_device_train_batch_size", "4", "--learning_rate", "1e-2",
         "--lora_r", "4", "--lora_alpha", "8", "--num_virtual_tokens", "4", "--lora_dropout", "0",
-    ], callbacks=[recorder])
+    ], hooks=with_trainer_callbacks(recorder))
     assert metrics["peft_method"] == method
     assert 0 < metrics["trainable_parameters"] <= metrics["total_parameters"]
     if method == "full":

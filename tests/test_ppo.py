@@ -27,12 +27,14 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from safetensors.torch import load_file
 
 from rlhf.ppo import math as pm
 from rlhf.core.adapters import HEAD_FILE, read_score_head
 from rlhf.core.data import write_jsonl
 from rlhf.core.formatting import encode_prompt, encode_prompt_reply
+from rlhf.core.hooks import StageHooks
 
 REPO = Path(__file__).resolve().parents[1]
 THINGS = ["coffee", "tea", "pizza", "bread", "cheese", "apple", "mango", "pasta", "soup", "salad",
@@ -68,10 +70,10 @@ def pipeline(tiny_model_dir, tmp_path_factory) -> dict[str, Path]:
     common = ["--model_name_or_path", str(tiny_model_dir), "--validation_file", "null", "--test_file", "null",
               "--validation_size", "4", "--test_size", "0", "--max_steps", "2", "--eval_steps", "2",
               "--learning_rate", "5e-3"]
-    sft_run(["--config", str(REPO / "configs/tiny/sft.yaml"), "--train_file", str(files["sft"]),
-             "--output_dir", str(root / "sft"), *common])
-    reward_run(["--config", str(REPO / "configs/tiny/reward.yaml"), "--train_file", str(files["prefs"]),
-                "--output_dir", str(root / "reward"), *common])
+    sft_run(argv=["--config", str(REPO / "configs/tiny/sft.yaml"), "--train_file", str(files["sft"]),
+                  "--output_dir", str(root / "sft"), *common])
+    reward_run(argv=["--config", str(REPO / "configs/tiny/reward.yaml"), "--train_file", str(files["prefs"]),
+                     "--output_dir", str(root / "reward"), *common])
     return {"root": root, "model": tiny_model_dir, "sft": root / "sft", "reward": root / "reward",
             "prompts": files["prompts"], "prompts_test": files["prompts_test"]}
 
@@ -109,7 +111,7 @@ def make_trainer(pipeline: dict[str, Path], *extra: str, sft_model: Path | None 
     argv = ppo_argv(pipeline, pipeline["root"] / "unused", *extra)
     if sft_model is not None:
         argv += ["--sft_model", str(sft_model)]
-    model_args, data_args, args, sampling, _ = parse_ppo(argv)
+    model_args, data_args, args, sampling, _ = parse_ppo(argv=argv)
     prompts = [r["prompt"] for r in data_args.load("prompt")["train"]]
     registry, reference = build_roles(model_args, args, torch.device("cpu"))
     if edit_model is not None:
@@ -159,7 +161,7 @@ def straight_run(pipeline, tmp_path_factory):
     built = capture_registry(monkeypatch)
     out = tmp_path_factory.mktemp("ppo_straight") / "ppo"
     try:
-        run(ppo_argv(pipeline, out))
+        run(argv=ppo_argv(pipeline, out))
     finally:
         monkeypatch.undo()
     return out, built[0]
@@ -201,18 +203,28 @@ def test_smoke_trains_policy_and_value_only(pipeline, straight_run):
 
 # -- 2. kill and resume ---------------------------------------------------------------------------
 
+
+class OnCheckpoint(StageHooks):
+    """Hooks that call ``fn(step, path)`` after each checkpoint."""
+
+    def __init__(self, fn):
+        self.on_checkpoint = fn
+
+
 KILL_AT_STEP_2 = textwrap.dedent("""
     import os, sys
     import torch
     torch.set_num_threads(1)
+    from rlhf.core.hooks import StageHooks
     from rlhf.ppo.trainer import run
 
-    def die(step):
-        if step == 2:
-            os._exit(137)  # no cleanup, no finally blocks: what a kill -9 leaves behind
+    class Die(StageHooks):
+        def on_checkpoint(self, step, path):
+            if step == 2:
+                os._exit(137)  # no cleanup, no finally blocks: what a kill -9 leaves behind
 
-    run({argv!r}, on_checkpoint=die)
-    sys.exit(0)  # not reached when the callback fires
+    run(argv={argv!r}, hooks=Die())
+    sys.exit(0)  # not reached when the hook fires
 """)
 
 
@@ -234,7 +246,7 @@ def assert_killed_run_resumes_to(straight: Path, pipeline, tmp_path: Path, *extr
     assert not (work / "checkpoint-4").exists()
 
     steps_after_resume = []
-    run(argv + ["--resume"], on_checkpoint=steps_after_resume.append)
+    run(argv=argv + ["--resume"], hooks=OnCheckpoint(lambda step, path: steps_after_resume.append(step)))
     assert steps_after_resume == [4]  # continued from step 2, did not start over
     adapters = [sub for sub in (".", "value") if (straight / sub / "adapter_model.safetensors").exists()]
     assert "." in adapters
@@ -262,7 +274,7 @@ def test_killed_policy_head_run_resumes_to_the_same_result(pipeline, tmp_path):
     from rlhf.ppo.trainer import run
 
     straight = tmp_path / "straight" / "ppo"
-    run(ppo_argv(pipeline, straight, "--value_model", "policy_head"))
+    run(argv=ppo_argv(pipeline, straight, "--value_model", "policy_head"))
     assert not (straight / "value" / "adapter_model.safetensors").exists()  # a head, no adapter of its own
     (tmp_path / "resumed").mkdir()
     assert_killed_run_resumes_to(straight, pipeline, tmp_path / "resumed", "--value_model", "policy_head")
@@ -273,7 +285,7 @@ def test_killed_policy_head_run_resumes_to_the_same_result(pipeline, tmp_path):
     argv = ppo_argv(pipeline, killed / "ppo")
     subprocess.run([sys.executable, "-c", KILL_AT_STEP_2.format(argv=argv)], cwd=tmp_path, env=env, timeout=300)
     with pytest.raises(UserError, match="written with value_model critic; resume with the same, found policy_head"):
-        run(argv + ["--resume", "--value_model", "policy_head"])
+        run(argv=argv + ["--resume", "--value_model", "policy_head"])
 
 
 @pytest.mark.slow
@@ -295,6 +307,40 @@ def test_policy_head_value_loss_trains_the_policy_trunk(pipeline):
     assert grads["policy_head"][0] > 0.0
 
 
+@pytest.mark.slow
+def test_hooks_hear_the_loop_and_a_stop_ends_it_finished(pipeline, tmp_path):
+    """run({...}, hooks): every log and checkpoint of the loop and the final evaluation reach the hooks;
+    a StopTraining at step 3 of 4 writes checkpoint-3, evaluates and finishes the run there."""
+    from rlhf.core.hooks import StopTraining
+    from rlhf.ppo.trainer import run
+
+    class Recorder(StageHooks):
+        def __init__(self):
+            self.logs, self.checkpoints, self.evaluations = [], [], []
+
+        def on_log(self, step, logs):
+            self.logs.append(step)
+            if step == 3:
+                raise StopTraining("enough")
+
+        def on_checkpoint(self, step, path):
+            self.checkpoints.append((step, path.name, (path / "trainer_state.pt").exists()))
+
+        def on_evaluate(self, step, metrics):
+            self.evaluations.append((step, sorted(metrics)))
+
+    hooks = Recorder()
+    out = tmp_path / "ppo"
+    # The dict's keys over the YAML's; the command line's over both (max_steps 4 from the YAML).
+    metrics = run({"eval_prompts": 2, "logging_steps": 1}, hooks, argv=ppo_argv(pipeline, out))
+    assert hooks.logs == [1, 2, 3]
+    assert hooks.checkpoints == [(2, "checkpoint-2", True), (3, "checkpoint-3", True)]
+    ((step, keys),) = hooks.evaluations
+    assert step == 3 and "eval_policy_kl_to_reference" in keys
+    assert metrics["steps"] == 3 and (out / "adapter_model.safetensors").exists()
+    assert yaml.safe_load((out / "config.yaml").read_text())["eval_prompts"] == 2
+
+
 # -- 3. guard -------------------------------------------------------------------------------------
 
 
@@ -305,14 +351,14 @@ def test_non_finite_stops_and_keeps_last_checkpoint(pipeline, tmp_path, monkeypa
 
     built = capture_registry(monkeypatch)
 
-    def poison_reward_model(step):
+    def poison_reward_model(step, path):
         if step == 2:  # right after checkpoint-2 was written: step 3 scores NaN
             with torch.no_grad():
                 built[0].heads["reward"].weight.fill_(float("nan"))
 
     out = tmp_path / "ppo"
     with pytest.raises(NonFiniteError) as caught:
-        run(ppo_argv(pipeline, out, "--eval_prompts", "0"), on_checkpoint=poison_reward_model)
+        run(argv=ppo_argv(pipeline, out, "--eval_prompts", "0"), hooks=OnCheckpoint(poison_reward_model))
     checkpoint = out.with_name("ppo.tmp") / "checkpoint-2"
     message = str(caught.value)
     assert "non-finite" in message and str(checkpoint) in message and "step 3" in message
@@ -745,7 +791,7 @@ def test_adaptive_kl_horizon_is_relative_to_the_run(pipeline):
     assert trainer.kl_ctl.value < 0.5 * start
     assert make_trainer(pipeline, "--kl_horizon", "1000").kl_ctl.horizon == 1000
     with pytest.raises(UserError, match="key 'target_kl' was renamed 'kl_target'"):
-        parse_ppo(ppo_argv(pipeline, pipeline["root"] / "unused", "--target_kl", "3"))
+        parse_ppo(argv=ppo_argv(pipeline, pipeline["root"] / "unused", "--target_kl", "3"))
 
 
 @pytest.mark.parametrize("setting,value,expected", [
@@ -838,5 +884,5 @@ def test_replies_per_prompt_samples_different_replies_to_the_same_prompt(pipelin
     replies = [tuple(rollout.input_ids[i, s:][rollout.response_mask[i]].tolist()) for i in range(8)]
     assert len(set(replies[:4])) > 1 and len(set(replies[4:])) > 1, "the copies of a prompt got the same reply"
     with pytest.raises(UserError, match=r"replies_per_prompt: expected a divisor of batch_size \(8\), found 3"):
-        parse_ppo(ppo_argv(pipeline, pipeline["root"] / "unused", "--batch_size", "8", "--mini_batch_size", "4",
-                           "--replies_per_prompt", "3"))
+        parse_ppo(argv=ppo_argv(pipeline, pipeline["root"] / "unused", "--batch_size", "8", "--mini_batch_size", "4",
+                                "--replies_per_prompt", "3"))

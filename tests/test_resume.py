@@ -24,6 +24,7 @@ from safetensors.torch import load_file
 from transformers import TrainerCallback
 
 from rlhf.core.data import write_jsonl
+from rlhf.core.hooks import with_trainer_callbacks
 
 REPO = Path(__file__).resolve().parents[1]
 FOODS = ["coffee", "tea", "pizza", "bread", "cheese", "apple", "mango", "pasta", "soup", "salad",
@@ -52,16 +53,16 @@ def stage_argv(model_dir: Path, train_file: Path, out: Path) -> list[str]:
 
 KILL_AT_STEP_2 = textwrap.dedent("""
     import os, sys
-    from transformers import TrainerCallback
+    from rlhf.core.hooks import StageHooks
     from {module} import run
 
-    class DieAfterCheckpoint(TrainerCallback):
-        def on_save(self, args, state, control, **kwargs):
-            if state.global_step == 2:
+    class DieAfterCheckpoint(StageHooks):
+        def on_checkpoint(self, step, path):
+            if step == 2:
                 os._exit(137)  # no cleanup, no finally blocks: what a kill -9 leaves behind
 
-    run({argv!r}, callbacks=[DieAfterCheckpoint()])
-    sys.exit(0)  # not reached when the callback fires
+    run(argv={argv!r}, hooks=DieAfterCheckpoint())
+    sys.exit(0)  # not reached when the hook fires
 """)
 
 
@@ -98,7 +99,7 @@ def test_killed_run_resumes_to_the_same_result(stage, tiny_model_dir, tmp_path):
     write_jsonl(train_file, sft_rows() if stage == "sft" else pref_rows())
 
     straight = tmp_path / "straight"
-    run(stage_argv(tiny_model_dir, train_file, straight))
+    run(argv=stage_argv(tiny_model_dir, train_file, straight))
 
     resumed = tmp_path / "resumed"
     argv = stage_argv(tiny_model_dir, train_file, resumed)
@@ -110,7 +111,7 @@ def test_killed_run_resumes_to_the_same_result(stage, tiny_model_dir, tmp_path):
         def on_step_end(self, args, state, control, **kwargs):
             seen_steps.append(state.global_step)
 
-    run(argv + ["--resume"], callbacks=[StepsSeen()])
+    run(argv=argv + ["--resume"], hooks=with_trainer_callbacks(StepsSeen()))
     assert seen_steps == [3, 4]  # it really continued from step 2 instead of starting over
     assert not work.exists()
 
@@ -188,13 +189,13 @@ def test_resume_from_a_checkpoint_that_is_not_a_logging_step(tiny_model_dir, tmp
     write_jsonl(train_file, sft_rows())
     schedule = ["--logging_steps", "3"]
     straight = tmp_path / "straight"
-    run(stage_argv(tiny_model_dir, train_file, straight) + schedule)
+    run(argv=stage_argv(tiny_model_dir, train_file, straight) + schedule)
 
     resumed = tmp_path / "resumed"
     argv = stage_argv(tiny_model_dir, train_file, resumed) + schedule
     work = kill_after_the_step_2_checkpoint("sft.train", argv, tmp_path)
     with caplog.at_level(logging.INFO, logger="rlhf.core.stage"):
-        run(argv + ["--resume"])
+        run(argv=argv + ["--resume"])
     assert f"resuming from {work / 'checkpoint-2'}" in [r.getMessage() for r in caplog.records]
 
     found, expected = comparable_metrics(resumed), comparable_metrics(straight)

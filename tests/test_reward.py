@@ -118,11 +118,11 @@ def reward_run(tiny_model_dir, tmp_path_factory):
     write_jsonl(root / "val.jsonl", pref_rows(WORDS[8:10]))
     write_jsonl(root / "test.jsonl", pref_rows(WORDS[10:]))
     out = root / "out"
-    metrics = run(["--model_name_or_path", str(tiny_model_dir), "--train_file", str(root / "train.jsonl"),
-                   "--validation_file", str(root / "val.jsonl"), "--test_file", str(root / "test.jsonl"),
-                   "--output_dir", str(out), "--max_steps", "3", "--eval_steps", "3", "--save_steps", "3",
-                   "--per_device_train_batch_size", "4", "--lora_r", "4", "--lora_alpha", "8",
-                   "--learning_rate", "1e-2", "--warmup_steps", "0", "--logging_steps", "1"])
+    metrics = run(argv=["--model_name_or_path", str(tiny_model_dir), "--train_file", str(root / "train.jsonl"),
+                        "--validation_file", str(root / "val.jsonl"), "--test_file", str(root / "test.jsonl"),
+                        "--output_dir", str(out), "--max_steps", "3", "--eval_steps", "3", "--save_steps", "3",
+                        "--per_device_train_batch_size", "4", "--lora_r", "4", "--lora_alpha", "8",
+                        "--learning_rate", "1e-2", "--warmup_steps", "0", "--logging_steps", "1"])
     return out, metrics
 
 
@@ -182,9 +182,9 @@ def test_reward_score_of_an_sft_run_is_one_line(tiny_model_dir, tmp_path, capsys
     write_jsonl(tmp_path / "sft.jsonl", [{"prompt": f"write a short review of the {w}", "completion": f"the {w} is good ."}
                                          for w in WORDS[:8]])
     sft = tmp_path / "sft"
-    sft_run(["--model_name_or_path", str(tiny_model_dir), "--train_file", str(tmp_path / "sft.jsonl"),
-             "--output_dir", str(sft), "--validation_size", "0", "--test_size", "0", "--max_steps", "1",
-             "--per_device_train_batch_size", "4", "--lora_r", "4", "--lora_alpha", "8", "--warmup_steps", "0"])
+    sft_run(argv=["--model_name_or_path", str(tiny_model_dir), "--train_file", str(tmp_path / "sft.jsonl"),
+                  "--output_dir", str(sft), "--validation_size", "0", "--test_size", "0", "--max_steps", "1",
+                  "--per_device_train_batch_size", "4", "--lora_r", "4", "--lora_alpha", "8", "--warmup_steps", "0"])
     write_jsonl(tmp_path / "rows.jsonl", [{"prompt": "write a short review of the tea", "response": "the tea is good ."}])
     capsys.readouterr()  # the SFT run's progress bars
     code = main(["reward", "score", "--model", str(sft), "--input", str(tmp_path / "rows.jsonl"),
@@ -203,10 +203,10 @@ def test_qlora_reward_model_loads_onto_the_quantised_base_it_trained_on(tiny_mod
     write_jsonl(root / "train.jsonl", pref_rows(WORDS[:8]))
     write_jsonl(root / "test.jsonl", pref_rows(WORDS[8:]))
     out = root / "out"
-    run(["--model_name_or_path", str(tiny_model_dir_4bit), "--peft_method", "qlora-4bit",
-         "--train_file", str(root / "train.jsonl"), "--validation_size", "0", "--test_file", str(root / "test.jsonl"),
-         "--output_dir", str(out), "--max_steps", "2", "--per_device_train_batch_size", "4", "--lora_r", "4",
-         "--lora_alpha", "8", "--learning_rate", "1e-2", "--warmup_steps", "0"])
+    run(argv=["--model_name_or_path", str(tiny_model_dir_4bit), "--peft_method", "qlora-4bit",
+              "--train_file", str(root / "train.jsonl"), "--validation_size", "0", "--test_file", str(root / "test.jsonl"),
+              "--output_dir", str(out), "--max_steps", "2", "--per_device_train_batch_size", "4", "--lora_r", "4",
+              "--lora_alpha", "8", "--learning_rate", "1e-2", "--warmup_steps", "0"])
     metrics = json.loads((out / "metrics.json").read_text())
     model, tokenizer = load_reward_model(str(out))
     assert any(type(m).__name__ == "Linear4bit" for m in model.modules())

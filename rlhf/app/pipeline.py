@@ -14,12 +14,14 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
+from rlhf.app.stages import METHODS, run_stage
 from rlhf.core.config import build_config, load_yaml
 from rlhf.core.errors import UserError
 from rlhf.core.outputs import RunDir
 
 logger = logging.getLogger(__name__)
-METHODS = ("ppo", "dpo", "grpo", "rloo")
+DESCRIPTION = ("SFT -> reward -> PPO (or DPO, GRPO, RLOO) in one command, skipping finished stages and resuming "
+               "an interrupted one.")
 
 
 @dataclass
@@ -69,12 +71,7 @@ def stage_output(config_path: str, stage: str, root: str | None) -> str:
 
 def run_pipeline(argv: list[str] | None = None) -> dict[str, str]:
     """Run the stages in order; returns {stage: output_dir}."""
-    import importlib
-
-    from reward.train import run as run_reward
-    from sft.train import run as run_sft
-
-    (args,), _ = build_config([PipelineArguments], argv)
+    (args,), _ = build_config([PipelineArguments], argv, prog="rlhf pipeline", description=DESCRIPTION)
     stages = ("sft", "reward", args.method)
     wanted = args.stages or list(stages)
     for s in wanted:
@@ -82,8 +79,6 @@ def run_pipeline(argv: list[str] | None = None) -> dict[str, str]:
             raise UserError(f"stages: expected some of {', '.join(stages)}, found {s!r}")
     configs = {"sft": args.sft_config, "reward": args.reward_config, args.method: getattr(args, f"{args.method}_config")}
     outputs = {s: stage_output(configs[s], s, args.output_root) for s in stages}
-    module = "rlhf.ppo.trainer" if args.method == "ppo" else f"rlhf.methods.{args.method}"
-    runners = {"sft": run_sft, "reward": run_reward, args.method: importlib.import_module(module).run}
     if args.rounds and "ppo" not in outputs:
         raise UserError("rounds: labeling rounds continue a PPO policy; expected method: ppo, found another method")
     for stage in stages:
@@ -93,16 +88,16 @@ def run_pipeline(argv: list[str] | None = None) -> dict[str, str]:
         if run_dir.is_complete():
             logger.info("%s: finished run in %s, skipping", stage, run_dir.final)
             continue
-        argv_stage = ["--config", configs[stage], "--output_dir", outputs[stage]]
+        config = {"config": configs[stage], "output_dir": outputs[stage]}
         if args.model_name_or_path and stage in ("sft", "reward"):
-            argv_stage += ["--model_name_or_path", args.model_name_or_path]
+            config["model_name_or_path"] = args.model_name_or_path
         if stage == args.method:  # every method starts from the SFT run and its reward run
-            argv_stage += ["--sft_model", outputs["sft"], "--reward_model", outputs["reward"]]
+            config.update(sft_model=outputs["sft"], reward_model=outputs["reward"])
         if run_dir.last_checkpoint() is not None:
             logger.info("%s: resuming the interrupted run in %s", stage, run_dir.work)
-            argv_stage.append("--resume")
-        logger.info("%s: running %s", stage, " ".join(argv_stage))
-        runners[stage](argv_stage)
+            config["resume"] = True
+        logger.info("%s: running %s", stage, config)
+        run_stage(stage, config)
     if args.rounds:
         from rlhf.app.rounds import run_rounds
 

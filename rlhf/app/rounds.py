@@ -54,6 +54,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from rlhf.app.stages import run_stage
 from rlhf.core.config import build_config, load_yaml
 from rlhf.core.data import load_rows, write_jsonl
 from rlhf.core.errors import UserError
@@ -173,7 +174,7 @@ def _read_json(path: Path) -> dict:
 
 
 # ----------------------------------------------------------------------------------------------
-# Models: sampling, scoring, the reward model's warm start
+# Models: sampling, scoring
 # ----------------------------------------------------------------------------------------------
 
 
@@ -194,37 +195,6 @@ def score_texts(reward_dir: str, prompts: list, replies: list[str], batch_size: 
 
     model, tokenizer = load_run(reward_dir, "seq-cls")
     return score_replies(model, tokenizer, prompts, replies, batch_size)
-
-
-def load_adapter_weights(model, adapter_dir: str | os.PathLike) -> None:
-    """Copy a saved peft adapter's weights (LoRA and, for a reward model, its score head) into ``model``,
-    a peft model built with the same settings."""
-    from peft import set_peft_model_state_dict
-    from safetensors.torch import load_file
-
-    weights = load_file(str(Path(adapter_dir) / "adapter_model.safetensors"))
-    result = set_peft_model_state_dict(model, weights)
-    missing = [k for k in getattr(result, "unexpected_keys", []) if "lora_" in k or "score" in k]
-    if missing:
-        raise UserError(f"reward_init previous: {adapter_dir} does not fit the reward config's adapter "
-                        f"(e.g. {missing[0]}); use reward_init: fresh or the same lora_r and target modules")
-
-
-def warm_start_callback(previous_reward: str):
-    """A TrainerCallback that starts the reward model from ``previous_reward``'s adapter and head.
-
-    At the start of a new run only: a resumed run (global_step > 0) has its own weights from the
-    checkpoint. The optimizer is already built on the parameters, so they are overwritten in place.
-    """
-    from transformers import TrainerCallback
-
-    class WarmStart(TrainerCallback):
-        def on_train_begin(self, args, state, control, model=None, **kwargs):
-            if state.global_step == 0:
-                load_adapter_weights(model, previous_reward)
-                logger.info("reward model starts from %s", previous_reward)
-
-    return WarmStart()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -262,9 +232,10 @@ def make_context(rounds_config: str | None, configs: dict[str, str], outputs: di
                  model_name_or_path: str | None = None, values: dict | None = None) -> Context:
     from rlhf.ppo.trainer import parse_ppo
 
-    (args,), _ = build_config([RoundsArguments], ["--config", rounds_config] if rounds_config else [], values=values)
+    (args,), _ = build_config([RoundsArguments], values={**({"config": rounds_config} if rounds_config else {}),
+                                                          **(values or {})})
     _, data_args, ppo_args, sampling, _ = parse_ppo(
-        ["--config", configs["ppo"], "--sft_model", outputs["sft"], "--reward_model", outputs["reward"]])
+        {"config": configs["ppo"], "sft_model": outputs["sft"], "reward_model": outputs["reward"]})
     splits = data_args.load("prompt")
     held_out = splits["test"] or splits["validation"]
     if not held_out:
@@ -380,48 +351,46 @@ def run_round(ctx: Context, r: int) -> str | None:
 
 
 def _run_reward(ctx: Context, reward_dir: Path, train_file: Path, test_file: Path, prev_reward: str) -> None:
-    from reward.train import run as run_reward
-
     run = RunDir(reward_dir)
     if run.is_complete():
         return
-    argv = ["--config", ctx.configs["reward"], "--output_dir", str(reward_dir), "--train_file", str(train_file),
-            "--max_train_samples", "null"]
+    config: dict[str, Any] = {"config": ctx.configs["reward"], "output_dir": str(reward_dir),
+                              "train_file": str(train_file), "max_train_samples": None}
     if _read_rows(test_file):
-        argv += ["--test_file", str(test_file)]
+        config["test_file"] = str(test_file)
     if ctx.model_name_or_path:
-        argv += ["--model_name_or_path", ctx.model_name_or_path]
+        config["model_name_or_path"] = ctx.model_name_or_path
     if ctx.args.reward_max_steps:
-        argv += ["--max_steps", str(ctx.args.reward_max_steps)]
+        config["max_steps"] = ctx.args.reward_max_steps
+    if ctx.args.reward_init == "previous":
+        config["warm_start"] = prev_reward  # the adapter and head start from the last round's
     if run.last_checkpoint() is not None:
-        argv.append("--resume")
-    callbacks = [warm_start_callback(prev_reward)] if ctx.args.reward_init == "previous" else []
-    logger.info("reward: running %s", " ".join(argv))
-    run_reward(argv, callbacks=callbacks)
+        config["resume"] = True
+    logger.info("reward: running %s", config)
+    run_stage("reward", config)
 
 
 def _run_ppo(ctx: Context, r: int, ppo_dir: Path, reward_dir: str, prev_policy: str) -> None:
-    from rlhf.ppo import trainer as ppo
-
     run = RunDir(ppo_dir)
     if run.is_complete():
         return
-    argv = ["--config", ctx.configs["ppo"], "--output_dir", str(ppo_dir), "--sft_model", ctx.outputs["sft"],
-            "--reward_model", reward_dir, "--policy_model", prev_policy,
-            "--seed", str(ctx.ppo_seed + r),  # a new prompt order each round
-            # PPO's own held-out evaluation gives the report's KL to SFT and reply length (the demo's PPO
-            # config turns it off, as make demo evaluates with rlhf eval).
-            "--eval_prompts", str(ctx.args.eval_prompts)]
+    config: dict[str, Any] = {
+        "config": ctx.configs["ppo"], "output_dir": str(ppo_dir), "sft_model": ctx.outputs["sft"],
+        "reward_model": reward_dir, "policy_model": prev_policy,
+        "seed": ctx.ppo_seed + r,  # a new prompt order each round
+        # PPO's own held-out evaluation gives the report's KL to SFT and reply length (the demo's PPO
+        # config turns it off, as make demo evaluates with rlhf eval).
+        "eval_prompts": ctx.args.eval_prompts}
     if ctx.args.continue_kl_coef and ctx.kl_controller == "adaptive":
         previous = _read_json(Path(prev_policy) / "metrics.json").get("final_kl_coef")
         if previous is not None:
-            argv += ["--kl_coef", repr(float(previous))]
+            config["kl_coef"] = float(previous)
     if ctx.args.ppo_max_steps:
-        argv += ["--max_steps", str(ctx.args.ppo_max_steps)]
+        config["max_steps"] = ctx.args.ppo_max_steps
     if run.last_checkpoint() is not None:
-        argv.append("--resume")
-    logger.info("ppo: running %s", " ".join(argv))
-    ppo.run(argv)  # looked up at call time, so tests can wrap it
+        config["resume"] = True
+    logger.info("ppo: running %s", config)
+    run_stage("ppo", config)
 
 
 def reward_eval(ctx: Context, out: Path, before: str, after: str) -> dict:

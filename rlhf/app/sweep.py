@@ -31,7 +31,6 @@ for ``rlhf <stage> --config``), ``trials.md`` (a table of every trial) and ``sea
 from __future__ import annotations
 
 import dataclasses
-import importlib
 import io
 import logging
 import math
@@ -40,18 +39,18 @@ import shutil
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import yaml
 
+from rlhf.app.stages import METHODS, STAGES, run_stage
 from rlhf.core.config import build_config, format_help, load_yaml, parse_overrides
 from rlhf.core.errors import UserError
+from rlhf.core.hooks import with_trainer_callbacks
 
 logger = logging.getLogger(__name__)
 
-STAGE_MODULES = {"sft": "sft.train", "reward": "reward.train", "ppo": "rlhf.ppo.trainer",
-                 "dpo": "rlhf.methods.dpo", "grpo": "rlhf.methods.grpo", "rloo": "rlhf.methods.rloo"}
-POLICY_STAGES = ("ppo", "dpo", "grpo", "rloo")
+POLICY_STAGES = METHODS
 OBJECTIVES = {
     "sft": ("minimize", "validation loss of the final (best) model", "eval_loss"),
     "reward": ("maximize", "validation pairwise accuracy of the final (best) model", "eval_accuracy"),
@@ -256,13 +255,13 @@ class SweepArguments:
 
 def infer_stage(config: str, stage: str | None) -> str:
     if stage:
-        if stage not in STAGE_MODULES:
-            raise UserError(f"stage: expected one of {', '.join(STAGE_MODULES)}, found {stage!r}")
+        if stage not in STAGES:
+            raise UserError(f"stage: expected one of {', '.join(STAGES)}, found {stage!r}")
         return stage
     name = Path(config).stem
-    if name not in STAGE_MODULES:
+    if name not in STAGES:
         raise UserError(f"--config {config}: cannot tell the stage from the file name; pass --stage "
-                        f"({', '.join(STAGE_MODULES)})")
+                        f"({', '.join(STAGES)})")
     return name
 
 
@@ -324,7 +323,6 @@ def run_sweep(args: SweepArguments, callbacks: list | None = None, pruner=None):
     params = load_space(args.space)
     base_config = load_yaml(args.stage_config)
     direction, _, report_key = OBJECTIVES[args.stage]
-    run_stage: Callable = importlib.import_module(STAGE_MODULES[args.stage]).run
     study_dir = Path(args.study)
     trials_dir = study_dir / "trials"
     study = make_study(args, pruner)
@@ -333,15 +331,16 @@ def run_sweep(args: SweepArguments, callbacks: list | None = None, pruner=None):
     def objective(trial) -> float:
         values = {p.name: p.suggest(trial) for p in params}
         out = trials_dir / str(trial.number)
-        argv = ["--config", args.stage_config, *args.overrides, "--output_dir", str(out), "--overwrite_output_dir", "true"]
+        # The trial's values over the stage config; the command line's other keys win over both.
+        config = {"config": args.stage_config, **values, "output_dir": str(out), "overwrite_output_dir": True}
         logger.info("trial %d: %s", trial.number, values)
         trial.set_user_attr("run_dir", str(out))
         try:
             if args.stage == "ppo":  # its own loop: no Trainer callbacks, so no intermediate reports
-                metrics = run_stage(argv, values=values)
+                metrics = run_stage(args.stage, config, argv=args.overrides)
             else:
                 extra = list(callbacks or []) + ([pruning_callback(trial, report_key)] if report_key else [])
-                metrics = run_stage(argv, values=values, callbacks=extra)
+                metrics = run_stage(args.stage, config, with_trainer_callbacks(*extra), argv=args.overrides)
         except optuna.TrialPruned:
             shutil.rmtree(out.with_name(out.name + ".tmp"), ignore_errors=True)  # nothing to resume, ever
             raise

@@ -1,16 +1,41 @@
-"""Stage configs: one YAML per stage, overridable on the command line, checked key by key.
+"""Configs of stages and commands: one YAML per stage, overridable on the command line, checked key by key.
 
 A stage's config is a set of dataclasses (model, data, the stage's own fields, and for SFT/reward
-TRL's ``SFTConfig``/``RewardConfig``, so argument names are TRL's and transformers'). The YAML is
-flat; ``--key value`` on the command line overrides it. An unknown key is an error that names the key
-and the closest valid ones, a renamed key (:data:`RENAMED_KEYS`) one that gives the new name and why,
-and a size, length or step count below its range (:data:`RANGE_RULES`) one that names the key, before
-any work is done. ``--help`` lists every key with its default and help text.
+TRL's ``SFTConfig``/``RewardConfig``, so argument names are TRL's and transformers'); every other
+command (``rlhf export``, ``rlhf eval``, ``rlhf label serve``...) is one or two dataclasses too, read by
+the same :func:`build_config`. So every command takes ``--key value`` and ``--config file.yaml``, and
+prints ``--help`` in one format (:func:`format_help`: every key with its type, default and help text,
+the help read from the docstring under the field or from transformers' ``metadata['help']``). From
+Python, a stage takes the same keys as a dict (``run({"config": "configs/sft.yaml", "lr": 1e-4})``).
+
+An unknown key is an error that names the key and the closest valid ones, a renamed key
+(:data:`RENAMED_KEYS`) one that gives the new name and why, and a size, length or step count below
+its range (:data:`RANGE_RULES`) one that names the key, before any work is done; each names where the
+value came from (the YAML file, the command line, the config dict).
+
+Why not transformers' ``HfArgumentParser`` (or TRL's ``TrlParser``, built on it) underneath: it turns
+the dataclasses into an argparse parser, and what we keep on top would have to undo argparse:
+
+- a key in two dataclasses (``trust_remote_code`` is in our ModelArguments and in TRL's DPOConfig and
+  GRPOConfig) makes argparse raise "conflicting option strings" when the parser is built;
+- argparse accepts any unambiguous prefix, so a typo such as ``--lora_dr 0.3`` silently sets
+  ``lora_dropout``, where we want an error with did-you-mean hints; unknown keys from a dict or YAML
+  (``parse_dict``) are one ValueError listing them, with no file and no hint;
+- argparse errors exit with its usage text, not a one-line :class:`UserError` naming the file or key;
+- the help comes from ``metadata['help']`` only, so our fields' docstrings (help written once, under
+  the field, as cleanrl's Args) would have to be copied into metadata, the drift TRL's configs show;
+- the merge order we need (stage defaults < YAML < a Python dict < command line) and the resolved
+  config a run records are a few lines here and would stay ours anyway.
+
+What HfArgumentParser would give beyond that, typed coercion of ``X | None``, lists and bools, is
+:func:`_coerce`'s forty lines. So this module stays the one parser.
 """
 
 from __future__ import annotations
 
 import ast
+import contextlib
+import contextvars
 import dataclasses
 import difflib
 import inspect
@@ -46,6 +71,11 @@ def _unwrap_optional(tp: Any) -> tuple[Any, bool]:
 def _coerce(key: str, value: Any, tp: Any, source: str) -> Any:
     """Turn a YAML/command-line value into the field's type, or explain what was expected."""
     tp, optional = _unwrap_optional(tp)
+    if isinstance(value, _Repeated) and tp in (bool, int, float, str):
+        value = value[-1]  # a script that appends an override to a base command line: the last one wins
+    if isinstance(value, list) and tp in (bool, int, float, str):
+        raise UserError(f"{source}: key '{key}': expected one {tp.__name__}, found {len(value)} values: "
+                        f"{' '.join(map(str, value))}")
     if value is None or (optional and isinstance(value, str) and value.lower() == "null"):
         return None
     try:
@@ -79,25 +109,46 @@ def _coerce(key: str, value: Any, tp: Any, source: str) -> Any:
     return yaml.safe_load(value) if isinstance(value, str) and tp is Any else value
 
 
-def parse_overrides(argv: list[str]) -> tuple[dict[str, str], str | None]:
-    """``['--config', 'a.yaml', '--lr', '1e-4', '--resume']`` -> ({'lr': '1e-4', 'resume': 'true'}, 'a.yaml')."""
-    overrides: dict[str, str] = {}
+class _Repeated(list):
+    """The values of a key given more than once on the command line."""
+
+
+def parse_overrides(argv: list[str], positional: tuple[str, ...] = ()) -> tuple[dict[str, Any], str | None]:
+    """``['--config', 'a.yaml', '--lr', '1e-4', '--resume']`` -> ({'lr': '1e-4', 'resume': 'true'}, 'a.yaml').
+
+    A key followed by several values (``--runs a b``), or given more than once (``--model a --model b``),
+    gets the list of them (a key that takes one value then gets the last one, :func:`_coerce`); a key
+    followed by none is a flag (``'true'``). ``positional`` names the keys
+    that leading values fill, in order (``rlhf export runs/ppo`` = ``rlhf export --model runs/ppo``).
+    """
+    overrides: dict[str, Any] = {}
     config_path = None
     i = 0
+    leading = []
+    while i < len(argv) and not argv[i].startswith("--"):
+        leading.append(argv[i])
+        i += 1
+    if len(leading) > len(positional):
+        raise UserError(f"command line: expected --key value, found {leading[len(positional)]!r}"
+                        + (f" (only {', '.join(k.upper() for k in positional)} may be given without its key)"
+                           if positional else ""))
+    overrides.update(zip(positional, leading))
     while i < len(argv):
-        token = argv[i]
-        if not token.startswith("--"):
-            raise UserError(f"command line: expected --key value, found {token!r}")
-        key, _, inline = token[2:].partition("=")
+        key, _, inline = argv[i][2:].partition("=")
         key = key.replace("-", "_")
-        if inline:
-            value, i = inline, i + 1
-        elif i + 1 < len(argv) and not argv[i + 1].startswith("--"):
-            value, i = argv[i + 1], i + 2
-        else:
-            value, i = "true", i + 1  # a bare flag such as --resume
+        values = [inline] if inline else []
+        i += 1
+        while not inline and i < len(argv) and not argv[i].startswith("--"):
+            values.append(argv[i])
+            i += 1
+        value: Any = values[0] if len(values) == 1 else values or "true"  # no value: a bare flag such as --resume
         if key == "config":
+            if isinstance(value, list):
+                raise UserError(f"command line: --config: expected one YAML file, found {len(value)}: {' '.join(value)}")
             config_path = value
+        elif key in overrides:  # a list key collects every occurrence; for any other key the last one wins
+            before = overrides[key] if isinstance(overrides[key], list) else [overrides[key]]
+            overrides[key] = _Repeated(before + (value if isinstance(value, list) else [value]))
         else:
             overrides[key] = value
     return overrides, config_path
@@ -128,6 +179,8 @@ def load_yaml(path: str | os.PathLike) -> dict[str, Any]:
 RENAMED_KEYS: dict[str, tuple[str, str]] = {
     "target_kl": ("kl_target", ("in TRL and CleanRL target_kl is an early-stopping threshold on the policy's "
                                 "approximate KL, while ours is the target of the adaptive KL controller")),
+    "greedy": ("do_sample", "greedy decoding is --do_sample false, the sampling key every command shares "
+                            "(SamplingArguments, transformers' name)"),
 }
 
 POSITIVE, NON_NEGATIVE = "positive", "non-negative"
@@ -221,21 +274,57 @@ def field_help(cls: type) -> dict[str, str]:
     return helps
 
 
+_REQUIRED = object()
+
+
 def _default_of(f: dataclasses.Field) -> Any:
     if f.default is not dataclasses.MISSING:
         return f.default
     if f.default_factory is not dataclasses.MISSING:
         return f.default_factory()
-    return "(required)"
+    return _REQUIRED
 
 
-def format_help(classes: list[type], extra_keys: tuple[str, ...] = (), defaults: dict[str, Any] | None = None) -> str:
-    """Every key of a stage, grouped by dataclass, with its type, default and help text."""
+def _wrap(text: str, indent: str = "      ") -> list[str]:
+    return textwrap.wrap(text, width=100, initial_indent=indent, subsequent_indent=indent)
+
+
+def format_commands(prog: str, commands: dict[str, str], description: str = "") -> str:
+    """The help of a command that only dispatches: its subcommands, one line each."""
+    lines = [f"usage: {prog} COMMAND [--key value ...]"]
+    if description:
+        lines += ["", *textwrap.wrap(description, width=100)]
+    lines += ["", *_command_lines(prog, commands)]
+    return "\n".join(lines)
+
+
+def _command_lines(prog: str, commands: dict[str, str]) -> list[str]:
+    width = max(map(len, commands))
+    lines = ["commands:"]
+    for name, text in commands.items():
+        lines += textwrap.wrap(text, width=100, initial_indent=f"  {name:<{width}}  ",
+                               subsequent_indent=" " * (width + 4)) or [f"  {name}"]
+    return lines + ["", f"'{prog} COMMAND --help' lists the keys of a command."]
+
+
+def format_help(classes: list[type], extra_keys: tuple[str, ...] = (), defaults: dict[str, Any] | None = None, *,
+                prog: str | None = None, description: str = "", positional: tuple[str, ...] = (),
+                commands: dict[str, str] | None = None) -> str:
+    """Every key of a stage or command, grouped by dataclass, with its type, default and help text.
+
+    ``commands``: subcommands that share the command's name (``rlhf reward score``), listed at the end.
+    """
     defaults = defaults or {}
-    command = " ".join([Path(sys.argv[0]).name] + [a for a in sys.argv[1:2] if not a.startswith("-")])
-    lines = [f"usage: {command} [--config FILE.yaml] [--key value ...]", "",
-             "Every key below can be set in the YAML file or on the command line (the command line wins);",
-             "the default shown is what applies when neither sets it."]
+    command = prog or _INVOKED_AS.get() or " ".join([Path(sys.argv[0]).name] + [a for a in sys.argv[1:2]
+                                                                                if not a.startswith("-")])
+    shortcut = "".join(f" [{key.upper()}]" for key in positional)
+    lines = [f"usage: {command}{' [COMMAND]' if commands else ''}{shortcut} [--config FILE.yaml] [--key value ...]"]
+    if description:
+        lines += ["", *textwrap.wrap(description, width=100)]
+    lines += ["", "Every key below can be set in the YAML file or on the command line (the command line wins);",
+              "the default shown is what applies when neither sets it. A list takes several values (--key a b)."]
+    if positional:
+        lines.append(" ".join(f"{key.upper()} is short for --{key} {key.upper()}." for key in positional))
     seen: set[str] = set()
     for cls in classes:
         helps, types_ = field_help(cls), _field_types(cls)
@@ -246,18 +335,55 @@ def format_help(classes: list[type], extra_keys: tuple[str, ...] = (), defaults:
         for f in fields:
             seen.add(f.name)
             tp, _ = _unwrap_optional(types_.get(f.name, f.type))
-            type_name = getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+            type_name = getattr(tp, "__name__", None) if isinstance(tp, type) else None
+            type_name = type_name or str(tp).replace("typing.", "")
             default = defaults.get(f.name, _default_of(f))
-            lines.append(f"  --{f.name} ({type_name}, default: {default!r})")
+            shown = "required" if default is _REQUIRED else f"default: {default!r}"
+            lines.append(f"  --{f.name} ({type_name}, {shown})")
             if helps.get(f.name):
-                lines += textwrap.wrap(helps[f.name], width=100, initial_indent="      ", subsequent_indent="      ")
+                lines += _wrap(helps[f.name])
     if extra_keys:
         lines += ["", "run control:"]
         for key in extra_keys:
             lines.append(f"  --{key}")
-            lines += textwrap.wrap(EXTRA_KEY_HELP.get(key, ""), width=100, initial_indent="      ",
-                                   subsequent_indent="      ")
+            lines += _wrap(EXTRA_KEY_HELP.get(key, ""))
+    if not seen and not extra_keys:
+        lines += ["", "(no keys)"]
+    if commands:
+        lines += ["", *_command_lines(command, commands)]
     return "\n".join(lines)
+
+
+def run_command(prog: str, commands: dict[str, tuple[Any, str]], argv: list[str], description: str = "") -> int:
+    """Dispatch ``argv[0]`` to one of ``commands`` (name -> (function of the remaining argv, one-line help)).
+
+    No command, ``-h``, ``--help`` or ``help`` prints :func:`format_commands`; an unknown one is an
+    error with the closest names.
+    """
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(format_commands(prog, {name: text for name, (_, text) in commands.items()}, description))
+        return 0
+    name, rest = argv[0], argv[1:]
+    if name not in commands:
+        close = difflib.get_close_matches(name, list(commands), n=1)
+        hint = f"; did you mean {close[0]}?" if close else ""
+        raise UserError(f"{prog}: unknown command '{name}'{hint} (expected one of {', '.join(commands)})")
+    with invoked_as(f"{prog} {name}"):
+        return commands[name][0](rest) or 0
+
+
+# The command being run (``rlhf label serve``), for the usage line of a help that was not given a prog.
+_INVOKED_AS: contextvars.ContextVar[str | None] = contextvars.ContextVar("invoked_as", default=None)
+
+
+@contextlib.contextmanager
+def invoked_as(command: str):
+    """While inside, :func:`format_help` names ``command`` in its usage line unless told otherwise."""
+    token = _INVOKED_AS.set(command)
+    try:
+        yield
+    finally:
+        _INVOKED_AS.reset(token)
 
 
 def build_config(
@@ -266,24 +392,36 @@ def build_config(
     values: dict[str, Any] | None = None,
     extra_keys: tuple[str, ...] = (),
     defaults: dict[str, Any] | None = None,
+    *,
+    prog: str | None = None,
+    description: str = "",
+    positional: tuple[str, ...] = (),
+    commands: dict[str, str] | None = None,
 ) -> tuple[list[Any], dict[str, Any]]:
-    """Fill each dataclass in ``classes`` from a YAML (``--config``), ``values`` and ``--key value`` overrides.
+    """Fill each dataclass in ``classes`` from a YAML file, ``values`` and ``--key value`` overrides.
 
-    Returns the instances and the flat dict of every key that was given (after coercion), which is
-    what a run saves as its resolved config. A key may belong to several classes (e.g. ``seed``).
-    ``extra_keys`` are accepted and returned but belong to no class (e.g. ``resume``); ``defaults``
-    are the stage's own defaults, below everything the user gives. ``-h``/``--help`` prints every
-    key (:func:`format_help`) and exits with status 0.
+    Precedence, lowest first: the dataclass defaults, ``defaults`` (the stage's own), the YAML file
+    (``--config`` in ``argv``, else ``values['config']``), ``values`` (the dict a caller passes from
+    Python), ``argv`` (the command line). Returns the instances and the flat dict of every key that
+    was given (after coercion), which is what a run saves as its resolved config. A key may belong to
+    several classes (e.g. ``seed``). ``extra_keys`` are accepted and returned but belong to no class
+    (e.g. ``resume``). A field without a default is a required key. ``-h``/``--help`` prints every
+    key (:func:`format_help`, with ``prog``, ``description``, the ``positional`` shortcuts and
+    ``commands``) and exits with status 0.
     """
     if any(token in ("-h", "--help") for token in argv or []):
-        print(format_help(classes, extra_keys, defaults))
+        print(format_help(classes, extra_keys, defaults, prog=prog, description=description, positional=positional,
+                          commands=commands))
         raise SystemExit(0)
-    overrides, config_path = parse_overrides(argv or [])
+    overrides, config_path = parse_overrides(argv or [], positional)
+    values = dict(values or {})
+    config_path = config_path or values.pop("config", None)
+    values.pop("config", None)
     given: dict[str, tuple[Any, str]] = {k: (v, "stage defaults") for k, v in (defaults or {}).items()}
     if config_path:
         for k, v in load_yaml(config_path).items():
             given[k] = (v, str(config_path))
-    for k, v in (values or {}).items():
+    for k, v in values.items():
         given[k] = (v, "config")
     for k, v in overrides.items():
         given[k] = (v, "command line")
@@ -314,6 +452,13 @@ def build_config(
             expected = range_problem(classes[i], key, resolved[key])
             if expected:
                 raise UserError(f"{source}: key '{key}': expected {expected}, found {_number(resolved[key])}")
+
+    for cls, kwargs in zip(classes, kwargs_per_class):
+        for f in dataclasses.fields(cls):
+            if f.init and f.name not in kwargs and _default_of(f) is _REQUIRED:
+                what = field_help(cls).get(f.name, "")
+                raise UserError(f"{prog or config_path or 'config'}: key '{f.name}': expected a value"
+                                + (f" ({what.rstrip('.')})" if what else "") + f", found none; give --{f.name} VALUE")
 
     instances = []
     for cls, kwargs in zip(classes, kwargs_per_class):

@@ -7,7 +7,7 @@ known temperature / top-k / top-p, and the logprobs used by PPO are computed wit
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import torch
 from tqdm.auto import tqdm
@@ -132,35 +132,40 @@ def load_for_generation(run_dir: str, device: str | None = None):
     return load_run(run_dir, "causal-lm", device)
 
 
-def generate_command(argv: list[str]) -> int:
-    """``rlhf generate --model <run dir> --prompts <file> --out <jsonl>`` [sampling flags]."""
-    import argparse
+SAMPLING_KEYS = tuple(f.name for f in fields(SamplingArguments))
 
+
+@dataclass
+class GenerateArguments:
+    """Settings of ``rlhf generate`` besides the sampling ones."""
+
+    model: str
+    """A stage output directory (SFT, PPO...), a model directory or a hub id."""
+    prompts: str
+    """Rows with a 'prompt' field (.jsonl/.json/.csv/...)."""
+    out: str
+    """Output JSONL: one prompt, response row per reply."""
+    sampling_config: str | None = None
+    """Take the sampling keys (max_new_tokens, temperature, top_k, top_p, do_sample) from this stage config
+    (YAML), e.g. configs/ppo.yaml, to sample as that stage did; keys given here win over it."""
+    n: int = 1
+    """Replies per prompt."""
+    batch_size: int = 8
+    """Sequences per generate call."""
+    seed: int = 0
+    """Sampling seed."""
+
+
+def generate_command(argv: list[str]) -> int:
+    """``rlhf generate --model <run dir> --prompts <file> --out <jsonl>`` [sampling keys]."""
+    from rlhf.core.config import build_config, load_yaml
     from rlhf.core.data import load_rows, write_jsonl
 
-    defaults = SamplingArguments()
-    parser = argparse.ArgumentParser(prog="rlhf generate", description="one reply per prompt from any stage's output")
-    parser.add_argument("--model", required=True, help="a stage output directory (SFT, PPO), model dir or hub id")
-    parser.add_argument("--prompts", required=True, help="rows with a 'prompt' field (.jsonl/.json/.csv/...)")
-    parser.add_argument("--out", required=True, help="output JSONL: prompt, response")
-    parser.add_argument("--config", help="take sampling settings from this stage config (YAML)")
-    parser.add_argument("--n", type=int, default=1, help="replies per prompt")
-    parser.add_argument("--batch_size", type=int, default=8)
-    parser.add_argument("--seed", type=int, default=0)
-    for name in ("max_new_tokens", "temperature", "top_k", "top_p", "do_sample"):
-        kind = {bool: lambda v: str(v).lower() in ("1", "true", "yes")}.get(type(getattr(defaults, name)),
-                                                                              type(getattr(defaults, name)))
-        parser.add_argument(f"--{name}", type=kind, default=None, help=f"default {getattr(defaults, name)}")
-    args = parser.parse_args(argv)
-    settings = {}
-    if args.config:
-        from rlhf.core.config import load_yaml
-
-        config = load_yaml(args.config)
-        settings = {k: config[k] for k in ("max_new_tokens", "temperature", "top_k", "top_p", "do_sample") if k in config}
-    settings.update({k: getattr(args, k) for k in ("max_new_tokens", "temperature", "top_k", "top_p", "do_sample")
-                     if getattr(args, k) is not None})
-    sampling = SamplingArguments(**settings)
+    (args, _), given = build_config([GenerateArguments, SamplingArguments], argv, prog="rlhf generate",
+                                    description="Replies to every prompt of a file from any stage's output.")
+    stage_config = load_yaml(args.sampling_config) if args.sampling_config else {}
+    sampling = SamplingArguments(**{**{k: stage_config[k] for k in SAMPLING_KEYS if k in stage_config},
+                                    **{k: given[k] for k in SAMPLING_KEYS if k in given}})
     prompts = [r["prompt"] for r in load_rows(args.prompts, "prompt")]
     model, tokenizer = load_for_generation(args.model)
     replies = generate_replies(model, tokenizer, prompts, sampling, n=args.n, batch_size=args.batch_size, seed=args.seed)

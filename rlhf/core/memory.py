@@ -42,7 +42,6 @@ tests/test_memory.py`` and ``python bench/bench_scale.py`` measure it again.
 
 from __future__ import annotations
 
-import argparse
 from dataclasses import dataclass, field
 
 from rlhf.core.errors import UserError
@@ -537,31 +536,48 @@ def _mib(n: float) -> float:
 _DEFAULT_SEQ_LEN = {"sft": 256, "reward": 256, "ppo": 64}
 
 
+@dataclass
+class EstimateArguments:
+    """Settings of ``rlhf estimate-memory``."""
+
+    model: str = "smollm2-135m-instruct"  # rlhf.core.models.DEFAULT_MODEL, not imported: this module needs no torch
+    """A model directory, a hub id, or smollm2-135m-instruct (the embedded default model)."""
+    stage: str = "sft"
+    """sft, reward or ppo."""
+    method: str = "lora"
+    """full, lora or qlora."""
+    bits: int = 4
+    """QLoRA weight bits: 4 or 8."""
+    batch_size: int = 8
+    """Sequences (sft), preference pairs (reward) or prompts (ppo) per step."""
+    seq_len: int | None = None
+    """Prompt + reply tokens (sft, reward; null = 256) or prompt tokens (ppo; null = 64)."""
+    max_new_tokens: int = 48
+    """PPO reply length."""
+    micro_batch_size: int | None = None
+    """PPO replies per forward/backward (null = batch_size)."""
+    lora_r: int = 16
+    """LoRA rank."""
+    lora_dropout: float = 0.0
+    """LoRA dropout (SFT and reward)."""
+    dtype: str = "float32"
+    """float32, bfloat16 or float16."""
+    gradient_checkpointing: bool = False
+    """Recompute activations in the backward pass."""
+    merge_for_generation: str = "auto"
+    """PPO: auto, true or false (true on a CPU keeps a copy of the wrapped weights)."""
+    device: str | None = None
+    """cpu or cuda (null = cuda when available)."""
+    trust_remote_code: bool = False
+    """Allow a hub config's own code."""
+
+
 def estimate_command(argv: list[str]) -> int:
     """``rlhf estimate-memory``: print the breakdown as a table."""
-    from rlhf.core.models import DEFAULT_MODEL
+    from rlhf.core.config import build_config
 
-    parser = argparse.ArgumentParser(prog="rlhf estimate-memory",
-                                     description="Expected peak memory of a stage, broken down by component.")
-    parser.add_argument("--model", default=DEFAULT_MODEL, help="a model directory, a hub id, or smollm2-135m-instruct")
-    parser.add_argument("--stage", default="sft", help="sft, reward or ppo")
-    parser.add_argument("--method", default="lora", help="full, lora or qlora")
-    parser.add_argument("--bits", type=int, default=4, help="QLoRA weight bits: 4 or 8")
-    parser.add_argument("--batch_size", type=int, default=8,
-                        help="sequences (sft), preference pairs (reward) or prompts (ppo) per step")
-    parser.add_argument("--seq_len", type=int, default=None,
-                        help="prompt + reply tokens (sft, reward; default 256) or prompt tokens (ppo; default 64)")
-    parser.add_argument("--max_new_tokens", type=int, default=48, help="PPO reply length")
-    parser.add_argument("--micro_batch_size", type=int, default=None, help="PPO replies per forward/backward")
-    parser.add_argument("--lora_r", type=int, default=16, help="LoRA rank")
-    parser.add_argument("--lora_dropout", type=float, default=0.0, help="LoRA dropout (SFT and reward)")
-    parser.add_argument("--dtype", default="float32", help="float32, bfloat16 or float16")
-    parser.add_argument("--gradient_checkpointing", action="store_true", help="recompute activations in backward")
-    parser.add_argument("--merge_for_generation", default="auto",
-                        help="PPO: auto, true or false (true on a CPU keeps a copy of the wrapped weights)")
-    parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
-    parser.add_argument("--trust_remote_code", action="store_true", help="allow a hub config's own code")
-    args = parser.parse_args(argv)
+    (args,), _ = build_config([EstimateArguments], argv, prog="rlhf estimate-memory",
+                              description="Expected peak memory of a stage, broken down by component.")
     device = args.device or _default_device()
     seq_len = args.seq_len or _DEFAULT_SEQ_LEN.get(args.stage, 256)
     _check(args.stage, args.method, args.dtype, device, args.bits, {})

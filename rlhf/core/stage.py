@@ -15,6 +15,7 @@ from rlhf.core.allocator import keep_freed_memory
 from rlhf.core.config import build_config
 from rlhf.core.data import DataArguments
 from rlhf.core.errors import UserError
+from rlhf.core.hooks import StageHooks, as_trainer_callback
 from rlhf.core.models import ModelArguments
 from rlhf.core.outputs import RunDir, wandb_offline_without_key, write_run_outputs
 
@@ -67,15 +68,15 @@ class TrainerStageArguments:
             raise UserError(f"early_stopping_patience: expected >= 1 or null, found {self.early_stopping_patience}")
 
 
-def stage_callbacks(stage: "StageRun", has_validation: bool, callbacks: list | None) -> list:
-    """Early stopping (when there is validation data) plus the caller's callbacks."""
+def stage_callbacks(stage: "StageRun", has_validation: bool, hooks: StageHooks | None) -> list:
+    """Early stopping (when there is validation data) plus the caller's hooks, as TrainerCallbacks."""
     from transformers import EarlyStoppingCallback
 
     args = stage.training_args
     if not has_validation:
         args.eval_strategy = "no"
         args.load_best_model_at_end = False
-    extra = list(callbacks or [])
+    extra = [as_trainer_callback(hooks), *hooks.trainer_callbacks()] if hooks is not None else []
     if has_validation and stage.stage_args.early_stopping_patience:
         extra.append(EarlyStoppingCallback(stage.stage_args.early_stopping_patience))
     return extra
@@ -116,9 +117,11 @@ class StageRun:
         return str(checkpoint) if checkpoint else None
 
 
-def parse_stage(stage_class: type, training_class: type, argv: list[str] | None,
-                values: dict[str, Any] | None = None, defaults: dict[str, Any] | None = None) -> StageRun:
-    """Build a stage's four config dataclasses from YAML/values/command line."""
+def parse_stage(stage_class: type, training_class: type, config: dict[str, Any] | None = None, *,
+                argv: list[str] | None = None, defaults: dict[str, Any] | None = None, prog: str | None = None,
+                description: str = "", commands: dict[str, str] | None = None) -> StageRun:
+    """Build a stage's four config dataclasses from its defaults, ``config`` (a dict of keys, which may
+    name a YAML file under ``config``) and ``argv`` (``--key value`` tokens, which win)."""
     import dataclasses
 
     classes = [ModelArguments, DataArguments, stage_class, training_class]
@@ -127,9 +130,10 @@ def parse_stage(stage_class: type, training_class: type, argv: list[str] | None,
     (model_args, data_args, stage_args, training_args), given = build_config(
         classes,
         argv,
-        values=values,
+        values=config,
         extra_keys=("resume", "overwrite_output_dir"),
         defaults={**{k: v for k, v in trainer_defaults().items() if k in known}, **(defaults or {})},
+        prog=prog, description=description, commands=commands,
     )
     wandb_offline_without_key()
     keep_freed_memory()
@@ -161,15 +165,15 @@ def build_stage_model(stage: "StageRun", task: str):
     return model, peft_config
 
 
-def make_trainer(stage: "StageRun", trainer_class: type, model, tokenizer, data: dict, callbacks: list | None):
-    """A TRL trainer on the stage's train/validation data, with early stopping."""
+def make_trainer(stage: "StageRun", trainer_class: type, model, tokenizer, data: dict, hooks: StageHooks | None):
+    """A TRL trainer on the stage's train/validation data, with early stopping and the caller's hooks."""
     trainer = trainer_class(
         model=model,
         args=stage.training_args,
         train_dataset=data["train"],
         eval_dataset=data.get("validation"),
         processing_class=tokenizer,
-        callbacks=stage_callbacks(stage, "validation" in data, callbacks),
+        callbacks=stage_callbacks(stage, "validation" in data, hooks),
     )
     if stage.model_args.peft_method.startswith("qlora"):
         # float16 compute trains float32 parameters under autocast (the grad scaler refuses fp16 ones).

@@ -1,7 +1,7 @@
 """An interactive terminal chat with any model this toolkit writes or reads.
 
-    rlhf chat exported/ppo                  # an `rlhf export` directory
-    rlhf chat runs/demo/ppo --greedy        # a stage output (adapter on its base), greedy decoding
+    rlhf chat --model exported/ppo                 # an `rlhf export` directory
+    rlhf chat runs/demo/ppo --do_sample false      # MODEL first: short for --model; greedy decoding
     rlhf chat smollm2-135m-instruct --system "Answer in one sentence."
 
 Each turn goes through the model's chat template with the whole conversation so far (multi-turn), and
@@ -12,8 +12,8 @@ conversation outgrows the model's context, the oldest turns are dropped (the sys
 
 from __future__ import annotations
 
-import argparse
 import sys
+from dataclasses import dataclass
 from typing import TextIO
 
 import torch
@@ -122,22 +122,28 @@ def chat_loop(model, tokenizer, sampling: SamplingArguments, stdin: TextIO, stdo
     return messages
 
 
+@dataclass
+class ChatArguments:
+    """Settings of ``rlhf chat`` besides the sampling ones."""
+
+    model: str
+    """An `rlhf export` directory, a stage output (SFT, PPO...), a model directory or a hub id."""
+    system: str | None = None
+    """A system message that starts every conversation."""
+    seed: int = 0
+    """Sampling seed."""
+    device: str | None = None
+    """Where the model runs, e.g. cuda or cpu (null = cuda when there is one)."""
+
+
 def chat_command(argv: list[str]) -> int:
-    """``rlhf chat <model dir or run dir>`` [sampling flags]."""
-    defaults = SamplingArguments()
-    parser = argparse.ArgumentParser(prog="rlhf chat", description=__doc__.split("\n\n")[0])
-    parser.add_argument("model", help="an `rlhf export` directory, a stage output (SFT, PPO), a model dir or hub id")
-    parser.add_argument("--system", help="a system message that starts every conversation")
-    parser.add_argument("--max_new_tokens", type=int, default=256, help="longest reply, in tokens")
-    parser.add_argument("--temperature", type=float, default=defaults.temperature)
-    parser.add_argument("--top_k", type=int, default=defaults.top_k, help="0 = off")
-    parser.add_argument("--top_p", type=float, default=defaults.top_p, help="1.0 = off")
-    parser.add_argument("--greedy", action="store_true", help="greedy decoding instead of sampling")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--device", default=None, help="e.g. cuda or cpu (default: cuda when there is one)")
-    args = parser.parse_args(argv)
-    sampling = SamplingArguments(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-                                 top_p=args.top_p, do_sample=not args.greedy)
+    """``rlhf chat --model <model dir or run dir>`` [sampling keys] (``rlhf chat <model>`` is the same)."""
+    from rlhf.core.config import build_config
+
+    # A chat reply may be longer than a training rollout; do_sample false is greedy decoding.
+    (args, sampling), _ = build_config([ChatArguments, SamplingArguments], argv, prog="rlhf chat",
+                                       positional=("model",), defaults={"max_new_tokens": 256},
+                                       description=__doc__.split("\n\n")[0])
     from rlhf.core.runs import load_run
 
     device = args.device or ("cuda" if torch.cuda.is_available() else None)

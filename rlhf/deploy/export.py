@@ -1,8 +1,8 @@
 """Export a stage output as a standalone model directory that bare transformers loads.
 
-    rlhf export runs/demo/ppo --out exported/ppo                      # LoRA merged into the base weights
-    rlhf export runs/demo/ppo --out exported/ppo-bf16 --dtype bfloat16
-    rlhf export runs/demo/ppo --out exported/ppo --push_to_hub me/ppo-demo [--private]
+    rlhf export --model runs/demo/ppo --out exported/ppo               # LoRA merged into the base weights
+    rlhf export runs/demo/ppo --out exported/ppo-bf16 --dtype bfloat16  # MODEL first: short for --model
+    rlhf export --model runs/demo/ppo --out exported/ppo --push_to_hub me/ppo-demo [--private]
 
 What comes out is ``config.json``, ``model.safetensors``, the tokenizer with its chat template, and a
 ``generation_config.json`` that holds the toolkit's sampling settings (the run's own where its
@@ -25,15 +25,16 @@ leaves nothing behind.
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import os
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from rlhf.core.config import build_config
 from rlhf.core.errors import UserError
 
 logger = logging.getLogger(__name__)
@@ -108,9 +109,9 @@ def export_model(run_dir: str | os.PathLike, out: str | os.PathLike, dtype: str 
 
     out = Path(out)
     if dtype is not None and dtype not in DTYPES:
-        raise UserError(f"--dtype: expected one of {', '.join(DTYPES)}, found {dtype!r}")
+        raise UserError(f"dtype: expected one of {', '.join(DTYPES)}, found {dtype!r}")
     if qlora_base not in ("dequantized", "original"):
-        raise UserError(f"--qlora_base: expected dequantized or original, found {qlora_base!r}")
+        raise UserError(f"qlora_base: expected dequantized or original, found {qlora_base!r}")
     if out.exists() and not overwrite:
         raise UserError(f"{out}: expected a new output directory, found one there (pass --overwrite or choose another --out)")
     info = read_run(run_dir)
@@ -180,20 +181,32 @@ def export_model(run_dir: str | os.PathLike, out: str | os.PathLike, dtype: str 
     return out
 
 
+@dataclass
+class ExportArguments:
+    """Settings of ``rlhf export``."""
+
+    model: str
+    """A stage output directory (SFT, PPO...), or a model directory."""
+    out: str
+    """The directory to write (must not exist unless overwrite)."""
+    dtype: str | None = None
+    """Weights dtype: float32, bfloat16 or float16 (null = the run's torch_dtype)."""
+    push_to_hub: str | None = None
+    """Also upload to this hub repository id (e.g. me/ppo-demo)."""
+    private: bool = False
+    """With push_to_hub: create a private repository."""
+    qlora_base: str = "dequantized"
+    """QLoRA runs: merge into the dequantised 4/8-bit base the adapter trained against (dequantized) or into
+    the original unquantised weights (original)."""
+    overwrite: bool = False
+    """Replace an existing out directory."""
+
+
 def export_command(argv: list[str]) -> int:
-    """``rlhf export <run dir> --out <dir> [--dtype bfloat16] [--push_to_hub REPO [--private]]``."""
-    parser = argparse.ArgumentParser(prog="rlhf export", description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("run", help="a stage output directory (SFT, PPO), or a model directory")
-    parser.add_argument("--out", required=True, help="the directory to write (must not exist unless --overwrite)")
-    parser.add_argument("--dtype", choices=DTYPES, default=None, help="weights dtype (default: the run's torch_dtype)")
-    parser.add_argument("--push_to_hub", metavar="REPO_ID", help="also upload to this hub repository")
-    parser.add_argument("--private", action="store_true", help="with --push_to_hub: create a private repository")
-    parser.add_argument("--qlora_base", choices=("dequantized", "original"), default="dequantized",
-                        help="QLoRA runs: merge into the dequantised 4/8-bit base the adapter trained against "
-                             "(default) or into the original unquantised weights")
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing --out directory")
-    args = parser.parse_args(argv)
-    out = export_model(args.run, args.out, args.dtype, args.push_to_hub, args.private, args.qlora_base, args.overwrite)
-    print(f"exported {args.run} -> {out}" + (f" (pushed to {args.push_to_hub})" if args.push_to_hub else ""))
+    """``rlhf export --model <run dir> --out <dir> [--dtype bfloat16] [--push_to_hub REPO [--private]]``
+    (``rlhf export <run dir> --out <dir>`` is the same)."""
+    (args,), _ = build_config([ExportArguments], argv, prog="rlhf export", positional=("model",),
+                              description=__doc__.split("\n\n")[0])
+    out = export_model(args.model, args.out, args.dtype, args.push_to_hub, args.private, args.qlora_base, args.overwrite)
+    print(f"exported {args.model} -> {out}" + (f" (pushed to {args.push_to_hub})" if args.push_to_hub else ""))
     return 0

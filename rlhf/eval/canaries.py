@@ -31,11 +31,11 @@ every candidate, so only the secret decides the order.
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import math
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -339,23 +339,36 @@ def plot_exposure(path: Path, report: dict) -> None:
     plt.close(fig)
 
 
+@dataclass
+class CanariesArguments:
+    """Settings of ``rlhf eval canaries``."""
+
+    runs: list[str]
+    """Models to check (base model, SFT, PPO, ... run dirs): --runs a b c."""
+    canaries: str
+    """The sidecar `rlhf data scan --canaries` wrote (<copy stem>.canaries.json)."""
+    out: str
+    """Output directory (canaries.json, canaries.png)."""
+    candidates: int = 500
+    """R random candidates per canary; exposure is measured up to log2(R + 1) bits."""
+    exposure_margin: float = 2.0
+    """Amber when planted canaries' mean exposure exceeds the unseen ones' by more bits than this."""
+    seed: int = 0
+    """Seed of the candidates (the same for every run)."""
+    batch_size: int = 32
+    """Sequences per forward pass."""
+    device: str | None = None
+    """Where the models run (null = cuda when available, else the CPU)."""
+    strict: bool = False
+    """Exit with status 3 when a run reproduces a planted canary."""
+
+
 def canaries_command(argv: list[str]) -> int:
     """``rlhf eval canaries --runs <run> [<run> ...] --canaries <sidecar> --out <dir>``."""
-    parser = argparse.ArgumentParser(prog="rlhf eval canaries",
-                                     description="exact match and exposure of planted canaries (docs/privacy.md)")
-    parser.add_argument("--runs", nargs="+", required=True, help="models to check (base model, SFT, PPO, ... run dirs)")
-    parser.add_argument("--canaries", required=True, help=f"the sidecar rlhf data scan --canaries wrote "
-                                                          f"(<copy stem>{SIDECAR_SUFFIX})")
-    parser.add_argument("--out", required=True, help="output directory (canaries.json, canaries.png)")
-    parser.add_argument("--candidates", type=int, default=500,
-                        help="R random candidates per canary; exposure is measured up to log2(R + 1) bits")
-    parser.add_argument("--exposure_margin", type=float, default=2.0,
-                        help="amber when planted canaries' mean exposure exceeds the unseen ones' by more bits")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the candidates (the same for every run)")
-    parser.add_argument("--batch_size", type=int, default=32)
-    parser.add_argument("--device", help="where the models run (default: cuda when available, else the CPU)")
-    parser.add_argument("--strict", action="store_true", help="exit 3 when a run reproduces a planted canary")
-    args = parser.parse_args(argv)
+    from rlhf.core.config import build_config
+
+    (args,), _ = build_config([CanariesArguments], argv, prog="rlhf eval canaries",
+                              description="Exact match and exposure of planted canaries (docs/privacy.md).")
     if args.candidates < 1:
         raise UserError(f"--candidates: expected at least 1, found {args.candidates}")
     import torch

@@ -27,16 +27,17 @@ samples.jsonl (every reply with its scores) and the PNGs.
 
 from __future__ import annotations
 
-import argparse
 import itertools
 import json
 import logging
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from rlhf.core.config import build_config
 from rlhf.core.errors import UserError
 from rlhf.eval.sampling import (Samples, free_memory, perplexity, reference_logprobs, reply_logprobs, run_names,
                                 sample_replies, split_prompt_reply, start_token)
@@ -48,7 +49,7 @@ logger = logging.getLogger(__name__)
 SECTIONS = ("quality", "forgetting", "factual", "bias")
 SUBCOMMANDS = {"forgetting": ("forgetting",), "factual": ("factual",), "bias": ("bias",)}
 
-__all__ = ["kept_report", "evaluate", "eval_command", "build_parser"]
+__all__ = ["kept_report", "evaluate", "eval_command", "EvalArguments"]
 
 
 def kept_report(out: Path, names: list[str], k: int) -> dict | None:
@@ -119,7 +120,7 @@ def _resolve_data(path: str | None, default: Path) -> Path | None:
     return Path(path)
 
 
-def evaluate(args: argparse.Namespace, sections: tuple[str, ...] = SECTIONS) -> dict:
+def evaluate(args: EvalArguments, sections: tuple[str, ...] = SECTIONS) -> dict:
     """Run the evaluation described by the parsed command line; write the outputs; return report.json's dict."""
     from rlhf.core.data import load_rows
     from rlhf.core.formatting import encode_prompt, encode_prompt_reply
@@ -188,12 +189,12 @@ def evaluate(args: argparse.Namespace, sections: tuple[str, ...] = SECTIONS) -> 
             if ppl_rows:
                 pairs_ppl = [tuple(split_prompt_reply(encode_prompt_reply(tokenizer, r["prompt"], r["completion"])))
                              for r in ppl_rows]
-                row["heldoutperplexity"] = perplexity(reply_logprobs(model, pad, pairs_ppl, 1.0, args.batch_size))
-                row["heldoutperplexity_file"] = str(perplexity_file)
+                row["heldout_perplexity"] = perplexity(reply_logprobs(model, pad, pairs_ppl, 1.0, args.batch_size))
+                row["heldout_perplexity_file"] = str(perplexity_file)
         if "forgetting" in sections:
             seqs = [(start_token(tokenizer), tokenizer(r["text"], add_special_tokens=False)["input_ids"][: args.max_length])
                     for r in general_rows]
-            row["generalperplexity"] = perplexity(reply_logprobs(model, pad, seqs, 1.0, args.batch_size,
+            row["general_perplexity"] = perplexity(reply_logprobs(model, pad, seqs, 1.0, args.batch_size,
                                                                    desc=f"general text {name}"))
         if need_qa:
             seqs = [(encode_prompt(tokenizer, q["question"]), tokenizer(c, add_special_tokens=False)["input_ids"])
@@ -356,57 +357,86 @@ def _bias_figures(args, names: list[str], pairs: list[dict], bias_samples: dict,
 # ----------------------------------------------------------------------------------------------
 
 
-def build_parser(prog: str, sections: tuple[str, ...]) -> argparse.ArgumentParser:
-    quality = "quality" in sections
-    parser = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0],
-                                     epilog="docs/evaluate.md explains every figure.")
-    add = parser.add_argument
-    add("--runs", nargs="+", required=True,
-        help="stage outputs to compare (base model dir or name, SFT, PPO, ... run dirs)")
-    add("--out", required=True, help="output directory (report.html, report.json, PNGs)")
-    add("--baseline", help="the run every other run is compared with (default: the first of --runs)")
-    add("--prompts", required=quality, help="held-out prompts (rows with a 'prompt' field)")
-    add("--judges", default="annotator,lexicon",
-        help="comma-separated: reward:<run dir> (or a bare reward run dir), annotator, lexicon, module:function "
-             "(function(prompt: str, reply: str) -> float)")
-    add("--k", type=int, default=4, help="samples per prompt")
-    add("--seed", type=int, default=0, help="sampling seed (the same for every run) and bootstrap seed")
-    add("--reference", help="run the KL is measured against (default: the baseline)")
-    add("--kl_budget", type=float, help="flag runs whose mean KL (nats per reply) exceeds this "
-                                        "(default: a PPO run's own kl_target)")
-    add("--length_tolerance", type=float, default=0.25, help="flag replies longer than (1 + this) x the baseline's")
-    add("--tie_tolerance", type=float, default=1e-6, help="score differences up to this are ties")
-    add("--bootstrap", type=int, default=10_000, help="bootstrap resamples (over prompts)")
-    add("--examples", type=int, default=6, help="rows in the side-by-side table and largest bias gaps listed")
-    add("--perplexity_file", help="held-out SFT rows for perplexity (default: data/demo/sft_test.jsonl if present)")
-    add("--general_text", help="general text for the forgetting check (default: the shipped data/eval file)")
-    add("--qa_file", help="multiple-choice QA for forgetting/factual drift (default: the shipped data/eval file)")
-    add("--bias_pairs", help="counterfactual prompt pairs (default: the shipped data/eval/bias_pairs.jsonl)")
-    add("--bias_k", type=int, default=2, help="samples per side of each bias pair")
-    add("--perplexity_threshold", type=float, default=0.10,
-        help="forgetting turns red when general-text perplexity rises by more than this share (0.10 = +10%%)")
-    add("--accuracy_threshold", type=float, default=0.10,
-        help="forgetting turns red when QA accuracy falls by more than this (0.10 = 10 points)")
-    add("--skip", default="", help="comma-separated checks to leave out of the full report: forgetting,factual,bias")
-    add("--max_new_tokens", type=int, default=48, help="longest reply, in tokens")
-    add("--temperature", type=float, default=0.7, help="sampling temperature (also used for the KL)")
-    add("--top_k", type=int, default=0, help="top-k sampling (0 = off)")
-    add("--top_p", type=float, default=1.0, help="nucleus sampling mass (1.0 = off)")
-    add("--batch_size", type=int, default=16, help="generation and scoring batch size")
-    add("--max_length", type=int, default=512, help="general-text documents are cut to this many tokens")
-    add("--device", help="where the models run (default: cuda when available, else the CPU)")
-    add("--strict", action="store_true", help="exit 3 when the overall status is red")
-    return parser
+@dataclass
+class EvalArguments:
+    """Settings of ``rlhf eval`` and of its single checks (``rlhf eval forgetting|factual|bias``)."""
+
+    runs: list[str]
+    """Stage outputs to compare (a base model dir or name, SFT, PPO, ... run dirs): --runs a b c."""
+    out: str
+    """Output directory (report.html, report.json, samples.jsonl, PNGs)."""
+    prompts: str | None = None
+    """Held-out prompts (rows with a 'prompt' field); needed by the full report, not by the single checks."""
+    baseline: str | None = None
+    """The run every other run is compared with (null = the first of runs)."""
+    judges: str = "annotator,lexicon"
+    """Comma-separated: reward:<run dir> (or a bare reward run dir), annotator, lexicon, module:function
+    (function(prompt: str, reply: str) -> float)."""
+    k: int = 4
+    """Samples per prompt."""
+    seed: int = 0
+    """Sampling seed (the same for every run) and bootstrap seed."""
+    reference: str | None = None
+    """The run the KL is measured against (null = the baseline)."""
+    kl_budget: float | None = None
+    """Flag runs whose mean KL (nats per reply) exceeds this (null = a PPO run's own kl_target, where it
+    was measured the same way)."""
+    length_tolerance: float = 0.25
+    """Flag replies longer than (1 + this) x the baseline's."""
+    tie_tolerance: float = 1e-6
+    """Score differences up to this are ties."""
+    bootstrap: int = 10_000
+    """Bootstrap resamples (over prompts)."""
+    examples: int = 6
+    """Rows in the side-by-side table and largest bias gaps listed."""
+    perplexity_file: str | None = None
+    """Held-out SFT rows for perplexity (null = data/demo/sft_test.jsonl if present)."""
+    general_text: str | None = None
+    """General text for the forgetting check (null = the shipped data/eval file)."""
+    qa_file: str | None = None
+    """Multiple-choice QA for forgetting and factual drift (null = the shipped data/eval file)."""
+    bias_pairs: str | None = None
+    """Counterfactual prompt pairs (null = the shipped data/eval/bias_pairs.jsonl)."""
+    bias_k: int = 2
+    """Samples per side of each bias pair."""
+    perplexity_threshold: float = 0.10
+    """Forgetting turns red when general-text perplexity rises by more than this share (0.10 = +10 %)."""
+    accuracy_threshold: float = 0.10
+    """Forgetting turns red when QA accuracy falls by more than this (0.10 = 10 points)."""
+    skip: str = ""
+    """Comma-separated checks to leave out of the full report: forgetting, factual, bias."""
+    max_new_tokens: int = 48
+    """Longest reply, in tokens."""
+    temperature: float = 0.7
+    """Sampling temperature (also the temperature of the KL's log-probabilities)."""
+    top_k: int = 0
+    """Top-k sampling (0 = off)."""
+    top_p: float = 1.0
+    """Nucleus sampling mass (1.0 = off)."""
+    batch_size: int = 16
+    """Generation and scoring batch size."""
+    max_length: int = 512
+    """General-text documents are cut to this many tokens."""
+    device: str | None = None
+    """Where the models run (null = cuda when available, else the CPU)."""
+    strict: bool = False
+    """Exit with status 3 when the overall status is red."""
 
 
-def eval_command(argv: list[str]) -> int:
-    """``rlhf eval [forgetting|factual|bias] --runs ... --out ...`` (``rlhf eval canaries`` is rlhf/eval/canaries.py)."""
+def eval_command(argv: list[str], commands: dict[str, str] | None = None) -> int:
+    """``rlhf eval [forgetting|factual|bias] --runs ... --out ...``; ``commands``: the other subcommands
+    ``rlhf eval`` dispatches (canaries), listed in the help."""
     sections = SECTIONS
     prog = "rlhf eval"
     if argv[:1] and argv[0] in SUBCOMMANDS:
         sections, prog = SUBCOMMANDS[argv[0]], f"rlhf eval {argv[0]}"
         argv = argv[1:]
-    args = build_parser(prog, sections).parse_args(argv)
+    listed = None if prog != "rlhf eval" else {**{name: f"the {name} check alone" for name in SUBCOMMANDS},
+                                                **(commands or {})}
+    (args,), _ = build_config([EvalArguments], argv, prog=prog, commands=listed,
+                              description=__doc__.split("\n\n")[0] + " docs/evaluate.md explains every figure.")
+    if sections == SECTIONS and not args.prompts:
+        raise UserError("prompts: expected a file of held-out prompts (--prompts FILE), found none")
     if sections == SECTIONS and args.skip:
         skip = {s.strip() for s in args.skip.split(",") if s.strip()}
         unknown = skip - set(SECTIONS[1:])

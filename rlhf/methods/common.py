@@ -64,10 +64,11 @@ class MethodArguments(TrainerStageArguments):
         return SamplingArguments(max_new_tokens=self.eval_max_new_tokens, temperature=self.eval_temperature)
 
 
-def parse_method(stage_class: type, training_class: type, argv: list[str] | None, values: dict[str, Any] | None,
-                 defaults: dict[str, Any]) -> StageRun:
+def parse_method(stage_class: type, training_class: type, config: dict[str, Any] | None, argv: list[str] | None,
+                 defaults: dict[str, Any], prog: str, description: str) -> StageRun:
     """Parse a method's config; the base model and its quantisation come from the SFT run."""
-    stage = parse_stage(stage_class, training_class, argv, values, defaults=defaults)
+    stage = parse_stage(stage_class, training_class, config, argv=argv, defaults=defaults, prog=prog,
+                        description=description)
     sft_dir = Path(stage.stage_args.sft_model)
     if not sft_dir.exists():
         raise UserError(f"sft_model: expected the output directory of the sft stage, found no {sft_dir} "

@@ -18,6 +18,7 @@ from typing import Any
 from rlhf.methods.common import (MethodArguments, build_policy, check_reference_is_shared, held_out_prompts,
                             parse_method, policy_outputs, shared_base_args)
 from rlhf.core.formatting import encode_prompt, encode_reply
+from rlhf.core.hooks import StageHooks
 from rlhf.core.models import load_tokenizer
 from rlhf.core.stage import StageRun, finish_stage, make_trainer, train_with_resume
 
@@ -56,14 +57,16 @@ def dpo_trainer_class():
     return SharedLayoutDPOTrainer
 
 
-def run(argv: list[str] | None = None, values: dict[str, Any] | None = None, callbacks: list | None = None) -> dict:
-    """Run the DPO stage; returns its metrics. ``callbacks`` are extra TrainerCallbacks."""
+def run(config: dict[str, Any] | None = None, hooks: StageHooks | None = None, *,
+        argv: list[str] | None = None) -> dict:
+    """Run the DPO stage; returns its metrics (``config``, ``hooks``, ``argv``: as sft.train.run)."""
     from datasets import Dataset
     from trl import DPOConfig
 
     stage: StageRun = parse_method(
-        MethodArguments, DPOConfig, argv, values,
+        MethodArguments, DPOConfig, config, argv,
         defaults={"learning_rate": 5e-5, "loss_type": ["sigmoid"], "output_dir": "runs/demo/dpo"},
+        prog="rlhf dpo", description="DPO: TRL DPOTrainer on preference pairs, from the SFT adapter, on one base.",
     )
     splits = stage.data_args.load("preference")  # validates every row before anything is written
     tokenizer = load_tokenizer(stage.stage_args.sft_model, stage.model_args.trust_remote_code)
@@ -73,7 +76,7 @@ def run(argv: list[str] | None = None, values: dict[str, Any] | None = None, cal
     with stage.run.removed_on_error():
         checkpoint = stage.prepare()
         registry = build_policy(stage, base_args)
-        trainer = make_trainer(stage, dpo_trainer_class(), registry.peft_model, tokenizer, data, callbacks)
+        trainer = make_trainer(stage, dpo_trainer_class(), registry.peft_model, tokenizer, data, hooks)
         reference = check_reference_is_shared(trainer)
         metrics: dict[str, Any] = train_with_resume(trainer, checkpoint)
         metrics.update(stage.parameter_counts, train_pairs=len(splits["train"]), reference=reference,

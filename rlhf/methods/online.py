@@ -26,6 +26,7 @@ from rlhf.methods.common import (MethodArguments, adapter_reward, build_policy, 
                             held_out_prompts, parse_method, policy_outputs, shared_base_args)
 from rlhf.core.errors import UserError
 from rlhf.core.formatting import as_messages
+from rlhf.core.hooks import StageHooks
 from rlhf.core.models import load_tokenizer
 from rlhf.core.stage import StageRun, finish_stage, make_trainer, train_with_resume
 
@@ -33,14 +34,20 @@ logger = logging.getLogger(__name__)
 CURVES = [["reward"], ["kl"], ["completions/mean_length"], ["entropy"]]
 
 
-def run_online(method: str, argv: list[str] | None, values: dict[str, Any] | None, callbacks: list | None) -> dict:
+DESCRIPTIONS = {
+    "grpo": "GRPO: TRL's GRPOTrainer with the reward adapter + score head as its reward, on one base.",
+    "rloo": "RLOO: TRL's RLOOTrainer with the reward adapter + score head as its reward, on one base.",
+}
+
+
+def run_online(method: str, config: dict[str, Any] | None, hooks: StageHooks | None, argv: list[str] | None) -> dict:
     """Run GRPO or RLOO (``method``); returns the metrics."""
     from datasets import Dataset
     from trl import GRPOConfig, GRPOTrainer, RLOOConfig, RLOOTrainer
 
     config_class, trainer_class = {"grpo": (GRPOConfig, GRPOTrainer), "rloo": (RLOOConfig, RLOOTrainer)}[method]
     stage: StageRun = parse_method(
-        MethodArguments, config_class, argv, values,
+        MethodArguments, config_class, config, argv, prog=f"rlhf {method}", description=DESCRIPTIONS[method],
         defaults={"learning_rate": 1e-5, "output_dir": f"runs/demo/{method}", "validation_size": 0, "max_completion_length": 32, "temperature": 0.7, "num_generations": 4,
                   # No validation loss to select a checkpoint by: the held-out evaluation runs at the end.
                   "eval_strategy": "no", "load_best_model_at_end": False},
@@ -58,7 +65,7 @@ def run_online(method: str, argv: list[str] | None, values: dict[str, Any] | Non
         checkpoint = stage.prepare()
         registry = build_policy(stage, base_args)
         trainer_class = functools.partial(trainer_class, reward_funcs=[adapter_reward(registry, tokenizer)])
-        trainer = make_trainer(stage, trainer_class, registry.peft_model, tokenizer, data, callbacks)
+        trainer = make_trainer(stage, trainer_class, registry.peft_model, tokenizer, data, hooks)
         reference = check_reference_is_shared(trainer)
         metrics: dict[str, Any] = train_with_resume(trainer, checkpoint)
         last = {}

@@ -8,9 +8,11 @@ from __future__ import annotations
 
 from typing import Any
 
+from rlhf.core.hooks import StageHooks
 from rlhf.methods.online import run_online
 
 
-def run(argv: list[str] | None = None, values: dict[str, Any] | None = None, callbacks: list | None = None) -> dict:
-    """Run the RLOO stage; returns its metrics. ``callbacks`` are extra TrainerCallbacks."""
-    return run_online("rloo", argv, values, callbacks)
+def run(config: dict[str, Any] | None = None, hooks: StageHooks | None = None, *,
+        argv: list[str] | None = None) -> dict:
+    """Run the RLOO stage; returns its metrics (``config``, ``hooks``, ``argv``: as sft.train.run)."""
+    return run_online("rloo", config, hooks, argv)

@@ -45,6 +45,7 @@ from rlhf.core.config import build_config
 from rlhf.core.data import DataArguments, write_jsonl
 from rlhf.core.errors import UserError
 from rlhf.core.generation import SamplingArguments
+from rlhf.core.hooks import StageHooks, StopTraining
 from rlhf.core.models import ModelArguments, build_peft_config, disable_dropout, load_base_model, load_tokenizer
 from rlhf.core.outputs import RunDir, wandb_offline_without_key, write_run_outputs
 from rlhf.ppo.processes import Processes
@@ -52,6 +53,7 @@ from rlhf.ppo.rollout import VALUE_MODELS, PromptSampler, Roles, Rollout, Scored
 from rlhf.core.runs import SharedBase, check_shared_base, read_run
 
 logger = logging.getLogger(__name__)
+DESCRIPTION = "PPO against the reward model, with policy, reference, reward and value on one base model."
 STATE_FILE = "trainer_state.pt"
 MERGE_SETTINGS = ("auto", "true", "false")
 CPU_MERGE_RAM_SHARE = 0.10  # merge_for_generation auto on a CPU: the largest backup, as a share of RAM
@@ -619,21 +621,31 @@ class PPOTrainer:
 
     # -- the loop -----------------------------------------------------------------------------
 
-    def train(self, on_checkpoint=None) -> list[dict[str, float]]:
-        """Steps until ``max_steps``, checkpointing every ``save_steps``; ``on_checkpoint(step)`` after each."""
+    def train(self, hooks: StageHooks | None = None) -> list[dict[str, float]]:
+        """Steps until ``max_steps``, checkpointing every ``save_steps``; ``hooks`` hear each log and checkpoint.
+
+        A hook's :class:`~rlhf.core.hooks.StopTraining` ends the loop at this step, after a checkpoint
+        of it (the run then finishes as after its last step); any other exception leaves the run.
+        """
         args = self.args
+        hooks = hooks or StageHooks()
         bar = tqdm(total=args.max_steps, initial=self.step, desc="PPO", disable=not self.accelerator.is_main_process)
         while self.step < args.max_steps:
             stats = self.train_step()
             self.history.append(stats)
             bar.update(1)
             bar.set_postfix(score=f"{stats['score']:.3f}", kl=f"{stats['kl']:.2f}", len=f"{stats['response_length']:.0f}")
+            stop = False
             if self.step % args.logging_steps == 0:
                 self.accelerator.log({f"ppo/{k}": v for k, v in stats.items() if k != "step"}, step=self.step)
-            if self.run_dir is not None and (self.step % args.save_steps == 0 or self.step == args.max_steps):
-                self.save_checkpoint(self.run_dir.work / f"checkpoint-{self.step}")
-                if on_checkpoint:
-                    on_checkpoint(self.step)
+                stop = _stops(hooks.on_log, self.step, dict(stats))
+            if self.run_dir is not None and (stop or self.step % args.save_steps == 0 or self.step == args.max_steps):
+                directory = self.run_dir.work / f"checkpoint-{self.step}"
+                self.save_checkpoint(directory)
+                stop = _stops(hooks.on_checkpoint, self.step, directory) or stop
+            if stop:
+                logger.info("a hook stopped training at step %d of %d", self.step, args.max_steps)
+                break
         bar.close()
         return self.history
 
@@ -642,10 +654,19 @@ class PPOTrainer:
         return self.roles.compare_with_reference(prompts, self.args.eval_batch_size, seed)
 
 
-def parse_ppo(argv: list[str] | None = None, values: dict[str, Any] | None = None):
+def _stops(hook, *args) -> bool:
+    """Call ``hook``; True when it raised StopTraining."""
+    try:
+        hook(*args)
+    except StopTraining:
+        return True
+    return False
+
+
+def parse_ppo(config: dict[str, Any] | None = None, *, argv: list[str] | None = None):
     (model_args, data_args, args, sampling), given = build_config(
-        [ModelArguments, DataArguments, PPOArguments, SamplingArguments], argv, values=values,
-        extra_keys=("resume", "overwrite_output_dir"),
+        [ModelArguments, DataArguments, PPOArguments, SamplingArguments], argv, values=config,
+        extra_keys=("resume", "overwrite_output_dir"), prog="rlhf ppo", description=DESCRIPTION,
         defaults={"train_file": "data/demo/prompts_train.jsonl", "test_file": "data/demo/prompts_test.jsonl",
                   "validation_size": 0, "test_size": 0},
     )
@@ -657,12 +678,22 @@ def parse_ppo(argv: list[str] | None = None, values: dict[str, Any] | None = Non
     return model_args, data_args, args, sampling, given
 
 
-def run(argv: list[str] | None = None, values: dict[str, Any] | None = None, on_checkpoint=None) -> dict:
-    """Run the PPO stage; returns its metrics. ``on_checkpoint(step)`` is called after each checkpoint."""
+def run(config: dict[str, Any] | None = None, hooks: StageHooks | None = None, *,
+        argv: list[str] | None = None) -> dict:
+    """Run the PPO stage; returns its metrics.
+
+    ``config``: keys as in the YAML (``{"config": "configs/ppo.yaml", "kl_coef": 0.1}``); ``argv``:
+    command-line tokens, which win. ``hooks`` hear every log and checkpoint of the loop and the final
+    held-out evaluation (on the main process).
+    """
     from accelerate import Accelerator
     from accelerate.utils import set_seed
 
-    model_args, data_args, args, sampling, given = parse_ppo(argv, values)
+    hooks = hooks or StageHooks()
+    if hooks.trainer_callbacks():
+        raise TypeError("PPO runs its own loop, not a transformers Trainer: it takes no trainer_callbacks; use the "
+                        "StageHooks events")
+    model_args, data_args, args, sampling, given = parse_ppo(config, argv=argv)
     keep_freed_memory()
     splits = data_args.load("prompt")
     prompts = [r["prompt"] for r in splits["train"]]
@@ -690,11 +721,12 @@ def run(argv: list[str] | None = None, values: dict[str, Any] | None = None, on_
         if log_with:
             accelerator.init_trackers("rlhf-ppo", config={k: v for k, v in {**asdict(args), **asdict(sampling)}.items()
                                                           if isinstance(v, (int, float, str, bool))})
-        history = trainer.train(on_checkpoint=on_checkpoint)
+        history = trainer.train(hooks)
         metrics: dict[str, Any] = {}
         samples: list[dict] = []
         if eval_prompts and accelerator.is_main_process:
             metrics, samples = trainer.evaluate(eval_prompts)
+            _stops(hooks.on_evaluate, trainer.step, dict(metrics))  # the run ends here anyway
         accelerator.end_training()
         if not accelerator.is_main_process:
             return metrics
