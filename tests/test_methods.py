@@ -163,6 +163,30 @@ def test_reward_function_scores_like_the_reward_model(starts):
     assert registry.parameters_of("reward") == []
 
 
+
+@pytest.mark.slow
+def test_reward_function_scores_a_cut_off_reply_as_ppo_does(starts):
+    """GRPO and RLOO score a completion without EOS (cut off at the length limit) with
+    missing_eos_penalty, as PPO does; a finished one keeps the reward model's score."""
+    from rlhf.core.adapters import AdapterRegistry
+    from rlhf.core.formatting import as_messages, encode_reply
+    from rlhf.core.models import load_base_model, load_tokenizer
+    from rlhf.core.runs import read_run
+    from rlhf.methods.common import POLICY, adapter_reward
+
+    tokenizer = load_tokenizer(starts["sft_run"])
+    registry = AdapterRegistry(load_base_model(read_run(starts["sft_run"]).base_args(), "causal-lm"))
+    registry.load(POLICY, starts["sft_run"], trainable=True)
+    registry.load("reward", starts["reward_run"], trainable=False)
+    prompts = [as_messages("describe the river")] * 2
+    finished = encode_reply(tokenizer, "it is lovely")
+    assert finished[-1] == tokenizer.eos_token_id
+    cut_off = finished[:-1]
+    kwargs = dict(prompts=prompts, completions=["it is lovely"] * 2, completion_ids=[finished, cut_off])
+    plain = adapter_reward(registry, tokenizer)(**kwargs)
+    assert plain[0] != -7.5
+    assert adapter_reward(registry, tokenizer, -7.5)(**kwargs) == [pytest.approx(plain[0]), -7.5]
+
 @pytest.mark.slow
 def test_pipeline_method_key_runs_the_method_from_the_finished_stages(starts, tmp_path):
     """``method: grpo`` runs GRPO after the (finished, skipped) SFT and reward runs, into <root>/grpo."""

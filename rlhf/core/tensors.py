@@ -19,6 +19,7 @@ __all__ = [
     "masked_whiten",
     "response_mask_after_eos",
     "last_token_index",
+    "apply_missing_eos_penalty",
     "distinct_n",
 ]
 
@@ -249,6 +250,30 @@ def last_token_index(mask: torch.Tensor) -> torch.Tensor:
     """
     positions = torch.arange(mask.shape[1], device=mask.device).expand_as(mask)  # (b, t)
     return torch.where(mask.bool(), positions, torch.full_like(positions, -1)).max(dim=1).values
+
+
+def apply_missing_eos_penalty(
+    scores: torch.Tensor, ends_with_eos: torch.Tensor, penalty: float | None
+) -> torch.Tensor:
+    """Replace the score of every reply that did not end with EOS by ``penalty``.
+
+    Replacement, not addition: openai/lm-human-preferences sets such replies' reward to a constant
+    (-1, ``penalty_reward_value``) (Huang et al. 2024), so a reply truncated at the length limit
+    gets the same bad score however good its text looks, and the policy learns to finish. Note
+    that TRL's ``missing_eos_penalty`` subtracts instead.
+
+    Args:
+        scores: ``(b,)`` reward-model scores.
+        ends_with_eos: ``(b,)`` bool, from :func:`response_mask_after_eos`; True = keep the score.
+        penalty: the replacement score; None turns the rule off.
+
+    Returns:
+        ``(b,)`` new tensor.
+    """
+    _check_same_shape(scores=scores, ends_with_eos=ends_with_eos)
+    if penalty is None:
+        return scores.clone()
+    return torch.where(ends_with_eos.bool(), scores, torch.full_like(scores, penalty))
 
 
 # --------------------------------------------------------------------------------------------------

@@ -28,6 +28,7 @@ from rlhf.core.generation import SamplingArguments, pad_ids
 from rlhf.core.models import ModelArguments, build_peft_config, load_base_model
 from rlhf.core.runs import LORA_METHODS, check_shared_base, read_run
 from rlhf.core.stage import StageRun, TrainerStageArguments, parse_stage
+from rlhf.core.tensors import apply_missing_eos_penalty
 
 logger = logging.getLogger(__name__)
 POLICY = "default"  # the adapter name TRL's DPO/GRPO/RLOO trainers train and copy into "ref"
@@ -136,14 +137,16 @@ def check_reference_is_shared(trainer) -> str:
     return f"frozen adapter '{TRL_REFERENCE}' on the shared base"
 
 
-def adapter_reward(registry: AdapterRegistry, tokenizer) -> Callable[..., list[float]]:
+def adapter_reward(registry: AdapterRegistry, tokenizer, missing_eos_penalty: float | None = None
+                   ) -> Callable[..., list[float]]:
     """The reward adapter + score head as a TRL reward function, scored on the policy's own base.
 
     TRL calls it with the prompts (chat messages) and each completion's token ids (up to and with
     its EOS); the sequence is laid out as the reward stage trained on it (rlhf.core.formatting: the
     prompt through the chat template, then the reply) and scored at its last real token under the
     ``reward`` adapter, switched on and back off through the registry. Eval mode for the forward:
-    the reward is the frozen model's, LoRA dropout must not sample it.
+    the reward is the frozen model's, LoRA dropout must not sample it. A completion cut off at the
+    length limit (no EOS) scores ``missing_eos_penalty`` instead, as PPO scores it (None = its score).
     """
     pad = tokenizer.pad_token_id
 
@@ -160,7 +163,8 @@ def adapter_reward(registry: AdapterRegistry, tokenizer) -> Callable[..., list[f
             scores = registry.score("reward", ids.to(device), mask.to(device), pad)  # (b,)
         finally:
             model.train(was_training)
-        return scores.float().cpu().tolist()
+        ends_with_eos = torch.tensor([len(c) > 0 and c[-1] == tokenizer.eos_token_id for c in completion_ids])
+        return apply_missing_eos_penalty(scores.float().cpu(), ends_with_eos, missing_eos_penalty).tolist()
 
     return reward_model
 

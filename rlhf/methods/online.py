@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import functools
 import logging
+from dataclasses import dataclass
 from typing import Any
 
 from rlhf.methods.common import (MethodArguments, adapter_reward, build_policy, check_reference_is_shared,
@@ -31,6 +32,17 @@ from rlhf.core.models import load_tokenizer
 from rlhf.core.stage import StageRun, finish_stage, make_trainer, train_with_resume
 
 logger = logging.getLogger(__name__)
+
+
+@dataclass
+class OnlineMethodArguments(MethodArguments):
+    """GRPO's and RLOO's own settings beyond every method's."""
+
+    missing_eos_penalty: float | None = -1.0
+    """Score given to a reply cut off at max_completion_length (no EOS) instead of the reward model's,
+    as PPO scores it, so every method compares like with like (null = the reward model's score)."""
+
+
 CURVES = [["reward"], ["kl"], ["completions/mean_length"], ["entropy"]]
 
 
@@ -47,7 +59,7 @@ def run_online(method: str, config: dict[str, Any] | None, hooks: StageHooks | N
 
     config_class, trainer_class = {"grpo": (GRPOConfig, GRPOTrainer), "rloo": (RLOOConfig, RLOOTrainer)}[method]
     stage: StageRun = parse_method(
-        MethodArguments, config_class, config, argv, prog=f"rlhf {method}", description=DESCRIPTIONS[method],
+        OnlineMethodArguments, config_class, config, argv, prog=f"rlhf {method}", description=DESCRIPTIONS[method],
         defaults={"learning_rate": 1e-5, "output_dir": f"runs/demo/{method}", "validation_size": 0, "max_completion_length": 32, "temperature": 0.7, "num_generations": 4,
                   # No validation loss to select a checkpoint by: the held-out evaluation runs at the end.
                   "eval_strategy": "no", "load_best_model_at_end": False},
@@ -64,7 +76,8 @@ def run_online(method: str, config: dict[str, Any] | None, hooks: StageHooks | N
     with stage.run.removed_on_error():
         checkpoint = stage.prepare()
         registry = build_policy(stage, base_args)
-        trainer_class = functools.partial(trainer_class, reward_funcs=[adapter_reward(registry, tokenizer)])
+        trainer_class = functools.partial(trainer_class, reward_funcs=[adapter_reward(
+            registry, tokenizer, stage.stage_args.missing_eos_penalty)])
         trainer = make_trainer(stage, trainer_class, registry.peft_model, tokenizer, data, hooks)
         reference = check_reference_is_shared(trainer)
         metrics: dict[str, Any] = train_with_resume(trainer, checkpoint)

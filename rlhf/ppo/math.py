@@ -39,7 +39,8 @@ from typing import NamedTuple, Protocol
 import torch
 
 # The shared tensor functions the PPO loop calls through this module too (``pm.masked_whiten``).
-from rlhf.core.tensors import (_check_same_shape, _zero_outside, distinct_n, entropy_from_logits,
+from rlhf.core.tensors import (_check_same_shape, _zero_outside, apply_missing_eos_penalty, distinct_n,
+                               entropy_from_logits,
                                last_token_index, logprobs_from_logits, masked_mean, masked_sum, masked_var,
                                masked_whiten, response_mask_after_eos)
 
@@ -73,30 +74,6 @@ __all__ = [
 
 KL_KINDS = ("k1", "k2", "k3")
 KL_CONTROLLER_KINDS = ("fixed", "adaptive")
-
-def apply_missing_eos_penalty(
-    scores: torch.Tensor, ends_with_eos: torch.Tensor, penalty: float | None
-) -> torch.Tensor:
-    """Replace the score of every reply that did not end with EOS by ``penalty``.
-
-    Replacement, not addition: openai/lm-human-preferences sets such replies' reward to a constant
-    (-1, ``penalty_reward_value``) (Huang et al. 2024), so a reply truncated at the length limit
-    gets the same bad score however good its text looks, and the policy learns to finish. Note
-    that TRL's ``missing_eos_penalty`` subtracts instead.
-
-    Args:
-        scores: ``(b,)`` reward-model scores.
-        ends_with_eos: ``(b,)`` bool, from :func:`response_mask_after_eos`; True = keep the score.
-        penalty: the replacement score; None turns the rule off.
-
-    Returns:
-        ``(b,)`` new tensor.
-    """
-    _check_same_shape(scores=scores, ends_with_eos=ends_with_eos)
-    if penalty is None:
-        return scores.clone()
-    return torch.where(ends_with_eos.bool(), scores, torch.full_like(scores, penalty))
-
 
 class RunningMoments:
     """Mean and standard deviation of every score seen so far, updated batch by batch.
