@@ -71,6 +71,9 @@ class AdapterRegistry:
         self.trainable: dict[str, bool] = {}
         self._params_by_adapter: dict[str, list[nn.Parameter]] | None = None
         self._role: str | None = None  # the role entered last through use(); None = the base
+        self.compute_dtype: torch.dtype | None = None
+        """What :meth:`hidden_states` computes in (see :meth:`computing_in`); None = each layer's own dtype."""
+        self._computing: torch.dtype | None = None  # the dtype computing_in() runs in now
 
     # -- building ------------------------------------------------------------------------------
 
@@ -183,13 +186,18 @@ class AdapterRegistry:
         value loss backpropagated after the registry switched back to the policy would be recomputed
         under the policy adapter and give silently wrong gradients. The checkpoint's ``context_fn``
         captures the role at forward time and re-enters it for the recomputation. Like every
-        transformers model, it only checkpoints in training mode (see disable_dropout).
+        transformers model, it only checkpoints in training mode (see disable_dropout). The compute
+        dtype of :meth:`computing_in` is captured and re-entered the same way.
         """
         registry = self
 
+        @contextlib.contextmanager
+        def recompute(role, dtype):
+            with registry.use(role), registry.computing_in(dtype):
+                yield
+
         def role_contexts():
-            role = registry._role
-            return contextlib.nullcontext(), registry.use(role)
+            return contextlib.nullcontext(), recompute(registry._role, registry._computing)
 
         self.base_model.activation_checkpointing_enable(
             activation_checkpointing_kwargs={"use_reentrant": False, "context_fn": role_contexts})
@@ -207,6 +215,10 @@ class AdapterRegistry:
         from peft.tuners.lora import LoraLayer
 
         return [m for m in self.peft_model.modules() if isinstance(m, LoraLayer) and name in m.lora_A]
+
+    def wrapped_dtypes(self, name: str) -> set[torch.dtype]:
+        """Dtypes of the base weights adapter ``name`` wraps (uint8 / int8 for a quantized base)."""
+        return {layer.get_base_layer().weight.dtype for layer in self._lora_layers(name)}
 
     def merge_backup_bytes(self, name: str) -> int:
         """Bytes :meth:`merged` keeps aside for adapter ``name``: every base weight its LoRA wraps."""
@@ -247,9 +259,42 @@ class AdapterRegistry:
         # need hidden states only, and the vocabulary projection is the most expensive matmul.
         return self.peft_model.get_base_model().base_model
 
+    @contextlib.contextmanager
+    def computing_in(self, dtype: torch.dtype | None) -> Iterator[None]:
+        """Forward passes with every matmul in ``dtype`` (None: each layer's own dtype, no change).
+
+        peft keeps LoRA weights in float32 on a bf16 base and casts each adapted layer's input up to
+        them, so every adapted layer saves a float32 copy of its input for the backward pass (q, k
+        and v one each of the same input). Here the forward runs under ``torch.autocast(dtype)`` with
+        peft's input cast switched off: the adapter reads the layer's own bf16 input and saves that
+        tensor itself (one for q, k and v together), and autocast casts the float32 LoRA weights for
+        the matmul (once per forward). The weights, their gradients and the optimizer state stay
+        float32; outputs differ from the float32 adapter compute by the bf16 rounding of the
+        adapter's weights and rank-r intermediate (the layer's output is rounded to bf16 either way).
+        """
+        if dtype is None:
+            yield
+            return
+        from peft.tuners.tuners_utils import BaseTunerLayer
+
+        layers = [m for m in self.peft_model.modules() if isinstance(m, BaseTunerLayer)]
+        casting = [getattr(layer, "cast_input_dtype_enabled", True) for layer in layers]
+        outer, self._computing = self._computing, dtype
+        device_type = next(self.base_model.parameters()).device.type
+        try:
+            for layer in layers:
+                layer.cast_input_dtype_enabled = False
+            with torch.autocast(device_type, dtype=dtype):
+                yield
+        finally:
+            for layer, cast in zip(layers, casting):
+                layer.cast_input_dtype_enabled = cast
+            self._computing = outer
+
     def hidden_states(self, name: str | None, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """Final hidden states ``(b, s, h)`` under adapter ``name`` (None = base model)."""
-        with self.use(name):
+        """Final hidden states ``(b, s, h)`` under adapter ``name`` (None = base model), computed in
+        :attr:`compute_dtype`; heads run outside, in their own dtype."""
+        with self.use(name), self.computing_in(self.compute_dtype):
             return self._body()(
                 input_ids=input_ids,
                 attention_mask=attention_mask,

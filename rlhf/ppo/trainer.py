@@ -152,12 +152,19 @@ class PPOArguments:
     up to rounding), keeping a copy of the wrapped base weights meanwhile: true, false, or auto = merge
     when that copy fits where it costs the step nothing (host RAM when the model is on a GPU) or, on a
     CPU, when it is under 10 % of the machine's RAM; never on a quantized base or a non-LoRA policy."""
+    bf16_forwards: str = "auto"
+    """Run the scoring and training forward passes under bf16 autocast, the LoRA adapters reading each
+    layer's own bf16 input instead of saving a float32 copy of it for backward (peft keeps adapters in
+    float32): less activation memory, results within bf16 rounding (docs/memory.md). The adapters'
+    weights, gradients and optimizer state, the logprobs, values and losses stay float32. true, false,
+    or auto = on when the weights the adapters wrap are bfloat16 (torch_dtype: bfloat16 without
+    QLoRA); true on any other base is refused."""
 
     def __post_init__(self) -> None:
-        self.merge_for_generation = str(self.merge_for_generation).lower()
-        if self.merge_for_generation not in MERGE_SETTINGS:
-            raise UserError(f"merge_for_generation: expected one of {', '.join(MERGE_SETTINGS)}, "
-                            f"found {self.merge_for_generation!r}")
+        for name in ("merge_for_generation", "bf16_forwards"):  # YAML true/false arrive as booleans
+            setattr(self, name, str(getattr(self, name)).lower())
+            if getattr(self, name) not in MERGE_SETTINGS:
+                raise UserError(f"{name}: expected one of {', '.join(MERGE_SETTINGS)}, found {getattr(self, name)!r}")
         if self.mini_batch_size > self.batch_size or self.batch_size % self.mini_batch_size:
             raise UserError(f"mini_batch_size: expected a divisor of batch_size ({self.batch_size}), "
                             f"found {self.mini_batch_size}")
@@ -262,6 +269,20 @@ def check_launch(accelerator) -> None:
                         "not applied by PPO; launch with 1 and set the PPO config's gradient_accumulation_steps")
 
 
+def forward_dtype(setting: str, registry: AdapterRegistry) -> torch.dtype | None:
+    """What PPO's forward passes compute in (``bf16_forwards``): bfloat16, or None = each layer's own dtype."""
+    wrapped = registry.wrapped_dtypes("policy")
+    if setting == "false":
+        return None
+    if wrapped == {torch.bfloat16}:
+        return torch.bfloat16
+    if setting == "true":
+        found = ", ".join(sorted(str(d).removeprefix("torch.") for d in wrapped)) or "no LoRA layers"
+        raise UserError(f"bf16_forwards: true needs a bfloat16 base (torch_dtype: bfloat16, peft_method: lora), "
+                        f"found policy LoRA layers wrapping {found} weights; set bf16_forwards: auto or false")
+    return None
+
+
 def merge_backup_device(setting: str, registry: AdapterRegistry, device: torch.device) -> torch.device | None:
     """Where the policy's merge keeps its backup of the wrapped base weights; None = do not merge.
 
@@ -313,6 +334,11 @@ class PPOTrainer:
         disable_dropout(self.model)
         self.model.eval()
         merge_backup = merge_backup_device(args.merge_for_generation, registry, self.accelerator.device)
+        # Every role's forward through the registry (scoring, update, evaluation); sampling is not
+        # backpropagated and keeps the layers' own dtypes.
+        registry.compute_dtype = forward_dtype(args.bf16_forwards, registry)
+        logger.info("bf16_forwards %s: forward passes compute in %s", args.bf16_forwards,
+                    "bfloat16 (autocast)" if registry.compute_dtype else "each layer's own dtype")
         self.value_model = make_value_model(args.value_model)
         self.roles = Roles(registry, tokenizer, sampling, reference, self.value_model, merge_backup, self._guard_finite)
         self.sampler = PromptSampler(prompts, args.batch_size, args.seed, self.processes.index, self.processes.count,
