@@ -434,7 +434,8 @@ def eval_command(argv: list[str], commands: dict[str, str] | None = None) -> int
     listed = None if prog != "rlhf eval" else {**{name: f"the {name} check alone" for name in SUBCOMMANDS},
                                                 **(commands or {})}
     (args,), _ = build_config([EvalArguments], argv, prog=prog, commands=listed,
-                              description=__doc__.split("\n\n")[0] + " docs/evaluate.md explains every figure.")
+                              description="One report comparing stage outputs on the same held-out prompts, with "
+                                          "the risk checks; docs/evaluate.md explains every figure.")
     if sections == SECTIONS and not args.prompts:
         raise UserError("prompts: expected a file of held-out prompts (--prompts FILE), found none")
     if sections == SECTIONS and args.skip:
