@@ -78,7 +78,7 @@ def test_command_line_tokens_win_over_the_config_dict(tiny_model_dir, tmp_path):
 
 
 def test_the_registry():
-    assert list(STAGES) == ["sft", "reward", "ppo", "dpo", "grpo", "rloo"]
+    assert {"sft", "reward", "ppo", "dpo", "grpo", "rloo"} <= set(STAGES) and list(STAGES)[0] == "sft"
     assert METHODS == ("ppo", "dpo", "grpo", "rloo")
     import importlib
     import inspect
