@@ -147,3 +147,62 @@ def test_split_is_by_prompt_and_seeded():
     assert sorted(split.values()).count("test") == 4 and sorted(split.values()).count("validation") == 2
     assert split == split_prompts(list(reversed(prompts)), 0.1, 0.2, seed=0)
     assert split != split_prompts(prompts, 0.1, 0.2, seed=1)
+
+
+def _tiny_pipeline_configs(directory: Path) -> list[str]:
+    """configs/tiny/{sft,label,reward}.yaml with repository paths, 2 steps each."""
+    import yaml
+
+    repo = Path(__file__).resolve().parents[1]
+    argv = []
+    for stage, changes in (("sft", {"max_steps": 2, "eval_steps": 2}), ("label", {"max_prompts": 6}),
+                           ("reward", {"max_steps": 2, "eval_steps": 2})):
+        config = yaml.safe_load((repo / "configs/tiny" / f"{stage}.yaml").read_text())
+        config.update(changes)
+        for key in ("train_file", "validation_file", "test_file", "prompts_file"):
+            if key in config:
+                config[key] = str(repo / config[key])
+        path = directory / f"{stage}.yaml"
+        path.write_text(yaml.safe_dump(config))
+        argv += [f"--{stage}_config", str(path)]
+    return argv
+
+
+@pytest.mark.slow
+def test_a_pipeline_killed_in_the_label_stage_resumes_to_the_same_labels_and_reward_model(tiny_model_dir, tmp_path,
+                                                                                        one_thread):
+    """SFT -> label -> reward, killed (os._exit, as kill -9) while the annotator labels, then rerun, gives the
+    labels and the reward adapter of a run never interrupted; the reward model trained on the label pairs."""
+    from safetensors.torch import load_file
+
+    from rlhf.app.pipeline import run_pipeline
+
+    argv = _tiny_pipeline_configs(tmp_path) + ["--model_name_or_path", str(tiny_model_dir),
+                                               "--stages", "sft", "label", "reward"]
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    run_pipeline(argv + ["--output_root", str(straight)])
+    code = f"""
+import os
+from rlhf.label.store import Campaign
+from rlhf.app.pipeline import run_pipeline
+original, calls = Campaign.submit_label, []
+def submit(self, *args, **kwargs):
+    result = original(self, *args, **kwargs)
+    calls.append(1)
+    if len(calls) == 3:
+        os._exit(137)
+    return result
+Campaign.submit_label = submit
+run_pipeline({argv + ["--output_root", str(resumed)]!r})
+"""
+    killed = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=900)
+    assert killed.returncode == 137, killed.stderr[-2000:]
+    assert (resumed / "sft" / "metrics.json").exists() and not (resumed / "label" / "metrics.json").exists()
+    run_pipeline(argv + ["--output_root", str(resumed)])
+    assert outputs(resumed / "label") == outputs(straight / "label")
+    reward_config = (straight / "reward" / "config.yaml").read_text()
+    assert str(straight / "label" / "train.jsonl") in reward_config
+    weights = [load_file(str(run / "reward" / "adapter_model.safetensors")) for run in (straight, resumed)]
+    assert weights[0].keys() == weights[1].keys()
+    for key in weights[0]:
+        assert (weights[0][key] == weights[1][key]).all(), key

@@ -203,7 +203,8 @@ def test_pipeline_method_key_runs_the_method_from_the_finished_stages(starts, tm
     settings = {k[2:]: v for k, v in zip(argv[::2], argv[1::2]) if k not in ("--sft_model", "--reward_model")}
     settings.update(output_dir=str(root / "elsewhere"), max_steps=1, eval_prompts=0)
     config.write_text("".join(f"{k}: {v}\n" for k, v in settings.items()))
-    outputs = run_pipeline(["--output_root", str(root), "--method", "grpo", "--grpo_config", str(config)])
+    outputs = run_pipeline(["--output_root", str(root), "--method", "grpo", "--grpo_config", str(config),
+                            "--label_config", "null"])
     assert outputs["grpo"] == str(root / "grpo")
     assert json.loads((root / "grpo" / "metrics.json").read_text())["num_generations"] == 2
     assert load_yaml(root / "grpo" / "config.yaml")["sft_model"] == str(root / "sft")

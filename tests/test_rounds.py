@@ -49,10 +49,11 @@ def _tiny_configs(directory: Path, model: Path) -> dict[str, Path]:
                            ("reward", {"max_steps": 2, "eval_steps": 2, "max_train_samples": 16,
                                        "test_file": "data/demo/prefs_validation.jsonl"}),
                            ("ppo", {"max_steps": 2, "save_steps": 1, "eval_prompts": 0}),  # as make demo: rounds turn it on
-                           ("rounds", {})):
+                           ("rounds", {}),
+                           ("label", {"max_prompts": 6})):
         config = yaml.safe_load((REPO / "configs/tiny" / f"{stage}.yaml").read_text())
         config.update(changes)
-        for key in ("train_file", "validation_file", "test_file"):
+        for key in ("train_file", "validation_file", "test_file", "prompts_file"):
             if key in config:
                 config[key] = str(REPO / config[key])
         configs[stage] = directory / f"{stage}.yaml"
@@ -61,7 +62,8 @@ def _tiny_configs(directory: Path, model: Path) -> dict[str, Path]:
 
 
 def _pipeline_argv(configs: dict[str, Path], root: Path, model: Path, *extra: str) -> list[str]:
-    return ["--sft_config", str(configs["sft"]), "--reward_config", str(configs["reward"]),
+    return ["--sft_config", str(configs["sft"]), "--label_config", str(configs["label"]),
+            "--reward_config", str(configs["reward"]),
             "--ppo_config", str(configs["ppo"]), "--rounds_config", str(configs["rounds"]),
             "--output_root", str(root), "--model_name_or_path", str(model), *extra]
 

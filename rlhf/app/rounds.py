@@ -14,7 +14,8 @@ the round before (round 0 = the pipeline's ppo/ and reward/) and, in ``<root>/ro
        (campaign/, see rlhf/label/select.py)
     3. gets them labeled: ``labeler: annotator`` lets the demo annotator label now;
        ``labeler: campaign`` stops here and says how to label (`rlhf label serve`) and rerun
-    4. trains the reward model on all labels so far (the reward config's train_file plus every
+    4. trains the reward model on all labels so far (the label stage's pairs, or the reward config's
+       train_file without one, plus every
        round's labels), from the previous reward adapter or afresh (``reward_init``) -> reward/
     5. measures both reward models on fresh pairs from the policy it started from (rm_eval.json)
     6. continues PPO from that policy against the new reward model; the reference and KL stay SFT -> ppo/
@@ -323,7 +324,10 @@ def run_round(ctx: Context, r: int) -> str | None:
         _write_rows(labels_file, rows)
         held_out = [row for row in rows if a.hold_out_random and row.get("chosen_as") == "random"]
         earlier = [row for q in range(1, r) for row in _read_rows(ctx.round_dir(q) / "labels.jsonl")]
-        original_file = load_yaml(ctx.configs["reward"]).get("train_file")
+        # The pairs the first reward model trained on: the label stage's, or the reward config's own.
+        label = ctx.outputs.get("label")
+        original_file = (str(Path(label) / "train.jsonl") if label
+                         else load_yaml(ctx.configs["reward"]).get("train_file"))
         if not original_file:
             raise UserError(f"{ctx.configs['reward']}: rounds train the reward model on its train_file plus the "
                             "rounds' labels: expected a train_file key, found none")

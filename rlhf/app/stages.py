@@ -42,6 +42,7 @@ class Stage:
 
 STAGES: dict[str, Stage] = {stage.name: stage for stage in (
     Stage("sft", "sft.train", "supervised fine-tuning (TRL SFTTrainer, loss on the replies)"),
+    Stage("label", "rlhf.label.stage", "preference pairs of the SFT policy's own replies, labelled (annotator or people)"),
     Stage("reward", "reward.train", "reward model: a LoRA adapter + score head on preference pairs"),
     Stage("ppo", "rlhf.ppo.trainer", "PPO against the reward model, policy/reference/reward/value on one base",
           method=True),

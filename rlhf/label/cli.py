@@ -9,6 +9,7 @@
     rlhf label stats runs/label/demo                            # also writes runs/label/demo/stats.png
     rlhf label export runs/label/demo --out data/labeled_pairs.jsonl
     rlhf label annotate runs/label/demo --noise 0.25             # the demo annotator labels (no people)
+    rlhf label run --config configs/label.yaml --sft_model runs/demo/sft   # the label stage of the pipeline
 
 Every subcommand takes ``--key value`` and ``--config file.yaml``, and ``--help`` lists its keys; the
 campaign directory may come first without its key (``rlhf label serve DIR`` = ``--campaign DIR``).
@@ -249,7 +250,17 @@ def _export(argv: list[str]) -> int:
     return 0
 
 
+def _run_stage(argv: list[str]) -> int:
+    from rlhf.label.stage import run
+
+    metrics = run(argv=argv)
+    if "waiting_for_labels" not in metrics:
+        print(json.dumps(metrics, indent=2, default=str))
+    return 0
+
+
 COMMANDS = {
+    "run": (_run_stage, "the label stage: sample the SFT policy, label its pairs, split them (configs/label.yaml)"),
     "import": (_import, "add prompts with 2+ candidate replies from a file to a campaign"),
     "generate": (_generate, "sample candidate replies from one or more models into a campaign"),
     "serve": (_serve, "run the labeling web app"),

@@ -1,6 +1,6 @@
 """The label stage: preference pairs of the SFT policy's own replies, labelled by whoever labels.
 
-    rlhf label-stage --config configs/label.yaml --sft_model runs/demo/sft --output_dir runs/demo/label
+    rlhf label run --config configs/label.yaml --sft_model runs/demo/sft --output_dir runs/demo/label
     rlhf pipeline --config configs/pipeline.yaml          # runs it between SFT and the reward model
 
 The reward model learns from comparisons of the policy's own samples (the protocol of Ziegler et al.
@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from rlhf.core.config import build_config, save_resolved_config
-from rlhf.core.data import write_jsonl
+from rlhf.core.data import load_rows, write_jsonl
 from rlhf.core.errors import UserError
 from rlhf.core.generation import SamplingArguments
 from rlhf.core.hooks import StageHooks
@@ -57,6 +57,8 @@ class LabelStageArguments:
     """Rows with a 'prompt' (string or chat messages): the prompts the replies answer."""
     output_dir: str = "runs/demo/label"
     """Where the campaign, the labelled pairs and metrics.json go."""
+    max_prompts: int | None = None
+    """Label replies to the first this many prompts of prompts_file only (None = all)."""
     samples_per_prompt: int = 4
     """Replies sampled per prompt (K); every pair of different replies to a prompt is a candidate."""
     max_pairs_per_prompt: int | None = None
@@ -82,6 +84,8 @@ class LabelStageArguments:
     def __post_init__(self) -> None:
         if self.labeler not in LABELERS:
             raise UserError(f"labeler: expected one of {', '.join(LABELERS)}, found {self.labeler!r}")
+        if self.max_prompts is not None and self.max_prompts < 1:
+            raise UserError(f"max_prompts: expected at least 1 or null, found {self.max_prompts}")
         if self.samples_per_prompt < 2:
             raise UserError(f"samples_per_prompt: expected at least 2 (a pair), found {self.samples_per_prompt}")
         if self.max_pairs_per_prompt is not None and self.max_pairs_per_prompt < 1:
@@ -139,7 +143,12 @@ def _sample_campaign(args: LabelStageArguments, sampling: SamplingArguments, cam
     shutil.rmtree(part, ignore_errors=True)
     campaign = Campaign.create_or_open(part)
     campaign.set_k(args.k)
-    result = generate_responses(args.sft_model, args.prompts_file, campaign, sampling, n=args.samples_per_prompt,
+    prompts_file = args.prompts_file
+    if args.max_prompts is not None:
+        rows = [r for r in load_rows(args.prompts_file, "prompt")][: args.max_prompts]
+        prompts_file = str(campaign_dir.with_name("prompts.jsonl"))
+        write_jsonl(prompts_file, [{"prompt": r["prompt"]} for r in rows])
+    result = generate_responses(args.sft_model, prompts_file, campaign, sampling, n=args.samples_per_prompt,
                                 batch_size=args.batch_size, seed=args.seed,
                                 max_pairs_per_prompt=args.max_pairs_per_prompt)
     logger.info("label: campaign %s", result.summary())
@@ -156,7 +165,8 @@ def run(config: dict[str, Any] | None = None, hooks: StageHooks | None = None, *
     from rlhf.label.store import Campaign
 
     (args, sampling), given = build_config([LabelStageArguments, SamplingArguments], argv, values=config,
-                                           extra_keys=("resume", "overwrite_output_dir"))
+                                           extra_keys=("resume", "overwrite_output_dir"), prog="rlhf label run",
+                                           description=__doc__.split("\n\n")[1].replace("\n", " "))
     if not args.sft_model:
         raise UserError("sft_model: expected the SFT stage output whose replies are labelled, found none")
     if not Path(args.sft_model).exists():
