@@ -112,3 +112,17 @@ def test_prefer_is_reproducible_and_draws_once():
     prefer(PROMPT, POSITIVE, NEUTRAL, rng, noise=0.0)
     twin.random()
     assert rng.random() == twin.random()
+
+
+def test_a_second_sentence_as_positive_as_the_first_does_not_raise_the_score():
+    """Length-neutral: VADER's whole-reply compound grows with each positive sentence; the annotator's
+    sentiment (the mean over sentences) does not."""
+    from rlhf.demo.annotator import score_parts, sentence_mean_sentiment, sentences, whole_reply_sentiment
+
+    one, two = "The tea is great.", "The tea is great. The tea is good."
+    assert sentences(two) == ["The tea is great.", "The tea is good."]
+    assert whole_reply_sentiment(two) > whole_reply_sentiment(one)  # what the annotator no longer uses
+    assert sentence_mean_sentiment(two) <= sentence_mean_sentiment(one)
+    assert score_parts("Write a short review of tea.", two).sentiment == sentence_mean_sentiment(two)
+    assert sentence_mean_sentiment("The tea is great. The tea is great!") == pytest.approx(
+        (sentence_mean_sentiment("The tea is great.") + sentence_mean_sentiment("The tea is great!")) / 2)

@@ -11,7 +11,12 @@ Score (deterministic)
 ---------------------
 ``annotator_score(prompt, reply) = sentiment + topic + penalty``, in [-3.5, 1.5]:
 
-- ``sentiment``: VADER's compound polarity of the reply (vaderSentiment 3.3.2), in [-1, 1].
+- ``sentiment``: the mean over the reply's sentences of VADER's compound polarity (vaderSentiment
+  3.3.2), in [-1, 1]. Not the compound of the whole reply: VADER sums every word's valence before
+  squashing it, so each further positive sentence would raise the score and the annotator would
+  prefer longer replies at equal sentiment (measured on 511 SFT replies by
+  experiments/annotator_length.py: two positive replies joined scored above both 96 % of the time;
+  with the mean over sentences 8 %).
 - ``topic``: ``+TOPIC_BONUS`` (0.5) if the reply shares a word with the prompt's subject, else
   ``-TOPIC_BONUS``; 0 if the prompt has no subject words. The subject words are the prompt's
   content words after dropping stop words and request words ("write", "short", "review",
@@ -191,7 +196,7 @@ def score_parts(prompt: str, reply: str) -> ScoreParts:
         topic = TOPIC_BONUS if is_on_topic(prompt, reply) else -TOPIC_BONUS
     if not words(reply):
         return ScoreParts(sentiment=0.0, topic=topic, penalty=-EMPTY_PENALTY)
-    sentiment = _vader().polarity_scores(reply)["compound"]
+    sentiment = sentence_mean_sentiment(reply)
     penalty = REPEAT_WEIGHT * (distinct_ratio(reply) - 1.0)  # = -w * (1 - distinct); no repeats -> +0.0
     return ScoreParts(sentiment=sentiment, topic=topic, penalty=penalty)
 

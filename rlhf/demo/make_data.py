@@ -596,10 +596,15 @@ Made by (deterministic: same command, same bytes):
 
 Nobody: an automatic annotator (`rlhf/demo/annotator.py`) stands in for people.
 
-- Score: VADER compound of the reply (in [-1, 1]), plus 0.5 if the reply shares a word with the
-  prompt's subject (the prompt's content words minus stop and request words) or minus 0.5 if it
-  does not, minus 2 x (1 - share of distinct content words) for repetition; an empty reply
-  scores -1.5.
+- Score: the mean over the reply's sentences of VADER's compound (in [-1, 1]), plus 0.5 if the
+  reply shares a word with the prompt's subject (the prompt's content words minus stop and request
+  words) or minus 0.5 if it does not, minus 2 x (1 - share of distinct content words) for
+  repetition; an empty reply scores -1.5.
+- Length-neutral: the mean over sentences, not VADER's compound of the whole reply, which sums
+  every word's valence and so prefers a longer reply at equal sentiment (on 511 replies of the demo
+  SFT policy, two positive replies joined scored above both 96 % of the time with the whole-reply
+  compound, 8 % with the mean; `python experiments/annotator_length.py --samples
+  runs/demo/label/campaign`). The held-out judges of `rlhf eval` are unchanged.
 - Label: reply a is chosen with probability sigmoid((score_a - score_b) / noise), noise = {noise}.
 
 ## Files
