@@ -59,9 +59,12 @@ VARIANTS: dict[str, tuple[str, list[str]]] = {
 }
 OWN_REWARD = {"sft_pairs": "sft_pairs", "replies_per_prompt_4_reward_432": "432_pairs"}
 """Variants that train against a reward model of their own (built once by REWARD_BUILDERS, shared)."""
-GOAL = {"prompts_won": 0.75, "ci_low": 0.60, "distinct_ratio": 0.9}
-"""The goal against SFT: prompts won by the independent judge, the low end of its interval, and
-distinct-2 as a share of SFT's; on-topic rate at least SFT's and mean KL below the run's kl_target."""
+GOAL = {"prompts_won_each": 0.65, "prompts_won_mean": 0.75, "ci_low": 0.60, "distinct_ratio": 0.9,
+        "length_ratio": (0.7, 1.3)}
+"""The goal against SFT, prompts won by the independent lexicon judge: every seed's run at least
+``prompts_won_each``, their mean at least ``prompts_won_mean``, the low end of the config seed's interval
+above ``ci_low``; each run at least as on topic as SFT, distinct-2 at least ``distinct_ratio`` x SFT's,
+mean reply length within ``length_ratio`` x SFT's and mean KL below the run's kl_target."""
 
 
 def rlhf(args: list[str], log: Path, threads: int | None) -> None:
@@ -162,14 +165,23 @@ def mean(values: list[float]) -> float:
 
 
 def meets_goal(report: dict, name: str, kl_target: float) -> bool:
-    """The goal (GOAL) for one run of ``report``, judged by the independent lexicon judge."""
+    """The per-run part of the goal (GOAL) for one run of ``report``, judged by the independent lexicon judge."""
     runs, rates = report["runs"], report["win_rates"][name]
     won = next(v for judge, v in rates.items() if judge.startswith("lexicon"))
     sft = runs[report["baseline"]]
     r = runs[name]
-    return (won["prompt_win_rate"] >= GOAL["prompts_won"] and won["prompt_win_rate_ci"][0] > GOAL["ci_low"]
-            and r["on_topic_rate"] >= sft["on_topic_rate"] and r["distinct_2"] >= GOAL["distinct_ratio"] * sft["distinct_2"]
+    low, high = GOAL["length_ratio"]
+    return (won["prompt_win_rate"] >= GOAL["prompts_won_each"] and r["on_topic_rate"] >= sft["on_topic_rate"]
+            and r["distinct_2"] >= GOAL["distinct_ratio"] * sft["distinct_2"]
+            and low * sft["reply_length"] <= r["reply_length"] <= high * sft["reply_length"]
             and r["kl_to_reference"] < kl_target)
+
+
+def variant_meets_goal(runs: list[tuple[float, float, bool]]) -> bool:
+    """The whole goal over one variant's seeds: ``(prompts won, its CI low end, per-run goal met)`` per
+    seed, the config seed's first."""
+    return (all(met for _, _, met in runs) and mean([w for w, _, _ in runs]) >= GOAL["prompts_won_mean"]
+            and runs[0][1] > GOAL["ci_low"])
 
 
 def table(reports: dict[str, dict], names: list[str], variants: list[str], seeds: list[int], out: Path) -> str:
@@ -195,7 +207,8 @@ def table(reports: dict[str, dict], names: list[str], variants: list[str], seeds
             judge = {j.split(":")[0]: j for j in rates}
             metrics = json.loads((out / name / "metrics.json").read_text())
             kl_target = float(load_yaml(out / name / "config.yaml")["kl_target"])
-            won_by_run[name] = (rates[judge["lexicon"]]["prompt_win_rate"], meets_goal(report, name, kl_target), r)
+            won_by_run[name] = (rates[judge["lexicon"]]["prompt_win_rate"], meets_goal(report, name, kl_target), r,
+                                rates[judge["lexicon"]]["prompt_win_rate_ci"][0])
             lines.append(f"| {name} | {VARIANTS[variant][0]} | {seed} | "
                          + " | ".join(format_interval(rates[judge[j]], "prompt_win_rate") for j in ("lexicon", "annotator", "reward"))
                          + f" | {r['on_topic_rate']:.0%} | {r['distinct_2']:.3f} | {r['reply_length']:.1f} | "
@@ -203,13 +216,18 @@ def table(reports: dict[str, dict], names: list[str], variants: list[str], seeds
                          f"{'met' if won_by_run[name][1] else 'not met'} |")
     if len(seeds) > 1:
         lines += ["", f"Over the seeds {', '.join(map(str, seeds))} (mean of the runs' figures; prompts won by the lexicon judge):",
-                  "", "| variant | prompts won, mean | each seed | on topic | distinct-2 | KL to SFT | runs meeting the goal |",
-                  "|---|---:|---|---:|---:|---:|---:|"]
+                  "", ("| variant | prompts won, mean | each seed | on topic | distinct-2 | reply words | KL to SFT "
+                       "| runs meeting the per-run goal | goal over the seeds |"),
+                  "|---|---:|---|---:|---:|---:|---:|---:|---|"]
         for variant in variants:
             runs = [won_by_run[run_name(variant, seed)] for seed in seeds]
-            lines.append(f"| {variant} | {mean([w for w, _, _ in runs]):.0%} | {', '.join(f'{w:.0%}' for w, _, _ in runs)} | "
-                         f"{mean([r['on_topic_rate'] for _, _, r in runs]):.0%} | {mean([r['distinct_2'] for _, _, r in runs]):.3f} | "
-                         f"{mean([r['kl_to_reference'] for _, _, r in runs]):.2f} | {sum(m for _, m, _ in runs)} of {len(runs)} |")
+            ordered = sorted(runs, key=lambda run: seeds[runs.index(run)] != config_seed())
+            whole = variant_meets_goal([(w, low, m) for w, m, _, low in ordered])
+            lines.append(f"| {variant} | {mean([w for w, _, _, _ in runs]):.0%} | {', '.join(f'{w:.0%}' for w, _, _, _ in runs)} | "
+                         f"{mean([r['on_topic_rate'] for _, _, r, _ in runs]):.0%} | {mean([r['distinct_2'] for _, _, r, _ in runs]):.3f} | "
+                         f"{mean([r['reply_length'] for _, _, r, _ in runs]):.1f} | "
+                         f"{mean([r['kl_to_reference'] for _, _, r, _ in runs]):.2f} | {sum(m for _, m, _, _ in runs)} of {len(runs)} | "
+                         f"{'met' if whole else 'not met'} |")
     lines += ["", "Same-prompt reply pairs (every policy's samples of one evaluation) two judges order alike:", ""]
     for report in {reports[name]["dir"]: reports[name] for name in names}.values():
         agreement = [f"{a['judge'].split(':')[0]} vs {a['other'].split(':')[0]} {a['agreement']:.1%} of {a['pairs']:,}"

@@ -3,10 +3,12 @@
     make demo                       # = .venv/bin/python scripts/demo.py
     python scripts/demo.py --config configs/pipeline.yaml --output_root runs/demo [--k 4]
 
-Runs SFT -> reward -> PPO (skipping finished stages, resuming an interrupted one), then
+Runs SFT -> label -> reward -> PPO (skipping finished stages, resuming an interrupted one): the label
+stage samples 4 replies of the SFT policy to each training prompt and the demo annotator labels their
+pairs (standing in for people), the reward model learns from those pairs. Then
 ``rlhf eval`` of the PPO policy against the SFT policy on data/demo/prompts_heldout.jsonl: subjects no
 training file mentions, half of them in request forms no training prompt uses. Each policy answers
-every prompt ``k`` times; three judges compare them: ``lexicon`` (AFINN sentiment + on topic: NOT the
+every prompt ``k`` times; three judges compare them: ``lexicon`` (a sentiment lexicon + on topic: NOT the
 annotator that labelled the training pairs), the demo annotator, and the trained reward model. Win
 rates count ties as half and carry 95 % bootstrap intervals over prompts. The table goes to
 <output_root>/report.md, the full report to <output_root>/eval/report.html.
@@ -38,6 +40,8 @@ def build_report(root: Path) -> str:
     from rlhf.eval.statistics import format_interval
 
     reward_metrics = json.loads((root / "reward" / "metrics.json").read_text())
+    label_path = root / "label" / "metrics.json"
+    label_metrics = json.loads(label_path.read_text()) if label_path.exists() else None
     sft_metrics = json.loads((root / "sft" / "metrics.json").read_text())
     ppo_metrics = json.loads((root / "ppo" / "metrics.json").read_text())
     ppo_config = yaml.safe_load((root / "ppo" / "config.yaml").read_text())
@@ -47,13 +51,22 @@ def build_report(root: Path) -> str:
     sft = report["baseline"]
     ppo = next(name for name in runs if name != sft)
     judge_names = {j.split(":")[0]: j for j in next(iter(report["win_rates"].values()))}
+    held_out = ("agreement with the noiseless annotator on pairs of SFT replies to held-out prompts"
+                if label_metrics and label_metrics["labeler"] == "annotator" else "held-out pairwise accuracy")
     lines = [
         f"# Demo report ({len(forms)} held-out prompts x {report['settings']['k']} samples per policy)",
         "",
-        f"Reward model held-out pairwise accuracy: **{reward_metrics['test_accuracy']:.1%}** "
+        f"Reward model {held_out}: **{reward_metrics['test_accuracy']:.1%}** "
         f"({reward_metrics['test_pairs']} test pairs; mean margin {reward_metrics['test_mean_margin']:.2f})  ",
         f"SFT held-out test loss {sft_metrics['test_loss']:.3f} (perplexity {sft_metrics['test_perplexity']:.2f})  ",
-        f"Stage wall times: SFT {sft_metrics['wall_seconds']:.0f} s, reward {reward_metrics['wall_seconds']:.0f} s, "
+        *([f"Labels: {label_metrics['train_pairs']} training pairs of the SFT policy's own replies "
+           f"({label_metrics['replies_per_prompt']} per prompt), labelled by the {label_metrics['labeler']}"
+           + (f" (agreeing with its noiseless choice on {label_metrics['label_agreement_with_noiseless']:.0%})"
+              if label_metrics.get("label_agreement_with_noiseless") is not None else "") + "  "]
+          if label_metrics else []),
+        f"Stage wall times: SFT {sft_metrics['wall_seconds']:.0f} s, "
+        + (f"label {label_metrics['wall_seconds']:.0f} s, " if label_metrics else "")
+        + f"reward {reward_metrics['wall_seconds']:.0f} s, "
         f"PPO {ppo_metrics['wall_seconds']:.0f} s ({ppo_config['value_model']} value model), evaluation "
         f"{report['wall_seconds']:.0f} s",
         "",
@@ -83,8 +96,19 @@ def build_report(root: Path) -> str:
     if agreement:
         lines += ["", "Judges ordering the same-prompt reply pairs of both policies alike (for the reward model, its "
                   f"accuracy on the policies' own replies): {'; '.join(agreement)}."]
+    by_run = report.get("judge_agreement_by_run", {})
+    reward_vs_annotator = {
+        label: next((a["agreement"] for a in by_run.get(name, []) if a["judge"].startswith("reward")
+                     and a["other"] == "annotator" and a["agreement"] is not None), None)
+        for name, label in ((sft, "SFT"), (ppo, "PPO"))}
+    if all(v is not None for v in reward_vs_annotator.values()):
+        lines += ["", "Reward model vs the noiseless annotator on same-prompt pairs of one policy's replies to the "
+                  "held-out prompts: " + "; ".join(f"{k}'s replies {v:.0%}" for k, v in reward_vs_annotator.items())
+                  + "."]
     flags = report.get("hacking_flags", {}).get(ppo) or []
-    lines += ["", f"KL target of the adaptive controller: {ppo_config['kl_target']} nats per reply. Reward-hacking "
+    note = runs[ppo].get("kl_budget_note")
+    lines += ["", f"KL target of the adaptive controller: {ppo_config['kl_target']} nats per reply"
+              + (f" ({note})" if note else "") + ". Reward-hacking "
               f"flags: {', '.join(f['flag'] for f in flags) if flags else 'none'}. Full report: "
               f"{root / 'eval' / 'report.html'}", "", "## Replies the judges disagree on most", ""]
     for row in report.get("examples", {}).get("rows", [])[:4]:

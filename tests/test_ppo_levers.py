@@ -50,16 +50,28 @@ def test_run_name_is_bare_for_the_config_seed_and_suffixed_otherwise(levers):
 
 @pytest.mark.parametrize("change, met", [
     ({}, True),
-    ({"rate": 0.74}, False),                      # fewer than 75 % of prompts won
-    ({"low": 0.60}, False),                       # interval's low end not above 60 %
+    ({"rate": 0.64}, False),                      # one seed under 65 % of prompts won
     ({"on_topic": 0.84}, False),                  # less on topic than SFT (85 %)
     ({"distinct": 0.9 * 0.726 - 0.001}, False),   # distinct-2 under 0.9 x SFT's
+    ({"length": 6.9}, False),                     # replies under 0.7 x SFT's 10 words
+    ({"length": 13.1}, False),                    # replies over 1.3 x SFT's 10 words
     ({"kl": 4.0}, False),                         # KL not below the target
 ])
-def test_meets_goal_needs_every_part_of_the_goal(levers, change, met):
-    values = {"rate": 0.80, "low": 0.65, "on_topic": 0.85, "distinct": 0.9 * 0.726, "kl": 3.9, **change}
-    rep = report({"ppo": (values["rate"], values["low"], run_figures(values["on_topic"], values["distinct"], values["kl"]))})
+def test_meets_goal_needs_every_part_of_the_per_run_goal(levers, change, met):
+    values = {"rate": 0.65, "low": 0.5, "on_topic": 0.85, "distinct": 0.9 * 0.726, "kl": 3.9, "length": 10.0, **change}
+    figures = {**run_figures(values["on_topic"], values["distinct"], values["kl"]), "reply_length": values["length"]}
+    rep = report({"ppo": (values["rate"], values["low"], figures)})
     assert levers.meets_goal(rep, "ppo", kl_target=4.0) is met
+
+
+@pytest.mark.parametrize("runs, met", [
+    ([(0.80, 0.65, True), (0.75, 0.5, True), (0.70, 0.5, True)], True),
+    ([(0.80, 0.65, True), (0.70, 0.5, True), (0.70, 0.5, True)], False),   # mean under 75 %
+    ([(0.80, 0.60, True), (0.75, 0.5, True), (0.70, 0.5, True)], False),   # config seed's low end not above 60 %
+    ([(0.90, 0.80, True), (0.90, 0.8, True), (0.64, 0.5, False)], False),  # one seed misses the per-run goal
+])
+def test_the_goal_over_seeds(levers, runs, met):
+    assert levers.variant_meets_goal(runs) is met
 
 
 def test_table_takes_each_run_from_the_evaluation_that_covered_it_and_averages_seeds(levers, tmp_path):
@@ -79,5 +91,5 @@ def test_table_takes_each_run_from_the_evaluation_that_covered_it_and_averages_s
     assert "40% [30%, 50%]" in rows["baseline"] and rows["baseline"].endswith("| 100 | not met |")
     assert "90% [80%, 100%]" in rows[f"baseline-s{seed + 1}"] and rows[f"baseline-s{seed + 1}"].endswith("| 200 | met |")
     summary = next(line for line in text.splitlines() if line.startswith("| baseline | 65% |"))
-    assert "40%, 90%" in summary and summary.endswith("| 2.50 | 1 of 2 |")
+    assert "40%, 90%" in summary and summary.endswith("| 2.50 | 1 of 2 | not met |")
     assert "- eval (1 runs)" in text and "- eval1 (1 runs)" in text
