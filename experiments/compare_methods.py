@@ -1,11 +1,13 @@
-"""PPO, DPO, GRPO and RLOO from the same SFT and reward runs, each with the same wall-clock training budget.
+"""PPO, DPO, GRPO and RLOO from the same SFT run and labels, each with the same wall-clock training budget.
 
     make compare                                   # = python experiments/compare_methods.py
     python experiments/compare_methods.py --budget_seconds 600 --k 4 --out runs/compare
     python experiments/compare_methods.py --quick      # a tiny random model, a few seconds per method: the plumbing only
 
-Each method runs in its own process (its peak RSS is its own) from ``--sft`` and ``--reward`` (made
-with configs/sft.yaml and configs/reward.yaml when missing), with its demo config and a generous
+Each method runs in its own process (its peak RSS is its own) from ``--sft``, ``--label`` and ``--reward``
+(made as the pipeline makes them, with configs/sft.yaml, configs/label.yaml and configs/reward.yaml, when
+missing): the reward model trains on the label stage's pairs of SFT replies, and so does DPO, so every
+method learns from the same labels. Each method has its demo config and a generous
 max_steps, and stops training once ``--budget_seconds`` of training have passed (model loading, the
 first step and the final evaluation are not counted): a StageHooks that hears every step's log
 (logging_steps 1) raises StopTraining, and the stage writes a checkpoint there and finishes from it
@@ -103,15 +105,17 @@ def quick_setup(out: Path) -> tuple[Path, Path, dict[str, dict]]:
     return sft, reward, configs
 
 
-def demo_setup(sft: Path, reward: Path) -> dict[str, dict]:
+def demo_setup(sft: Path, label: Path, reward: Path) -> dict[str, dict]:
     from rlhf.app.stages import run_stage
 
-    for stage, run_dir in (("sft", sft), ("reward", reward)):
+    pairs = {f"{split}_file": str(label / f"{split}.jsonl") for split in ("train", "validation", "test")}
+    for stage, run_dir, extra in (("sft", sft, {}), ("label", label, {"sft_model": str(sft)}),
+                                  ("reward", reward, pairs)):
         if not (run_dir / "metrics.json").exists():
-            run_stage(stage, {"config": f"configs/{stage}.yaml", "output_dir": str(run_dir)})
-    # Generous step counts: the budget ends each run. DPO: epochs over the pairs until then.
+            run_stage(stage, {"config": f"configs/{stage}.yaml", "output_dir": str(run_dir), **extra})
+    # Generous step counts: the budget ends each run. DPO: epochs over the label pairs until then.
     return {"ppo": {"config": "configs/ppo.yaml", "max_steps": 1000},
-            "dpo": {"config": "configs/dpo.yaml", "num_train_epochs": 50, "early_stopping_patience": None},
+            "dpo": {"config": "configs/dpo.yaml", "num_train_epochs": 50, "early_stopping_patience": None, **pairs},
             "grpo": {"config": "configs/grpo.yaml", "max_steps": 1000},
             "rloo": {"config": "configs/rloo.yaml", "max_steps": 1000}}
 
@@ -130,7 +134,7 @@ def table(report: dict, processes: dict[str, dict], budget: float, k: int, promp
     def rate(method: str, which: str, key: str = "win_rate") -> str:
         return format_interval(rates[method][judge[which]], key)
 
-    lines = [f"# PPO, DPO, GRPO, RLOO from the same SFT and reward runs ({budget:.0f} s of training each)", "",
+    lines = [f"# PPO, DPO, GRPO, RLOO from the same SFT run and labels ({budget:.0f} s of training each)", "",
              f"{prompts} held-out prompts x {k} samples per policy; win rates against SFT, ties half, "
              "95 % bootstrap intervals over prompts.", "",
              "| method | win rate vs SFT (annotator) | win rate (lexicon, independent) | prompts won (lexicon) | "
@@ -155,7 +159,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="runs/compare", help="runs, eval and the table go here")
     parser.add_argument("--sft", help="SFT run (default: <out>/sft, trained with configs/sft.yaml if missing)")
-    parser.add_argument("--reward", help="reward run (default: <out>/reward, configs/reward.yaml if missing)")
+    parser.add_argument("--label", help="label stage output (default: <out>/label, configs/label.yaml if missing)")
+    parser.add_argument("--reward", help="reward run (default: <out>/reward, configs/reward.yaml on the label pairs "
+                                         "if missing)")
     parser.add_argument("--budget_seconds", type=float, default=420.0, help="training time of each method")
     parser.add_argument("--k", type=int, default=4, help="samples per held-out prompt and policy")
     parser.add_argument("--max_new_tokens", type=int, default=32, help="longest reply in the evaluation")
@@ -172,7 +178,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
         budget = args.budget_seconds
         sft, reward = Path(args.sft or out / "sft"), Path(args.reward or out / "reward")
-        configs = demo_setup(sft, reward)
+        configs = demo_setup(sft, Path(args.label or out / "label"), reward)
     processes = {}
     for method in methods:
         config = {**configs[method], "sft_model": str(sft), "reward_model": str(reward), "output_dir": str(out / method)}
