@@ -1,1 +1,1 @@
-"""Stage 2: a reward model (LoRA adapter + scalar score head) trained on preference pairs."""
+"""Stage 3: a reward model (LoRA adapter + scalar score head) trained on preference pairs."""

@@ -134,6 +134,7 @@ def test_a_finished_stage_is_not_overwritten_silently(straight, tiny_model_dir, 
     ({"samples_per_prompt": 1}, "samples_per_prompt: expected at least 2"),
     ({"validation_share": 0.5, "test_share": 0.5}, "expected below 1"),
     ({"sft_model": "no/such/run"}, "sft_model: expected an SFT stage output"),
+    ({"k": 2}, "k: the demo annotator gives each pair one label"),
 ])
 def test_bad_settings_are_refused_before_any_work(bad, message, tiny_model_dir, prompts_file, tmp_path):
     with pytest.raises(UserError, match=message):
@@ -206,3 +207,16 @@ run_pipeline({argv + ["--output_root", str(resumed)]!r})
     assert weights[0].keys() == weights[1].keys()
     for key in weights[0]:
         assert (weights[0][key] == weights[1][key]).all(), key
+
+
+def test_an_interrupted_stage_continues_only_with_its_own_settings(tiny_model_dir, prompts_file, tmp_path):
+    from rlhf.label.store import Campaign
+
+    out = tmp_path / "label"
+    waiting = run(config(tiny_model_dir, prompts_file, out, labeler="campaign"))
+    assert "waiting_for_labels" in waiting
+    with pytest.raises(UserError, match="other settings \\(samples_per_prompt\\)"):
+        run(config(tiny_model_dir, prompts_file, out, labeler="campaign", samples_per_prompt=3))
+    run(config(tiny_model_dir, prompts_file, out, samples_per_prompt=3, overwrite_output_dir=True))
+    pairs = Campaign(out / "campaign").pairs()
+    assert max(sum(p["prompt"] == q["prompt"] for q in pairs) for p in pairs) <= 3  # resampled: 3 replies

@@ -165,11 +165,12 @@ def _eval(argv: list[str]) -> int:
 # name -> (function of the remaining argv, one line of help). The stages come from the registry.
 COMMANDS = {
     "model": (_model, "the embedded default model: fetch (convert once) or path"),
-    **{name: (_stage(name), stage.description) for name, stage in STAGES.items()},
+    # The label stage runs as `rlhf label run`, beside the labeling tools.
+    **{name: (_stage(name), stage.description) for name, stage in STAGES.items() if name != "label"},
     "sweep": (_sweep, "hyper-parameter search over a stage's config keys (optuna)"),
-    "pipeline": (_pipeline, "SFT -> reward -> PPO/DPO/GRPO/RLOO, skipping finished stages, resuming"),
+    "pipeline": (_pipeline, "SFT -> label -> reward -> PPO/DPO/GRPO/RLOO, skipping finished stages, resuming"),
     "generate": (_generate, "replies to a prompts file from any stage's output"),
-    "label": (_label, "preference labeling campaigns: import, generate, serve, annotate, stats, export"),
+    "label": (_label, "the label stage (run) and labeling campaigns: import, generate, serve, annotate, stats, export"),
     "estimate-memory": (_estimate_memory, "expected peak memory of a stage, broken down"),
     "export": (_export, "a stage output as a standalone model directory (adapters merged)"),
     "chat": (_chat, "interactive terminal chat with a model (/reset, /exit)"),

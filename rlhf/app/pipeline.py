@@ -10,8 +10,9 @@ they use their own configs' preference files.
     rlhf pipeline --config configs/pipeline.yaml [--output_root runs/demo] [--method dpo]
     rlhf pipeline --config configs/pipeline.yaml --rounds 2      # then labeling rounds (rlhf/app/rounds.py)
 
-A stage is finished when its output directory exists (outputs are renamed into place only when a
-stage completes); it was interrupted when ``<output_dir>.tmp`` holds a checkpoint.
+A stage is finished when its output directory holds metrics.json (written last); a training stage was
+interrupted when ``<output_dir>.tmp`` holds a checkpoint, the label stage when its directory has no
+metrics.json yet.
 """
 
 from __future__ import annotations
@@ -71,6 +72,15 @@ class PipelineArguments:
             raise UserError(f"method: expected one of {', '.join(METHODS)}, found {self.method!r}")
 
 
+def label_pair_files(label: Path) -> dict[str, str]:
+    """The label stage's pair files as a pair-training stage's keys; a split it left empty is left out."""
+    import json
+
+    metrics = json.loads((label / "metrics.json").read_text())
+    return {f"{split}_file": str(label / f"{split}.jsonl") for split in ("train", "validation", "test")
+            if metrics.get(f"{split}_pairs")}
+
+
 def stage_output(config_path: str, stage: str, root: str | None) -> str:
     if root:
         return str(Path(root) / stage)
@@ -108,7 +118,7 @@ def run_pipeline(argv: list[str] | None = None) -> dict[str, str]:
         if stage == "label":
             config["sft_model"] = outputs["sft"]
         if stage in PAIR_STAGES and label is not None:
-            config.update({f"{split}_file": str(label / f"{split}.jsonl") for split in ("train", "validation", "test")})
+            config.update(label_pair_files(label))
         if stage == args.method:  # every method starts from the SFT run and its reward run
             config.update(sft_model=outputs["sft"], reward_model=outputs["reward"])
         if run_dir.last_checkpoint() is not None:

@@ -362,6 +362,10 @@ def _run_reward(ctx: Context, reward_dir: Path, train_file: Path, test_file: Pat
                               "train_file": str(train_file), "max_train_samples": None}
     if _read_rows(test_file):
         config["test_file"] = str(test_file)
+    label = ctx.outputs.get("label")
+    if label and (Path(label) / "validation.jsonl").exists() and _read_rows(Path(label) / "validation.jsonl"):
+        # Early stopping on the same kind of pairs as the first reward model: the SFT policy's own replies.
+        config["validation_file"] = str(Path(label) / "validation.jsonl")
     if ctx.model_name_or_path:
         config["model_name_or_path"] = ctx.model_name_or_path
     if ctx.args.reward_max_steps:

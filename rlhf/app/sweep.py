@@ -43,14 +43,13 @@ from typing import Any
 
 import yaml
 
-from rlhf.app.stages import METHODS, STAGES, run_stage
+from rlhf.app.stages import METHODS, run_stage
 from rlhf.core.config import build_config, format_help, load_yaml, parse_overrides
 from rlhf.core.errors import UserError
 from rlhf.core.hooks import with_trainer_callbacks
 
 logger = logging.getLogger(__name__)
 
-POLICY_STAGES = METHODS
 OBJECTIVES = {
     "sft": ("minimize", "validation loss of the final (best) model", "eval_loss"),
     "reward": ("maximize", "validation pairwise accuracy of the final (best) model", "eval_accuracy"),
@@ -255,13 +254,14 @@ class SweepArguments:
 
 def infer_stage(config: str, stage: str | None) -> str:
     if stage:
-        if stage not in STAGES:
-            raise UserError(f"stage: expected one of {', '.join(STAGES)}, found {stage!r}")
+        if stage not in OBJECTIVES:
+            raise UserError(f"stage: expected one of {', '.join(OBJECTIVES)} (stages a sweep can score), found "
+                            f"{stage!r}")
         return stage
     name = Path(config).stem
-    if name not in STAGES:
+    if name not in OBJECTIVES:
         raise UserError(f"--config {config}: cannot tell the stage from the file name; pass --stage "
-                        f"({', '.join(STAGES)})")
+                        f"({', '.join(OBJECTIVES)})")
     return name
 
 

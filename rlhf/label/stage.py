@@ -36,7 +36,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from rlhf.core.config import build_config, save_resolved_config
+from rlhf.core.config import build_config, load_yaml, save_resolved_config, to_plain
 from rlhf.core.data import load_rows, write_jsonl
 from rlhf.core.errors import UserError
 from rlhf.core.generation import SamplingArguments
@@ -94,6 +94,9 @@ class LabelStageArguments:
             raise UserError(f"annotator_noise: expected a number >= 0, found {self.annotator_noise}")
         if self.k < 1:
             raise UserError(f"k: expected at least 1, found {self.k}")
+        if self.labeler == "annotator" and self.k != 1:
+            raise UserError(f"k: the demo annotator gives each pair one label; expected 1 with labeler annotator, "
+                            f"found {self.k}")
         if not 0 <= self.min_labeled_share <= 1:
             raise UserError(f"min_labeled_share: expected a number from 0 to 1, found {self.min_labeled_share}")
         for name in ("validation_share", "test_share"):
@@ -165,8 +168,9 @@ def run(config: dict[str, Any] | None = None, hooks: StageHooks | None = None, *
     from rlhf.label.store import Campaign
 
     (args, sampling), given = build_config([LabelStageArguments, SamplingArguments], argv, values=config,
-                                           extra_keys=("resume", "overwrite_output_dir"), prog="rlhf label run",
-                                           description=__doc__.split("\n\n")[1].replace("\n", " "))
+                                           extra_keys=("overwrite_output_dir",), prog="rlhf label run",
+                                           description="The label stage: the SFT policy's own replies, labelled, "
+                                                       "split by prompt (rlhf/label/stage.py).")
     if not args.sft_model:
         raise UserError("sft_model: expected the SFT stage output whose replies are labelled, found none")
     if not Path(args.sft_model).exists():
@@ -174,11 +178,20 @@ def run(config: dict[str, Any] | None = None, hooks: StageHooks | None = None, *
     if not Path(args.prompts_file).exists():
         raise UserError(f"prompts_file: no such file {args.prompts_file}")
     out = Path(args.output_dir)
-    if (out / "metrics.json").exists():
-        if not given.get("overwrite_output_dir"):
-            raise UserError(f"{out}: expected a new output_dir, found a finished label stage there; pass "
-                            "--overwrite_output_dir true or choose another output_dir")
-        shutil.rmtree(out)
+    if given.get("overwrite_output_dir"):
+        shutil.rmtree(out, ignore_errors=True)
+    elif (out / "metrics.json").exists():
+        raise UserError(f"{out}: expected a new output_dir, found a finished label stage there; pass "
+                        "--overwrite_output_dir true or choose another output_dir")
+    # An interrupted stage continues only with the settings its campaign was sampled with.
+    settings = {**to_plain(args), **to_plain(sampling)}
+    earlier = out / "config.yaml"
+    if (out / "campaign").exists() and earlier.exists():
+        before = load_yaml(earlier)
+        changed = sorted(k for k in settings if before.get(k) != settings[k])
+        if changed:
+            raise UserError(f"{out}: an interrupted label stage made with other settings ({', '.join(changed)}); "
+                            "rerun with its settings, or pass --overwrite_output_dir true to start again")
     out.mkdir(parents=True, exist_ok=True)
     save_resolved_config(out / "config.yaml", [args, sampling], given)
     started = time.time()
@@ -221,6 +234,8 @@ def run(config: dict[str, Any] | None = None, hooks: StageHooks | None = None, *
                         "validation_share/test_share")
     metrics["wall_seconds"] = time.time() - started
     write_json(out / "metrics.json", metrics)  # written last: the stage is complete
+    if hooks is not None:
+        hooks.on_evaluate(0, metrics)
     logger.info("label: %d train, %d validation, %d test pairs -> %s", metrics["train_pairs"],
                 metrics["validation_pairs"], metrics["test_pairs"], out)
     return metrics

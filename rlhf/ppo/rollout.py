@@ -129,7 +129,7 @@ class CriticValue(ValueModel):
         return roles.head_values(roles.reply_hidden("value", rollout, rows))
 
     def scored_values(self, roles: "Roles", rollout: Rollout, policy_values: torch.Tensor | None) -> torch.Tensor:
-        return self.reply_values(roles, rollout)
+        return roles.reply_values(rollout)
 
     def update_values(self, roles: "Roles", rollout: Rollout, rows, policy_values: torch.Tensor | None,
                       policy_loss: torch.Tensor, backward: Backward) -> torch.Tensor:
@@ -137,7 +137,7 @@ class CriticValue(ValueModel):
         # loss as soon as it exists gives the same gradients as one backward of their sum, while
         # only one role's activations are alive at a time (half the peak memory).
         backward(policy_loss)
-        return self.reply_values(roles, rollout, rows)
+        return roles.reply_values(rollout, rows)
 
     def final_backward(self, policy_loss: torch.Tensor, value_loss: torch.Tensor, backward: Backward) -> None:
         backward(value_loss)

@@ -1,4 +1,4 @@
-"""Stage 3: PPO against the reward model, with policy, reference, reward and value on ONE base model.
+"""Stage 4: PPO against the reward model, with policy, reference, reward and value on ONE base model.
 
     rlhf ppo --config configs/ppo.yaml [--learning_rate 5e-5 ...] [--resume]
     accelerate launch scripts/ppo.py --config configs/ppo.yaml
