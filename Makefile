@@ -51,7 +51,7 @@ bench-ppo: install model
 bench-scale: install model
 	$(PY) bench/bench_scale.py --shape 360m
 
-# PPO, DPO, GRPO, RLOO from the same SFT and reward runs, same training time each (tens of minutes).
+# PPO, DPO, GRPO, RLOO from the same SFT run and labels, same training time each (tens of minutes).
 compare: install model
 	$(PY) experiments/compare_methods.py
 

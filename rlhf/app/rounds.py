@@ -1,4 +1,4 @@
-"""Iterated RLHF: after SFT -> reward -> PPO, rounds of new labels on the current policy's replies.
+"""Iterated RLHF: after SFT -> label -> reward -> PPO, rounds of new labels on the current policy's replies.
 
     rlhf pipeline --config configs/pipeline.yaml --rounds 2            # rounds_config: configs/rounds.yaml
     make demo-rounds                                                     # the same, with the demo annotator
