@@ -32,9 +32,11 @@ Row names: ``<stage>-<lora|qlora>[-ckpt][-merge|-nomerge][-bf16fwd|-nobf16fwd]``
 ``--dtype`` base (bfloat16 by default), qlora = QLoRA 4-bit NF4 (compute in ``--dtype``), ckpt =
 gradient checkpointing, merge/nomerge = PPO's ``merge_for_generation`` forced on/off, bf16fwd/nobf16fwd
 = PPO's ``bf16_forwards`` forced on/off (else their defaults: ``bf16_forwards`` auto is on for lora
-rows on a bfloat16 base, so ``ppo-lora`` against ``ppo-lora-nobf16fwd`` is the option's saving; the
-estimate does not model the option yet and gives both rows the float32-adapter figure).
-Every row is printed beside ``rlhf estimate-memory``'s figure for it (``rlhf.core.memory``), and the
+rows on a bfloat16 base, so ``ppo-lora`` against ``ppo-lora-nobf16fwd`` is the option's saving).
+Every row is printed beside ``rlhf estimate-memory``'s figure for it (``rlhf.core.memory``, with the
+row's settings: PPO rows without the final evaluation, which these children do not run; one step
+where the estimate is for the steady state of later steps, see bench/bench_estimate_vs_cli.py for
+the whole ``rlhf ppo`` run), and the
 ratios the issue asks for: the TRL 0.19 layout / ours, PPO / SFT, rollout time with and without
 merging, PPO with bf16 forwards on / off. Timings are wall seconds of a shared 2-core machine: compare
 them within one run only.
@@ -493,14 +495,23 @@ def estimate_row(a: argparse.Namespace, row_name: str) -> float | None:
         return estimate_separate_models_ppo(config, seq_len=a.prompt_len, **common).total / MiB
     seq_len = a.prompt_len if row["stage"] == "ppo" else a.prompt_len + a.new_tokens
     extra = {} if row["merge"] is None else {"merge_for_generation": row["merge"]}
+    if row["stage"] == "ppo":  # child_ppo runs train_step only: no final evaluation
+        extra.update(eval_prompts=0, bf16_forwards={None: "auto", True: "true", False: "false"}[row["bf16fwd"]])
     return estimate_memory(config, row["stage"], row["method"], seq_len=seq_len, **common, **extra).total / MiB
 
 
-def run_child(a: argparse.Namespace, row: str, malloc: str, work: Path, retry: bool = True) -> dict:
+def child_env(malloc: str = "rlhf") -> dict[str, str]:
+    """The environment a measured child runs in: quiet, offline, and the allocator setting ``malloc``
+    (``rlhf``: what a user gets; no inherited glibc tunables)."""
     env = {k: v for k, v in os.environ.items() if not (k.startswith("MALLOC_") or k == "GLIBC_TUNABLES"
                                                          or k == "RLHF_KEEP_FREED_MEMORY")}
     env.update({"TQDM_DISABLE": "1", "TRANSFORMERS_VERBOSITY": "error", "TOKENIZERS_PARALLELISM": "false",
                 "HF_HUB_OFFLINE": "1", "PYTHONWARNINGS": "ignore", "WANDB_MODE": "offline", **MALLOC[malloc]})
+    return env
+
+
+def run_child(a: argparse.Namespace, row: str, malloc: str, work: Path, retry: bool = True) -> dict:
+    env = child_env(malloc)
     argv = [sys.executable, str(Path(__file__).resolve()), "--shape", a.shape, "--dtype", a.dtype,
             "--batch_size", str(a.batch_size), "--prompt_len", str(a.prompt_len), "--new_tokens", str(a.new_tokens),
             "--steps", str(a.steps), "--cache", a.cache, "--child", row, "--workdir", str(work)]

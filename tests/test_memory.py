@@ -231,10 +231,15 @@ def test_reward_and_ppo_roles():
     assert ppo.optimizer == 2 * (2 * LORA_R2 + HIDDEN) * 4
     # KV cache: 2 (k, v) x 2 layers x 2 prompts x (5 + 3) tokens x 2 KV heads x 4 dims x 4 bytes
     assert ppo.kv_cache == 2 * 2 * 2 * 8 * 2 * 4 * 4 == 2048
-    # Generation, scoring and training do not overlap: the total takes the largest phase.
+    # Generation, scoring and training do not overlap: the total takes the largest phase. Without a
+    # final evaluation that is the rollout: the heap the updates left (the activations here) and the
+    # last update's gradients, which live until the next update (no LM head copies in float32).
+    ppo = estimate_memory(tiny_config(), "ppo", "lora", **SIZES, eval_prompts=0)
     persistent = ppo.runtime + ppo.weights + ppo.adapters + ppo.optimizer
     assert ppo.activations > max(ppo.kv_cache, ppo.gradients)
-    assert ppo.total == persistent + ppo.activations < sum(ppo.components().values())
+    assert ppo.phases == {"training": persistent + ppo.activations,
+                          "rollout": persistent + ppo.activations + ppo.gradients}
+    assert ppo.total == persistent + ppo.activations + ppo.gradients < sum(ppo.components().values())
 
 
 def test_ppo_merge_copy_follows_merge_for_generation():
@@ -254,9 +259,11 @@ def test_ppo_merge_copy_follows_merge_for_generation():
     assert estimate_memory(tiny_config(), "ppo", "lora", **{**SIZES, "device": "cuda"},
                            merge_for_generation="true").merged_copy == 0
     assert estimate_memory(tiny_config(), "ppo", "qlora", **SIZES, merge_for_generation="true").merged_copy == 0
-    # Generation (KV cache + the copy) and training never overlap.
+    # Generation (KV cache + the copy) and training never overlap: generation runs in the heap the
+    # updates left, so the rollout holds the larger of the two (and the last update's gradients).
+    merged = estimate_memory(tiny_config(), "ppo", "lora", **SIZES, merge_for_generation="true", eval_prompts=0)
     assert merged.total == merged.runtime + merged.weights + merged.adapters + merged.optimizer + max(
-        merged.activations, merged.kv_cache + merged.merged_copy)
+        merged.activations, merged.kv_cache + merged.merged_copy) + merged.gradients
 
 
 def test_separate_models_layout_holds_three_models():
@@ -347,6 +354,177 @@ def test_saved_activations_match_autograd(mode):
     assert sum(saved.values()) == pytest.approx(expected, rel=0.01)
 
 
+@pytest.mark.parametrize("bf16_forwards", [False, True], ids=["peft-casts", "bf16-forwards"])
+def test_ppo_saved_activations_on_a_bf16_base_match_autograd(bf16_forwards):
+    """PPO's training forward through the adapter registry on a bf16 base, with and without
+    bf16_forwards, against the bytes autograd really saves."""
+    import torch
+    from peft import LoraConfig
+    from transformers import LlamaForCausalLM
+
+    from rlhf.core.adapters import AdapterRegistry
+    from rlhf.core.memory import architecture, saved_bytes_per_token_layer
+
+    config = tiny_config()
+    arch = architecture(config)
+    torch.manual_seed(0)
+    registry = AdapterRegistry(LlamaForCausalLM(config).to(torch.bfloat16))
+    targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    registry.add("policy", LoraConfig(r=2, target_modules=targets))
+    registry.peft_model.train()
+    registry.compute_dtype = torch.bfloat16 if bf16_forwards else None  # what PPOTrainer sets
+    params = {p.untyped_storage().data_ptr() for p in registry.peft_model.parameters()}
+    saved: dict[int, int] = {}
+
+    def pack(t):
+        if t.untyped_storage().data_ptr() not in params:
+            saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    ids = torch.randint(0, 100, (3, 24))
+    mask = torch.ones_like(ids)
+    mask[0, :5] = 0
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        registry.hidden_states("policy", ids, mask)
+    per_layer = saved_bytes_per_token_layer(arch, width=24, trainable_base=False, lora_r=2, lora_dropout=False,
+                                            act_bytes=2, device="cpu", bf16_forwards=bf16_forwards)
+    # By hand (h = q = 16, i = 32, r = 2, 4 heads, width 24), in both: bf16 q, k and v repeated, o's
+    # input (4 x 16), the mask (24), gate/activation/up outputs (3 x 32): 184 x 2 = 368 bytes; float32
+    # norm inputs (2 x 16), rstd (2), logsumexp (4): 38 x 4 = 152. Without bf16_forwards peft casts the
+    # input of each of the 7 adapted layers up to float32 and saves it (6 x 16 + 32) with a float32
+    # rank-2 intermediate (7 x 2): 142 x 4 = 568 -> 1,088. With it each adapter saves its layer's own
+    # bf16 input, once per distinct input (attention input 16, MLP input 16, down input 32; o's input
+    # is above), and a bf16 intermediate (7 x 2): 78 x 2 = 156 -> 676.
+    assert per_layer == {False: 1088, True: 676}[bf16_forwards]
+    tokens = ids.numel()
+    # Outside the layers: the final norm's float32 input and rstd (17 x 4 bytes a token), as much as the
+    # first layer's first norm does not save (its input needs no gradient); the rotary cos and sin, once
+    # (2 x 3 x 24 x 4 dims x 2 bytes); with bf16_forwards, autocast's bf16 copies of the LoRA weights.
+    expected = tokens * arch.layers * per_layer + 2 * 3 * 24 * 4 * 2 + (LORA_R2 * 2 if bf16_forwards else 0)
+    assert sum(saved.values()) == pytest.approx(expected, rel=0.005)
+
+
+def test_bf16_forwards_saving_is_counted_only_where_ppo_makes_it():
+    from rlhf.core.errors import UserError
+    from rlhf.core.memory import RETENTION, estimate_memory
+
+    bf16 = {**SIZES, "dtype": "bfloat16", "eval_prompts": 0}
+    on = estimate_memory(tiny_config(), "ppo", "lora", **bf16, bf16_forwards="true")
+    off = estimate_memory(tiny_config(), "ppo", "lora", **bf16, bf16_forwards="false")
+    # auto: on for a bf16 base, as rlhf.ppo.trainer.forward_dtype decides.
+    assert estimate_memory(tiny_config(), "ppo", "lora", **bf16).activations == on.activations
+    # The saving: 1,088 - 676 = 412 bytes per token-layer (test above), 2 replies x (5 + 3) tokens x 2
+    # layers, in the forward's saved tensors and in the share of a forward the allocator keeps; less
+    # autocast's bf16 copies of the trained LoRA weights (1,024 x 2 bytes).
+    keeps = RETENTION["cpu"]["ppo-single-pass"]
+    assert off.activations - on.activations == pytest.approx(412 * 16 * 2 * (1 + keeps) - LORA_R2 * 2, abs=2)
+    for name in ("weights", "adapters", "gradients", "optimizer", "kv_cache", "merged_copy", "lm_head_copy"):
+        assert getattr(on, name) == getattr(off, name)
+    # With checkpointing only the recomputed layer saves less (the kept layer inputs are bf16 either way).
+    on_ck = estimate_memory(tiny_config(), "ppo", "lora", **bf16, bf16_forwards="true", gradient_checkpointing=True)
+    off_ck = estimate_memory(tiny_config(), "ppo", "lora", **bf16, bf16_forwards="false", gradient_checkpointing=True)
+    assert off_ck.activations - on_ck.activations == pytest.approx(412 * 16 * (1 + 2 * keeps) - LORA_R2 * 2, abs=2)
+    # No saving where PPO makes none: auto stays off on a float32 base and under QLoRA.
+    for method, sizes in (("lora", SIZES), ("qlora", bf16)):
+        auto = estimate_memory(tiny_config(), "ppo", method, **{**sizes, "eval_prompts": 0})
+        assert auto.activations == estimate_memory(tiny_config(), "ppo", method, **{**sizes, "eval_prompts": 0},
+                                                   bf16_forwards="false").activations
+    # true where PPO refuses it, and an unknown setting, are errors.
+    for method, sizes, setting in (("lora", SIZES, "true"), ("qlora", bf16, "true"), ("lora", bf16, "yes")):
+        with pytest.raises(UserError, match="bf16_forwards"):
+            estimate_memory(tiny_config(), "ppo", method, **sizes, bf16_forwards=setting)
+
+
+def test_ppo_phases_count_lm_head_copies_and_the_final_evaluation():
+    from rlhf.core.memory import PPO_EVAL_BATCH_SIZE, PPO_EVAL_PROMPTS, estimate_memory
+    from rlhf.ppo.trainer import PPOArguments
+
+    assert (PPO_EVAL_PROMPTS, PPO_EVAL_BATCH_SIZE) == (PPOArguments.eval_prompts, PPOArguments.eval_batch_size)
+    sizes = {**SIZES, "batch_size": 8, "micro_batch_size": 4, "dtype": "bfloat16", "merge_for_generation": "false"}
+    est = estimate_memory(tiny_config(), "ppo", "lora", **sizes)  # rlhf ppo's evaluation: 32 prompts, 16 at a time
+    persistent = est.runtime + est.weights + est.adapters + est.optimizer
+    heap = max(est.activations, est.kv_cache, (8 * 2 + 4) * 3 * 100)  # scoring: the batch's bf16 logits + a row
+    head = 100 * HIDDEN * 2  # one copy of the bf16 (vocab 100 x hidden 16) LM head weight, per row
+    # Evaluation: 16 prompts' KV cache (2 x 2 layers x 16 x 8 tokens x 2 KV heads x 4 dims x 2 bytes) and
+    # one role's reply logits (16 x 3 x 100 x 2 bytes).
+    assert est.evaluation == 2 * 2 * 16 * 8 * 2 * 4 * 2 + 16 * 3 * 100 * 2
+    # The update copies the head per row of a micro-batch (4), the rollout per row of the batch (8),
+    # the evaluation per prompt of its batch (16), each on top of what is alive then.
+    expected = {"training": persistent + est.activations + 4 * head,
+                "rollout": persistent + heap + est.gradients + 8 * head,
+                "evaluation": persistent + heap + est.gradients + 16 * head + est.evaluation}
+    assert est.phases == pytest.approx(expected, abs=3)
+    assert est.total == max(est.phases.values()) == est.phases["evaluation"]
+    assert est.lm_head_copy == 16 * head
+    # Fewer held-out prompts than a batch: that many rows; none: no evaluation phase.
+    few = estimate_memory(tiny_config(), "ppo", "lora", **sizes, eval_prompts=5)
+    assert few.phases["evaluation"] - few.evaluation == pytest.approx(persistent + heap + est.gradients + 5 * head,
+                                                                      abs=3) and few.evaluation < est.evaluation
+    none = estimate_memory(tiny_config(), "ppo", "lora", **sizes, eval_prompts=0)
+    assert set(none.phases) == {"training", "rollout"} and none.evaluation == 0
+    assert none.total == none.phases["rollout"] and none.lm_head_copy == 8 * head
+    # No copies where the head's weight is float32 (CPU's float32 batched GEMM reads it in place;
+    # QLoRA upcasts the head) or on CUDA.
+    for kwargs in ({"dtype": "float32"}, {"device": "cuda"}):
+        assert estimate_memory(tiny_config(), "ppo", "lora", **{**sizes, **kwargs}).lm_head_copy == 0
+    assert estimate_memory(tiny_config(), "ppo", "qlora", **sizes).lm_head_copy == 0
+
+
+@pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="needs Linux's /proc peak RSS reset")
+def test_lm_head_on_reply_positions_copies_a_half_precision_weight_per_row():
+    """What the estimate's lm_head_copy counts, through the code that does it: PPO's reply logits
+    (RoleForwards.reply_logits: the frozen LM head on the hidden states' reply slice) raise the peak
+    RSS by one copy of a bf16 head weight per row on CPU; a float32 head, or a contiguous slice, not."""
+    import torch
+
+    from rlhf.core.generation import SamplingArguments
+    from rlhf.core.roles import RoleForwards, Rollout
+
+    rows, prompt, reply, hidden, vocab = 16, 20, 8, 64, 49152
+
+    class Registry:  # the two things RoleForwards reads off an AdapterRegistry
+        def __init__(self, dtype):
+            self.head = torch.nn.Linear(hidden, vocab, bias=False).to(dtype).requires_grad_(False)  # frozen base
+            self.states = torch.randn(rows, prompt + reply, hidden, dtype=dtype)
+
+        def hidden_states(self, role, input_ids, attention_mask):
+            return self.states
+
+        def lm_head(self):
+            return self.head
+
+    def peak_rise_mib(fn) -> float:
+        def read(key):
+            return next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith(key))
+
+        try:
+            Path("/proc/self/clear_refs").write_text("5")  # VmHWM := VmRSS
+        except OSError:
+            pytest.skip("cannot reset the peak RSS here")
+        before = read("VmRSS:")
+        out = fn()
+        del out
+        return (read("VmHWM:") - before) / 1024
+
+    ids = torch.zeros(rows, prompt + reply, dtype=torch.long)
+    rollout = Rollout(ids, torch.ones_like(ids), torch.ones(rows, reply, dtype=torch.bool),
+                      torch.zeros(rows, dtype=torch.bool), prompt)
+    rises = {}
+    for dtype in (torch.bfloat16, torch.float32):
+        roles = RoleForwards(Registry(dtype), None, SamplingArguments(), None)
+        copies = rows * vocab * hidden * (2 if dtype == torch.bfloat16 else 4) / 2**20  # 96 MiB in bf16
+        logits = rows * reply * vocab * (2 if dtype == torch.bfloat16 else 4) / 2**20
+        with torch.no_grad():
+            rises[dtype] = peak_rise_mib(lambda: roles.reply_logits("policy", rollout)) - logits, copies
+            contiguous = peak_rise_mib(lambda: roles._logits(roles.reply_hidden("policy", rollout).contiguous(),
+                                                             "policy")) - logits
+        assert contiguous < 0.2 * copies
+    rise, copies = rises[torch.bfloat16]
+    assert 0.9 * copies < rise < 1.3 * copies
+    rise, copies = rises[torch.float32]
+    assert rise < 0.2 * copies
+
+
 def test_bad_input_is_a_user_error():
     from rlhf.core.errors import UserError
     from rlhf.core.memory import estimate_memory
@@ -392,7 +570,8 @@ def test_estimate_is_within_25_percent_of_the_measured_peak(stage, sizes, defaul
 
     sizes = dict(sizes)
     steps = sizes.pop("steps")
-    estimate = estimate_memory(load_config(str(default_model_dir)), stage, "lora", device="cpu", **sizes)
+    estimate = estimate_memory(load_config(str(default_model_dir)), stage, "lora", device="cpu", eval_prompts=0,
+                               **sizes)  # the measured PPO run has no final evaluation
     measured, seconds = measure_peak_rss(tmp_path, default_model_dir, stage, "lora", steps=steps, **sizes)
     error = (estimate.total - measured) / measured
     assert abs(error) <= 0.25, (f"{stage}: estimated {estimate.total / 2**20:,.0f} MiB, measured "
@@ -425,7 +604,7 @@ def calibrate(work: Path) -> list[dict]:
     config = load_config(str(model))
     rows = []
     for k, (stage, method, sizes) in enumerate(CALIBRATION):
-        estimate = estimate_memory(config, stage, method, device="cpu", **sizes)
+        estimate = estimate_memory(config, stage, method, device="cpu", eval_prompts=0, **sizes)  # runs without one
         while _available_bytes() < estimate.total + 2 * 2**30:  # a shared machine: never push others out
             time.sleep(30)
         # The fp32 fractions of rlhf.core.memory.RETENTION were fitted with the setting keep.
