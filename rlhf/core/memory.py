@@ -26,8 +26,6 @@ Components, in bytes (:class:`MemoryEstimate`):
                  head, a tile at a time; PPO: reply positions only; reward: no vocabulary logits)
     kv_cache     PPO generation: 2 x layers x batch x (prompt + new) x kv_heads x head_dim x bytes
     merged_copy  PPO generation with merge_for_generation on a CPU: the backup of the wrapped weights
-    lm_head_copy PPO on a CPU with a half-precision base: the LM head weight copied once per row
-                 while it runs on a strided slice of hidden states (reply positions, prefill)
     evaluation   PPO's final evaluation: its KV cache and reply logits at eval_batch_size prompts
 
 How the total combines them. Weights, adapters and optimizer state live for the whole run. SFT and
@@ -155,9 +153,6 @@ class MemoryEstimate:
     activations (SFT, reward), or PPO's largest phase (:attr:`phases`)."""
     trainable_params: int = 0
     """Parameters the optimizer updates."""
-    lm_head_copy: int = 0
-    """PPO on CPU: the copies of the LM head weight, one per row, that its forward and backward on
-    the reply positions (and generate's prefill) make, in the peak phase (transient)."""
     evaluation: int = 0
     """PPO's final evaluation: its KV cache and reply logits at ``eval_batch_size`` prompts."""
     phases: dict[str, int] = field(default_factory=dict)
@@ -166,13 +161,13 @@ class MemoryEstimate:
     """Caveats about this stage/method combination."""
 
     COMPONENTS = ("runtime", "weights", "adapters", "gradients", "optimizer", "activations", "kv_cache",
-                  "merged_copy", "lm_head_copy", "evaluation")
+                  "merged_copy", "evaluation")
 
     def components(self) -> dict[str, int]:
         return {name: getattr(self, name) for name in self.COMPONENTS}
 
 
-PPO_COMPONENTS = ("kv_cache", "merged_copy", "lm_head_copy", "evaluation")
+PPO_COMPONENTS = ("kv_cache", "merged_copy", "evaluation")
 """Components only PPO has (the table leaves them out for SFT and reward)."""
 
 
@@ -482,7 +477,7 @@ def estimate_memory(config, stage: str, method: str, *, batch_size: int = 8, seq
         unchecked = body_activations(arch, sequences=sequences, width=width, gradient_checkpointing=False, **layer)
         return saved + retention * unchecked
 
-    kv_cache = scoring = merged_copy = lm_head_copy = evaluation = 0
+    kv_cache = scoring = merged_copy = evaluation = 0
     phases: dict[str, float] = {}
     if stage == "sft":
         activations = forward(batch_size, seq_len) + fused_head_bytes(
@@ -508,20 +503,6 @@ def estimate_memory(config, stage: str, method: str, *, batch_size: int = 8, seq
             merged_copy = backup
         # Scoring (no gradients): the whole batch's reply logits, log-softmaxed one row at a time.
         scoring = (batch_size * act_bytes + 4) * max_new_tokens * arch.vocab
-        # On CPU, the frozen LM head on a strided slice of hidden states (the reply positions,
-        # rlhf/core/roles.py, and transformers' last prefill position in generate) copies the head
-        # weight once per row when it is half precision: torch.matmul cannot fold a (rows, t, h) slice
-        # whose rows lie further apart than t x h into one matrix product, so it runs bmm on the
-        # weight expanded to (rows, h, v), and the CPU's bf16/fp16 bmm materialises that (measured:
-        # 8 x 90 MiB at SmolLM2-360M's shape; float32's batched GEMM reads it in place, and QLoRA's
-        # head is float32). A transient copy (blocks of 64 MiB and more go back to the OS when
-        # freed), but on top of what is alive: the activations in the update's forward and
-        # backward. CUDA's batched GEMM reads the expanded weight in place (assumed: not measured).
-        copies_head = device == "cpu" and dtype != "float32" and method != "qlora"
-
-        def head_copy(rows: int) -> float:
-            return rows * arch.vocab * arch.hidden * w_bytes if copies_head else 0
-
         # The phases of a step, each on top of the persistent memory. The rollout's and the final
         # evaluation's small blocks (KV cache, merged copy, no-grad forwards) land in the holes the
         # updates' activations left in the heap (the allocator keeps them: docs/memory.md, "The
@@ -529,17 +510,15 @@ def estimate_memory(config, stage: str, method: str, *, batch_size: int = 8, seq
         # they hold the larger of that heap and their own; and the last update's gradients stay
         # until the next update sets them to None.
         heap = max(activations, kv_cache + merged_copy, scoring)
-        phases["training"] = max(gradients, activations) + head_copy(micro)
-        phases["rollout"] = heap + gradients + head_copy(batch_size)
+        phases["training"] = max(gradients, activations)
+        phases["rollout"] = heap + gradients
         eval_rows = min(eval_batch_size, eval_prompts)
         if eval_rows:
             # Reference, then policy, sample eval_rows prompts (KV cache, the LM head at the last
             # prefill position) and read their reply logits (eval_rows, t, v) without gradients.
             evaluation = (_kv_cache_bytes(arch, eval_rows, width, act_bytes)
                           + eval_rows * max_new_tokens * arch.vocab * act_bytes)
-            phases["evaluation"] = heap + gradients + head_copy(eval_rows) + evaluation
-        peak = max(phases, key=phases.get)
-        lm_head_copy = head_copy({"training": micro, "rollout": batch_size, "evaluation": eval_rows}[peak])
+            phases["evaluation"] = heap + gradients + evaluation
     if method == "qlora" and device == "cpu":
         notes.append("QLoRA on CPU runs bitsandbytes' CPU kernels: memory as estimated, but much slower than LoRA.")
     if dtype != "float32" and device == "cpu":
@@ -554,7 +533,7 @@ def estimate_memory(config, stage: str, method: str, *, batch_size: int = 8, seq
         total = persistent + max(gradients, activations)
     return MemoryEstimate(runtime=int(runtime), weights=int(weights), adapters=int(adapters), gradients=int(gradients),
                           optimizer=int(optimizer), activations=int(activations), kv_cache=int(kv_cache),
-                          merged_copy=int(merged_copy), lm_head_copy=int(lm_head_copy), evaluation=int(evaluation),
+                          merged_copy=int(merged_copy), evaluation=int(evaluation),
                           total=int(total), trainable_params=int(trainable),
                           phases={name: int(persistent + value) for name, value in phases.items()}, notes=notes)
 

@@ -175,6 +175,19 @@ def _quantization_config(args: ModelArguments):
     )
 
 
+def _contiguous_head_input(module: nn.Module, args: tuple) -> tuple:
+    """The LM head's input made contiguous: a few MiB of hidden states instead of a copy of the head.
+
+    PPO's reply positions (``hidden[:, s - 1 : -1]``) and ``generate``'s last prefill position are
+    strided slices whose rows lie further apart than one row's tokens. ``torch.matmul`` cannot fold
+    such a ``(rows, t, h)`` slice into one matrix product, so it runs ``bmm`` on the weight expanded
+    to ``(rows, h, v)``, and some CPUs' half-precision ``bmm`` materialises that: one copy of the head
+    weight per row (90 MiB each at SmolLM2-360M's shape, 1.4 GiB for PPO's 16-prompt evaluation).
+    """
+    hidden, *rest = args
+    return (hidden.contiguous(), *rest)
+
+
 def load_base_model(args: ModelArguments, task: str = "causal-lm", gradient_checkpointing: bool = False):
     """Load the base model (quantised for QLoRA) for ``task`` 'causal-lm' or 'seq-cls' (a score head)."""
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
@@ -210,6 +223,8 @@ def load_base_model(args: ModelArguments, task: str = "causal-lm", gradient_chec
         eos_token_id=text_config.eos_token_id,
         pad_token_id=model.config.pad_token_id,
     )
+    if task == "causal-lm":
+        model.get_output_embeddings().register_forward_pre_hook(_contiguous_head_input)
     if args.peft_method.startswith("qlora"):
         from peft import prepare_model_for_kbit_training
 
