@@ -1,0 +1,106 @@
+"""Does the reward model prefer short replies, and do the labels of cut-off replies teach it that?
+
+    python experiments/reward_length.py --samples runs/levers/eval/samples.jsonl --reward runs/demo/reward
+    python experiments/reward_length.py --samples runs/levers/eval/samples.jsonl --reward runs/demo/reward \\
+        --finished_pairs_from runs/demo/label --out runs/reward_length
+
+For each reward run, on the same-prompt replies of every policy in ``--samples`` (an ``rlhf eval``
+samples file: several replies per held-out prompt), prints the correlation of its score with the
+reply's length in words, beside the demo annotator's and the lexicon judge's, and how often it orders
+two replies to one prompt like the noiseless annotator.
+
+With ``--finished_pairs_from LABEL_DIR`` it first trains a second reward model like the first
+(``configs/reward.yaml``) on the label stage's train and validation pairs less every pair with a
+reply that looks cut off at ``max_new_tokens`` (it does not end in ., !, ?, a quote or a bracket;
+on SFT's held-out samples this matches "no EOS" for 235 of 240 replies), tested on the same test
+pairs, into ``<out>/reward_finished``; then measures both.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+ENDINGS = (".", "!", "?", '"', ")")
+
+
+def looks_cut_off(reply: str) -> bool:
+    return not reply.rstrip().endswith(ENDINGS)
+
+
+def correlation(x: list[float], y: list[float]) -> float:
+    mx, my = statistics.mean(x), statistics.mean(y)
+    sx = sum((a - mx) ** 2 for a in x) ** 0.5
+    sy = sum((b - my) ** 2 for b in y) ** 0.5
+    return sum((a - mx) * (b - my) for a, b in zip(x, y)) / (sx * sy)
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def train_on_finished_pairs(label_dir: Path, out: Path) -> Path:
+    data = out / "label_finished"
+    data.mkdir(parents=True, exist_ok=True)
+    for split in ("train", "validation"):
+        rows = read_jsonl(label_dir / f"{split}.jsonl")
+        kept = [r for r in rows if not looks_cut_off(r["chosen"]) and not looks_cut_off(r["rejected"])]
+        print(f"{split}: {len(kept)} of {len(rows)} pairs have no cut-off reply")
+        (data / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in kept))
+    run = out / "reward_finished"
+    if not (run / "metrics.json").exists():
+        subprocess.run([sys.executable, "-m", "rlhf.app.cli", "reward", "--config", "configs/reward.yaml",
+                        "--train_file", str(data / "train.jsonl"), "--validation_file", str(data / "validation.jsonl"),
+                        "--test_file", str(label_dir / "test.jsonl"), "--output_dir", str(run)], check=True)
+    return run
+
+
+def measure(reward_dir: str, samples: list[dict]) -> None:
+    from rlhf.demo.annotator import annotator_score
+    from rlhf.eval.judges import RewardModelJudge
+
+    judge = RewardModelJudge("reward", reward_dir, 32)
+    for run in dict.fromkeys(r["run"] for r in samples):
+        rows = [r for r in samples if r["run"] == run]
+        scores = judge.score([r["prompt"] for r in rows], [r["response"] for r in rows])
+        words = [len(r["response"].split()) for r in rows]
+        others = {name: correlation(words, [r["scores"][name] for r in rows])
+                  for name in ("annotator", "lexicon") if name in rows[0]["scores"]}
+        by_prompt: dict[str, list[tuple[dict, float]]] = {}
+        for row, score in zip(rows, scores):
+            by_prompt.setdefault(row["prompt"], []).append((row, score))
+        agree = pairs = 0
+        for group in by_prompt.values():
+            for (a, sa), (b, sb) in itertools.combinations(group, 2):
+                gap = annotator_score(a["prompt"], a["response"]) - annotator_score(b["prompt"], b["response"])
+                if gap == 0 or sa == sb:
+                    continue
+                pairs += 1
+                agree += (gap > 0) == (sa > sb)
+        print(f"{reward_dir} on {run}'s replies: correlation with words: reward {correlation(words, scores):+.3f}, "
+              + ", ".join(f"{k} {v:+.3f}" for k, v in others.items())
+              + f"; orders like the noiseless annotator {agree / pairs:.1%} of {pairs} pairs")
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--samples", required=True, help="an rlhf eval samples.jsonl")
+    parser.add_argument("--reward", action="append", required=True, help="a reward run (repeat for several)")
+    parser.add_argument("--finished_pairs_from", default=None, help="a label stage output to filter and train on")
+    parser.add_argument("--out", default="runs/reward_length", help="where the filtered pairs and run go")
+    args = parser.parse_args(argv)
+    rewards = list(args.reward)
+    if args.finished_pairs_from:
+        rewards.append(str(train_on_finished_pairs(Path(args.finished_pairs_from), Path(args.out))))
+    samples = read_jsonl(Path(args.samples))
+    for reward in rewards:
+        measure(reward, samples)
+
+
+if __name__ == "__main__":
+    main()
