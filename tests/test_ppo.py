@@ -834,10 +834,11 @@ def test_normalize_reward_scales_scores_by_the_running_moments_then_penalizes(pi
                            "--missing_eos_penalty", "-2")
     first, second = torch.tensor([1.0, 3.0, 5.0, 7.0]), torch.tensor([20.0, 4.0, 4.0, 4.0])
     ends = torch.tensor([True, True, True, False])
-    shaped = trainer._shape_scores(first, ends)
+    lengths = torch.tensor([3, 5, 4, 8])
+    shaped = trainer._shape_scores(first, ends, lengths)
     # mean 4, sample std sqrt(20/3) = 2.582: (1-4)/2.582 = -1.162, -0.387, 0.387; the last is cut off.
     torch.testing.assert_close(shaped, torch.tensor([-1.1619, -0.3873, 0.3873, -2.0]), rtol=0, atol=1e-4)
-    shaped = trainer._shape_scores(second, torch.ones(4, dtype=torch.bool))
+    shaped = trainer._shape_scores(second, torch.ones(4, dtype=torch.bool), lengths)
     both = torch.cat([first, second])
     expected = ((second - both.mean()) / both.std()).clamp(-1.5, 1.5)  # 20 is clipped to 1.5
     torch.testing.assert_close(shaped, expected)
@@ -848,7 +849,35 @@ def test_normalize_reward_scales_scores_by_the_running_moments_then_penalizes(pi
     assert again.reward_moments.state_dict() == trainer.reward_moments.state_dict()
     # Off by default: raw scores, penalty only.
     plain = make_trainer(pipeline)
-    torch.testing.assert_close(plain._shape_scores(first, ends), torch.tensor([1.0, 3.0, 5.0, -1.0]))
+    torch.testing.assert_close(plain._shape_scores(first, ends, lengths), torch.tensor([1.0, 3.0, 5.0, -1.0]))
+
+
+
+@pytest.mark.slow
+def test_remove_length_trend_fits_finished_replies_and_comes_before_normalization(pipeline, tmp_path):
+    """remove_length_trend: the line of raw score on length is fitted over every finished reply so far
+    (a cut-off one only gets the penalty), taken out of the batch, and the rest of the shaping
+    (normalize_reward, the penalty) works on what is left; the fit is part of a checkpoint."""
+    from rlhf.ppo.math import RunningLengthTrend
+
+    flags = ["--remove_length_trend", "true", "--normalize_reward", "true", "--missing_eos_penalty", "-2"]
+    trainer = make_trainer(pipeline, *flags)
+    # Finished replies: score = 10 - 0.5 x length exactly; the cut-off reply (length 30) would tilt the fit.
+    raw, lengths = torch.tensor([8.0, 6.0, 4.0, -50.0]), torch.tensor([4, 8, 12, 30])
+    ends = torch.tensor([True, True, True, False])
+    shaped = trainer._shape_scores(raw, ends, lengths)
+    assert trainer.length_trend.slope == pytest.approx(-0.5) and trainer.length_trend.count == 3
+    # Without the trend every finished reply scores 6 (the mean): no spread left to normalize, and the
+    # cut-off reply gets the penalty.
+    torch.testing.assert_close(shaped[3], torch.tensor(-2.0))
+    assert float(shaped[:3].std()) < 1e-5
+    # Off: the same scores keep their trend.
+    plain = make_trainer(pipeline, "--missing_eos_penalty", "-2")
+    torch.testing.assert_close(plain._shape_scores(raw, ends, lengths), torch.tensor([8.0, 6.0, 4.0, -2.0]))
+    trainer.save_checkpoint(tmp_path / "checkpoint-1")
+    again = make_trainer(pipeline, *flags)
+    again.load_checkpoint(tmp_path / "checkpoint-1")
+    assert again.length_trend.state_dict() == trainer.length_trend.state_dict() != RunningLengthTrend().state_dict()
 
 
 def test_replies_per_prompt_repeats_each_prompt_and_splits_ranks_by_prompt():

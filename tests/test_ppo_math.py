@@ -15,6 +15,7 @@ from torch.testing import assert_close
 from rlhf.ppo.math import (
     AdaptiveKLController,
     FixedKLController,
+    RunningLengthTrend,
     RunningMoments,
     apply_missing_eos_penalty,
     compute_rewards,
@@ -32,6 +33,7 @@ from rlhf.ppo.math import (
     normalize_scores,
     ppo_policy_loss,
     ppo_value_loss,
+    remove_length_trend,
     response_mask_after_eos,
 )
 
@@ -767,6 +769,38 @@ def test_running_moments_equal_the_statistics_of_everything_seen():
     restored = RunningMoments()
     restored.load_state_dict(moments.state_dict())
     assert restored.state_dict() == moments.state_dict()
+
+
+
+def test_running_length_trend_is_the_least_squares_line_of_everything_seen():
+    # Batches of different sizes, added one by one, give the line fitted to their concatenation: the
+    # slope sum((x - mean x)(y - mean y)) / sum((x - mean x)^2), written out in plain Python.
+    generator = torch.Generator().manual_seed(0)
+    lengths = [torch.randint(1, 40, (n,), generator=generator) for n in (1, 7, 2, 16)]
+    scores = [3.0 - 0.2 * x + torch.randn(x.shape, generator=generator) for x in lengths]
+    trend = RunningLengthTrend()
+    assert trend.slope == 0.0  # nothing seen yet: nothing taken out
+    for i, (x, y) in enumerate(zip(lengths, scores)):
+        trend.update(x, y)
+        xs, ys = torch.cat(lengths[: i + 1]).tolist(), torch.cat(scores[: i + 1]).double().tolist()
+        mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
+        sxx = sum((a - mx) ** 2 for a in xs)
+        expected = sum((a - mx) * (b - my) for a, b in zip(xs, ys)) / sxx if sxx > 0 else 0.0
+        assert trend.count == len(xs) and trend.mean_length == pytest.approx(mx, abs=1e-12)
+        assert trend.slope == pytest.approx(expected, abs=1e-12)
+    assert trend.slope == pytest.approx(-0.2, abs=0.05)
+    restored = RunningLengthTrend()
+    restored.load_state_dict(trend.state_dict())
+    assert restored.state_dict() == trend.state_dict()
+
+
+def test_remove_length_trend_keeps_the_mean_length_score():
+    scores, lengths = torch.tensor([1.0, 2.0, 4.0]), torch.tensor([10, 20, 30])
+    # slope -0.1 around mean length 20: 1 - (-0.1)(10 - 20) = 0, 2 - 0 = 2, 4 - (-0.1)(30 - 20) = 5.
+    assert_close(remove_length_trend(scores, lengths, slope=-0.1, mean_length=20.0), torch.tensor([0.0, 2.0, 5.0]))
+    assert torch.equal(scores, torch.tensor([1.0, 2.0, 4.0]))  # input untouched
+    with pytest.raises(ValueError, match="same shape"):
+        remove_length_trend(scores, lengths[:2], 0.1, 1.0)
 
 
 def test_normalize_scores_centers_scales_and_clips():

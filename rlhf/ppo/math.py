@@ -55,6 +55,8 @@ __all__ = [
     "last_token_index",
     "apply_missing_eos_penalty",
     "RunningMoments",
+    "RunningLengthTrend",
+    "remove_length_trend",
     "normalize_scores",
     "kl_penalty",
     "compute_rewards",
@@ -109,6 +111,68 @@ class RunningMoments:
 
     def load_state_dict(self, state: dict[str, float]) -> None:
         self.count, self.mean, self.m2 = int(state["count"]), float(state["mean"]), float(state["m2"])
+
+
+class RunningLengthTrend:
+    """Least-squares line of score on reply length over every reply seen so far, batch by batch.
+
+    The same parallel update as :class:`RunningMoments`, for (count, mean length, mean score, sum of
+    squared length deviations, sum of length x score co-deviations), so adding a batch gives exactly
+    the line fitted to all replies at once.
+    """
+
+    def __init__(self) -> None:
+        self.count, self.mean_length, self.mean_score, self.m2_length, self.co_m2 = 0, 0.0, 0.0, 0.0, 0.0
+
+    def update(self, lengths: torch.Tensor, scores: torch.Tensor) -> None:
+        """Add replies' lengths ``(n,)`` and scores ``(n,)`` (every process's, when several share the fit)."""
+        x, y = lengths.detach().double().flatten(), scores.detach().double().flatten()
+        _check_same_shape(lengths=x, scores=y)
+        n = x.numel()
+        if n == 0:
+            return
+        bx, by = float(x.mean()), float(y.mean())
+        b_m2, b_co = float(((x - bx) ** 2).sum()), float(((x - bx) * (y - by)).sum())
+        total = self.count + n
+        dx, dy = bx - self.mean_length, by - self.mean_score
+        self.m2_length += b_m2 + dx * dx * self.count * n / total
+        self.co_m2 += b_co + dx * dy * self.count * n / total
+        self.mean_length += dx * n / total
+        self.mean_score += dy * n / total
+        self.count = total
+
+    @property
+    def slope(self) -> float:
+        """Score per token of length (0.0 until two different lengths were seen)."""
+        return self.co_m2 / self.m2_length if self.m2_length > 0 else 0.0
+
+    def state_dict(self) -> dict[str, float]:
+        return {"count": self.count, "mean_length": self.mean_length, "mean_score": self.mean_score,
+                "m2_length": self.m2_length, "co_m2": self.co_m2}
+
+    def load_state_dict(self, state: dict[str, float]) -> None:
+        self.count = int(state["count"])
+        self.mean_length, self.mean_score = float(state["mean_length"]), float(state["mean_score"])
+        self.m2_length, self.co_m2 = float(state["m2_length"]), float(state["co_m2"])
+
+
+def remove_length_trend(scores: torch.Tensor, lengths: torch.Tensor, slope: float, mean_length: float) -> torch.Tensor:
+    """``scores - slope * (lengths - mean_length)``: the scores with their linear trend in length taken out.
+
+    A reward model can learn to prefer shorter (or longer) replies than its labels do; with the line
+    fitted to the scores of the policy's own replies (:class:`RunningLengthTrend`) a reply of the mean
+    length keeps its score and the policy gains nothing by changing length alone.
+
+    Args:
+        scores: ``(b,)`` reward-model scores.
+        lengths: ``(b,)`` reply lengths in tokens.
+        slope, mean_length: the fitted line's slope (score per token) and the mean length it was fitted at.
+
+    Returns:
+        ``(b,)`` new tensor.
+    """
+    _check_same_shape(scores=scores, lengths=lengths)
+    return scores - slope * (lengths.to(scores.dtype) - mean_length)
 
 
 def normalize_scores(scores: torch.Tensor, mean: float, std: float, clip: float | None = None) -> torch.Tensor:

@@ -132,6 +132,10 @@ class PPOArguments:
     missing_eos_penalty act on a known scale (mean 0, std 1) whatever scale the reward model learned."""
     reward_clip: float | None = None
     """Clip the (normalized, when normalize_reward) score to [-reward_clip, reward_clip]; null = no clip."""
+    remove_length_trend: bool = False
+    """Take the reward model's linear trend in reply length out of its scores: the least-squares line of
+    score on length (tokens), fitted over every reply that ended with EOS so far, before normalization.
+    For a reward model that learned to prefer shorter (or longer) replies than its labels do."""
     # -- bookkeeping --
     save_steps: int = 10
     """Checkpoint every N steps (and at the end)."""
@@ -352,6 +356,7 @@ class PPOTrainer:
         self.kl_ctl = pm.make_kl_controller(args.kl_controller, kl_coef=args.kl_coef, target=args.kl_target,
                                             horizon=args.kl_horizon or max(1, round(run_replies / 5)))
         self.reward_moments = pm.RunningMoments()  # of raw reward-model scores, for normalize_reward
+        self.length_trend = pm.RunningLengthTrend()  # of raw scores on reply length, for remove_length_trend
         self.step = 0
         self.history: list[dict[str, float]] = []
         self._negative_kl_run = 0
@@ -403,7 +408,8 @@ class PPOTrainer:
             del logits, values
         self._agree_finite()
         t_scored = time.time()
-        scored = scored._replace(scores=self._shape_scores(scored.raw_scores, rollout.ends_with_eos))
+        scored = scored._replace(scores=self._shape_scores(scored.raw_scores, rollout.ends_with_eos,
+                                                           rollout.response_mask.sum(1)))
         mask = rollout.response_mask
         rewards, kl = pm.compute_rewards(scored.scores, scored.logprobs, scored.ref_logprobs, mask,
                                          self.kl_ctl.value, args.kl_estimator)  # 4. per-token rewards
@@ -424,16 +430,23 @@ class PPOTrainer:
         self._watch(stats)
         return stats
 
-    def _shape_scores(self, raw: torch.Tensor, ends_with_eos: torch.Tensor) -> torch.Tensor:
-        """The score each reply's reward gets: normalized by the running moments (which first take in
-        every process's batch), clipped, then the missing-EOS penalty on the same scale."""
+    def _shape_scores(self, raw: torch.Tensor, ends_with_eos: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        """The score each reply's reward gets: without its length trend, normalized by the running
+        moments (each running statistic first takes in every process's batch), clipped, then the
+        missing-EOS penalty on the same scale."""
         args = self.args
         scores = raw
+        if args.remove_length_trend:
+            # Fitted on finished replies only: a cut-off reply's score is replaced by the penalty anyway.
+            lengths = lengths.to(raw.dtype)
+            finished = self.processes.gather(ends_with_eos.float()).bool()  # gathered whole: same shape on each
+            self.length_trend.update(self.processes.gather(lengths)[finished], self.processes.gather(raw)[finished])
+            scores = pm.remove_length_trend(raw, lengths, self.length_trend.slope, self.length_trend.mean_length)
         if args.normalize_reward:
-            self.reward_moments.update(self.processes.gather(raw))
-            scores = pm.normalize_scores(raw, self.reward_moments.mean, self.reward_moments.std, args.reward_clip)
+            self.reward_moments.update(self.processes.gather(scores))
+            scores = pm.normalize_scores(scores, self.reward_moments.mean, self.reward_moments.std, args.reward_clip)
         elif args.reward_clip is not None:
-            scores = raw.clamp(-args.reward_clip, args.reward_clip)
+            scores = scores.clamp(-args.reward_clip, args.reward_clip)
         return pm.apply_missing_eos_penalty(scores, ends_with_eos, args.missing_eos_penalty)
 
     def _rollout_stats(self, rollout: Rollout, scored: Scored, returns: torch.Tensor, kl_per_reply: float) -> dict:
@@ -450,6 +463,7 @@ class PPOTrainer:
             eos_fraction=p.mean(rollout.ends_with_eos.float()),
             explained_variance=float(explained),
             learning_rate=self.scheduler.get_last_lr()[0],
+            **({"length_slope": self.length_trend.slope} if self.args.remove_length_trend else {}),
         )
 
     # -- step 6 -------------------------------------------------------------------------------
@@ -598,6 +612,7 @@ class PPOTrainer:
             "scheduler": self.scheduler.state_dict(),
             "kl_controller": self.kl_ctl.state_dict(),
             "reward_moments": self.reward_moments.state_dict(),
+            "length_trend": self.length_trend.state_dict(),
             "sampler": self.sampler.state_dict(),
             "history": self.history,
             "warned": sorted(self._warned),
@@ -631,6 +646,7 @@ class PPOTrainer:
         self.scheduler.load_state_dict(state["scheduler"])
         self.kl_ctl.load_state_dict(state["kl_controller"])
         self.reward_moments.load_state_dict(state.get("reward_moments", pm.RunningMoments().state_dict()))
+        self.length_trend.load_state_dict(state.get("length_trend", pm.RunningLengthTrend().state_dict()))
         self.sampler.load_state_dict(state["sampler"])
         self.history = state["history"]
         rng_file = directory / f"rng_{self.processes.index}.pt"
