@@ -233,7 +233,7 @@ def test_reward_and_ppo_roles():
     assert ppo.kv_cache == 2 * 2 * 2 * 8 * 2 * 4 * 4 == 2048
     # Generation, scoring and training do not overlap: the total takes the largest phase. Without a
     # final evaluation that is the rollout: the heap the updates left (the activations here) and the
-    # last update's gradients, which live until the next update (no LM head copies in float32).
+    # last update's gradients, which live until the next update.
     ppo = estimate_memory(tiny_config(), "ppo", "lora", **SIZES, eval_prompts=0)
     persistent = ppo.runtime + ppo.weights + ppo.adapters + ppo.optimizer
     assert ppo.activations > max(ppo.kv_cache, ppo.gradients)

@@ -38,12 +38,12 @@ PPO's phases never overlap: it generates (KV cache, merged copy), scores the rol
 gradients (the batch's reply logits), trains micro-batch by micro-batch (activations), and after the
 last step evaluates; but the allocator keeps what the updates free, so the rollout and the
 evaluation run in that heap, with the last update's gradients alive. With
-heap = max(activations, kv_cache + merged_copy, scoring) and head(n) = n rows of LM head copies:
+heap = max(activations, kv_cache + merged_copy, scoring):
 
     total = runtime + weights + adapters + optimizer + max(
-        training:   max(gradients, activations) + head(micro_batch_size),
-        rollout:    heap + gradients + head(batch_size),
-        evaluation: heap + gradients + head(eval rows) + evaluation)
+        training:   max(gradients, activations),
+        rollout:    heap + gradients,
+        evaluation: heap + gradients + evaluation)
 
 The calibration (peak RSS of our stage code on CPU against this estimate: within 5 % on the default
 model, within 15 % at SmolLM2-360M's shape in bf16; whole `rlhf ppo` runs within -9 % and +12 %) is
@@ -92,8 +92,8 @@ RUNTIME_CUDA = 512 * MiB
 # load to make their random adapters, which `rlhf ppo` does not). Fitted on bench/bench_scale.py's
 # bf16 rows at SmolLM2-360M's shape (one step each): QLoRA with bf16 compute 0.38-0.67 -> 0.5, TRL
 # 0.19's layout 0.21 (one run). PPO's single-pass update (PPO's defaults), with the default setting
-# bounded: fitted on whole `rlhf ppo` runs (2 steps and the final evaluation, the LM head copies
-# counted apart), bf16: the issue's two at SmolLM2-360M's shape (7,556 and 5,725 MiB, bf16_forwards
+# bounded: fitted on whole `rlhf ppo` runs (2 steps and the final evaluation, made when the LM head
+# still copied its bf16 weight per row on strided input: those copies counted apart), bf16: the issue's two at SmolLM2-360M's shape (7,556 and 5,725 MiB, bf16_forwards
 # off) ask for 1.6 and 1.5, ours at its width with 4, 8 and 16 layers and at hidden 256 with 8 and
 # 32 layers (both bf16_forwards settings, with and without checkpointing) for 0.6-2.1; 1.2 puts
 # those 11 within -6 % and +12 % and the issue's two within -9 % and -7 % (docs/memory.md, "The
@@ -726,9 +726,9 @@ def format_table(estimate: MemoryEstimate) -> str:
         return "\n".join(lines)
     lines.append("total = runtime + weights + adapters + optimizer + the largest phase (they never overlap):")
     heap = "the heap the updates leave (the largest of activations, kv_cache + merged_copy, scoring)"
-    what = {"training": "activations + the LM head copies of a micro-batch",
-            "rollout": f"{heap} + gradients + the LM head copies of the batch",
-            "evaluation": "that heap + gradients + the LM head copies of an evaluation batch + evaluation"}
+    what = {"training": "the larger of activations and gradients",
+            "rollout": f"{heap} + gradients",
+            "evaluation": "that heap + gradients + evaluation"}
     peak = max(estimate.phases, key=estimate.phases.get)
     for name, value in estimate.phases.items():
         lines.append(f"  {name:<10} {_mib(value):>10,.1f}  {what[name]}{'  <- peak' if name == peak else ''}")
