@@ -134,9 +134,9 @@ def run_step(trainer, monkeypatch, rollout=None) -> dict:
         seen["value_inputs"].append([x.detach()[mask] for x in (values, old_values, returns)])
         return value_loss(values, old_values, returns, mask, *args, **kwargs)
 
-    def scores_spy(raw, ends_with_eos):
+    def scores_spy(raw, *args):
         seen["scores"] = raw.clone()
-        return shape_scores(raw, ends_with_eos)
+        return shape_scores(raw, *args)
 
     def update_spy(rollout, *args, **kwargs):
         seen["rollout"] = rollout
