@@ -19,9 +19,7 @@ pairs, into ``<out>/reward_finished``; then measures both.
 from __future__ import annotations
 
 import argparse
-import itertools
 import json
-import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -31,13 +29,6 @@ ENDINGS = (".", "!", "?", '"', ")")
 
 def looks_cut_off(reply: str) -> bool:
     return not reply.rstrip().endswith(ENDINGS)
-
-
-def correlation(x: list[float], y: list[float]) -> float:
-    mx, my = statistics.mean(x), statistics.mean(y)
-    sx = sum((a - mx) ** 2 for a in x) ** 0.5
-    sy = sum((b - my) ** 2 for b in y) ** 0.5
-    return sum((a - mx) * (b - my) for a, b in zip(x, y)) / (sx * sy)
 
 
 def read_jsonl(path: Path) -> list[dict]:
@@ -61,30 +52,27 @@ def train_on_finished_pairs(label_dir: Path, out: Path) -> Path:
 
 
 def measure(reward_dir: str, samples: list[dict]) -> None:
-    from rlhf.demo.annotator import annotator_score
+    import numpy as np
+
     from rlhf.eval.judges import RewardModelJudge
+    from rlhf.eval.statistics import judge_agreement
 
     judge = RewardModelJudge("reward", reward_dir, 32)
     for run in dict.fromkeys(r["run"] for r in samples):
         rows = [r for r in samples if r["run"] == run]
         scores = judge.score([r["prompt"] for r in rows], [r["response"] for r in rows])
         words = [len(r["response"].split()) for r in rows]
-        others = {name: correlation(words, [r["scores"][name] for r in rows])
+        others = {name: np.corrcoef(words, [r["scores"][name] for r in rows])[0, 1]
                   for name in ("annotator", "lexicon") if name in rows[0]["scores"]}
-        by_prompt: dict[str, list[tuple[dict, float]]] = {}
+        # (prompts, samples) arrays, as rlhf eval's judge agreement reads them.
+        by_prompt: dict[str, list[tuple[float, float]]] = {}
         for row, score in zip(rows, scores):
-            by_prompt.setdefault(row["prompt"], []).append((row, score))
-        agree = pairs = 0
-        for group in by_prompt.values():
-            for (a, sa), (b, sb) in itertools.combinations(group, 2):
-                gap = annotator_score(a["prompt"], a["response"]) - annotator_score(b["prompt"], b["response"])
-                if gap == 0 or sa == sb:
-                    continue
-                pairs += 1
-                agree += (gap > 0) == (sa > sb)
-        print(f"{reward_dir} on {run}'s replies: correlation with words: reward {correlation(words, scores):+.3f}, "
+            by_prompt.setdefault(row["prompt"], []).append((score, row["scores"]["annotator"]))
+        grid = np.array(list(by_prompt.values()))  # (n, k, 2)
+        agreement = judge_agreement(grid[:, :, 0], grid[:, :, 1])
+        print(f"{reward_dir} on {run}'s replies: correlation with words: reward {np.corrcoef(words, scores)[0, 1]:+.3f}, "
               + ", ".join(f"{k} {v:+.3f}" for k, v in others.items())
-              + f"; orders like the noiseless annotator {agree / pairs:.1%} of {pairs} pairs")
+              + f"; orders like the noiseless annotator {agreement['agreement']:.1%} of {agreement['pairs']} pairs")
 
 
 def main(argv: list[str] | None = None) -> None:
