@@ -46,9 +46,10 @@ heap = max(activations, kv_cache + merged_copy, scoring):
         evaluation: heap + gradients + evaluation)
 
 The calibration (peak RSS of our stage code on CPU against this estimate: within 5 % on the default
-model, within 15 % at SmolLM2-360M's shape in bf16; whole `rlhf ppo` runs within -9 % and +12 %) is
-in docs/memory.md; ``python tests/test_memory.py``, ``python bench/bench_scale.py`` and ``python
-bench/bench_estimate_vs_cli.py`` measure it again.
+model, within 15 % at SmolLM2-360M's shape in bf16; whole `rlhf ppo` runs at that shape within -3 %
+and +5 %, the runs PPO's kept share was fitted on) is in docs/memory.md; ``python
+tests/test_memory.py``, ``python bench/bench_scale.py`` and ``python bench/bench_estimate_vs_cli.py``
+measure it again.
 :func:`estimate_separate_models_ppo` estimates TRL 0.19's PPO layout for comparison.
 """
 
@@ -96,9 +97,9 @@ RUNTIME_CUDA = 512 * MiB
 # defaults (bf16, bf16_forwards auto, the final evaluation), with and without checkpointing, which
 # ask for 0.7 and 0.5 (bench/bench_estimate_vs_cli.py; docs/memory.md, "The estimate against `rlhf
 # ppo`"); earlier runs at its width with 4-16 layers asked for 0.6-2.1 (what the allocator keeps is
-# not one fixed share of a forward). One step keeps less, later steps more.
-# Elsewhere the default setting, bounded, held the same or less than keep in every
-# side by side run, so those fractions err high for it.
+# not one fixed share of a forward). One step keeps less, later steps more. Elsewhere the default
+# setting, bounded, held the same or less than keep in every side by side run, so those fractions
+# err high for it.
 # CUDA: the caching allocator reuses its blocks; 0.15 for rounding and fragmentation is an assumption.
 RETENTION = {"cpu": {"sft": 0.95, "reward": 0.75, "ppo": 2.6, "ppo-single-pass": 0.6, "full": 0.4, "qlora": 1.8,
                      "qlora-half": 0.5, "separate": 0.2},
