@@ -7,13 +7,15 @@
 Each method runs in its own process (its peak RSS is its own) from ``--sft``, ``--label`` and ``--reward``
 (made as the pipeline makes them, with configs/sft.yaml, configs/label.yaml and configs/reward.yaml, when
 missing): the reward model trains on the label stage's pairs of SFT replies, and so does DPO, so every
-method learns from the same labels. Each method has its demo config and a generous
-max_steps, and stops training once ``--budget_seconds`` of training have passed (model loading, the
-first step and the final evaluation are not counted): a StageHooks that hears every step's log
-(logging_steps 1) raises StopTraining, and the stage writes a checkpoint there and finishes from it
-as after its last step, whichever its training loop (TRL's Trainer or PPO's own).
-The learning-rate schedules are each config's own over its max_steps, so a budget cut leaves them
-part-way: the comparison is "what each method reaches in this much time", not "at convergence".
+method learns from the same labels. Each method has its demo config and its own
+schedule (max_steps or epochs, as ``make demo`` would run it), and stops training early once
+``--budget_seconds`` of training have passed (model loading, the first step and the final evaluation
+are not counted): a StageHooks that hears every step's log (logging_steps 1) raises StopTraining,
+and the stage writes a checkpoint there and finishes from it as after its last step, whichever its
+training loop (TRL's Trainer or PPO's own). The table gives each method's training seconds and steps.
+A method cut by the budget leaves its learning-rate schedule and KL horizon part-way; an earlier
+version gave every method a huge max_steps so that the clock ended each, which left PPO's learning
+rate at its peak and its adaptive KL coefficient frozen: that measured the schedule, not the method.
 
 Then ``rlhf eval`` samples ``--k`` replies per held-out prompt (data/demo/prompts_heldout.jsonl) from
 SFT and every method with the same sampling settings and judges them: win rate against SFT (ties
@@ -55,19 +57,24 @@ def child(method: str, config: dict, budget: float, report: str) -> None:
         """Ends training at the first step that ends ``budget`` seconds after the first one ended."""
 
         start: float | None = None
+        last: float | None = None
+        steps = 0
 
         def on_log(self, step: int, logs: dict) -> None:
             if "loss" not in logs and "score" not in logs:  # evaluations and the final summary log too
                 return
             now = time.time()
             self.start = self.start or now  # setup and the first step (compilation, caches) excluded
+            self.last, self.steps = now, step
             if now - self.start >= budget:
                 raise StopTraining(f"{budget:.0f} s of training")
 
-    started = time.time()
-    run_stage(method, {**config, "logging_steps": 1}, Budget())
+    started, hooks = time.time(), Budget()
+    run_stage(method, {**config, "logging_steps": 1}, hooks)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # kB on Linux
-    Path(report).write_text(json.dumps({"wall_seconds": time.time() - started, "peak_rss_bytes": peak}))
+    Path(report).write_text(json.dumps({"wall_seconds": time.time() - started, "peak_rss_bytes": peak,
+                                        "steps": hooks.steps,
+                                        "train_seconds": (hooks.last or 0.0) - (hooks.start or 0.0)}))
 
 
 def run_method(method: str, config: dict, budget: float, out: Path) -> dict:
@@ -113,11 +120,12 @@ def demo_setup(sft: Path, label: Path, reward: Path) -> dict[str, dict]:
                                   ("reward", reward, pairs)):
         if not (run_dir / "metrics.json").exists():
             run_stage(stage, {"config": f"configs/{stage}.yaml", "output_dir": str(run_dir), **extra})
-    # Generous step counts: the budget ends each run. DPO: epochs over the label pairs until then.
-    return {"ppo": {"config": "configs/ppo.yaml", "max_steps": 1000},
-            "dpo": {"config": "configs/dpo.yaml", "num_train_epochs": 50, "early_stopping_patience": None, **pairs},
-            "grpo": {"config": "configs/grpo.yaml", "max_steps": 1000},
-            "rloo": {"config": "configs/rloo.yaml", "max_steps": 1000}}
+    # Each method's own demo schedule (its learning-rate decay and KL horizon end where its run
+    # does); the budget only caps a slower one. No in-stage evaluation: rlhf eval below judges all.
+    return {"ppo": {"config": "configs/ppo.yaml", "eval_prompts": 0},
+            "dpo": {"config": "configs/dpo.yaml", "eval_prompts": 0, **pairs},
+            "grpo": {"config": "configs/grpo.yaml", "eval_prompts": 0},
+            "rloo": {"config": "configs/rloo.yaml", "eval_prompts": 0}}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -134,12 +142,13 @@ def table(report: dict, processes: dict[str, dict], budget: float, k: int, promp
     def rate(method: str, which: str, key: str = "win_rate") -> str:
         return format_interval(rates[method][judge[which]], key)
 
-    lines = [f"# PPO, DPO, GRPO, RLOO from the same SFT run and labels ({budget:.0f} s of training each)", "",
+    lines = [f"# PPO, DPO, GRPO, RLOO from the same SFT run and labels (each its demo schedule, at most {budget:.0f} s of training)", "",
              f"{prompts} held-out prompts x {k} samples per policy; win rates against SFT, ties half, "
              "95 % bootstrap intervals over prompts.", "",
              "| method | win rate vs SFT (annotator) | win rate (lexicon, independent) | prompts won (lexicon) | "
-             "reward-model score | KL to SFT (nats/reply) | distinct-2 | reply words | wall s (all) | peak RSS GiB |",
-             "|---|---|---|---|---:|---:|---:|---:|---:|---:|"]
+             "reward-model score | KL to SFT (nats/reply) | distinct-2 | reply words | steps | training s after step 1 | "
+             "wall s (all) | peak RSS GiB |",
+             "|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for name in ["sft", *METHODS]:
         if name not in runs:
             continue
@@ -148,10 +157,12 @@ def table(report: dict, processes: dict[str, dict], budget: float, k: int, promp
                 (rate(name, "annotator"), rate(name, "lexicon"), rate(name, "lexicon", "prompt_win_rate")))
         process = processes.get(name, {})
         wall = f"{process['wall_seconds']:.0f}" if process else ""
+        steps = str(process.get("steps", "")) if process else ""
+        trained = f"{process['train_seconds']:.0f}" if "train_seconds" in process else ""
         peak = f"{process['peak_rss_bytes'] / 2**30:.2f}" if process else ""
         lines.append(f"| {name.upper() if name != 'sft' else 'SFT'} | {wins[0]} | {wins[1]} | {wins[2]} | "
                      f"{r['scores'][judge['reward']]['mean']:.3f} | {r['kl_to_reference']:.2f} | "
-                     f"{r['distinct_2']:.3f} | {r['reply_length']:.1f} | {wall} | {peak} |")
+                     f"{r['distinct_2']:.3f} | {r['reply_length']:.1f} | {steps} | {trained} | {wall} | {peak} |")
     return "\n".join(lines) + "\n"
 
 
@@ -162,7 +173,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--label", help="label stage output (default: <out>/label, configs/label.yaml if missing)")
     parser.add_argument("--reward", help="reward run (default: <out>/reward, configs/reward.yaml on the label pairs "
                                          "if missing)")
-    parser.add_argument("--budget_seconds", type=float, default=420.0, help="training time of each method")
+    parser.add_argument("--budget_seconds", type=float, default=900.0,
+                        help="most training time of each method (its own schedule may end it sooner)")
     parser.add_argument("--k", type=int, default=4, help="samples per held-out prompt and policy")
     parser.add_argument("--max_new_tokens", type=int, default=32, help="longest reply in the evaluation")
     parser.add_argument("--methods", default=",".join(METHODS), help="comma-separated subset")
