@@ -28,11 +28,12 @@ included) with the allocator settings ``rlhf`` users get by default (``rlhf/core
                       value model trained in full with AdamW, policy and value losses backpropagated
                       together, full-sequence logits, generation scores kept (see child_trl019)
 
-Row names: ``<stage>-<lora|qlora>[-ckpt][-merge|-nomerge][-bf16fwd|-nobf16fwd]``: lora = LoRA on a
+Row names: ``<stage>-<lora|qlora>[-ckpt][-merge|-nomerge][-bf16fwd|-nobf16fwd][-policyhead]``: lora = LoRA on a
 ``--dtype`` base (bfloat16 by default), qlora = QLoRA 4-bit NF4 (compute in ``--dtype``), ckpt =
 gradient checkpointing, merge/nomerge = PPO's ``merge_for_generation`` forced on/off, bf16fwd/nobf16fwd
 = PPO's ``bf16_forwards`` forced on/off (else their defaults: ``bf16_forwards`` auto is on for lora
-rows on a bfloat16 base, so ``ppo-lora`` against ``ppo-lora-nobf16fwd`` is the option's saving).
+rows on a bfloat16 base, so ``ppo-lora`` against ``ppo-lora-nobf16fwd`` is the option's saving),
+policyhead = PPO's ``value_model: policy_head`` (else its default, the critic adapter).
 Every row is printed beside ``rlhf estimate-memory``'s figure for it (``rlhf.core.memory``, with the
 row's settings: PPO rows without the final evaluation, which these children do not run; one step
 where the estimate is for the steady state of later steps, see bench/bench_estimate_vs_cli.py for
@@ -74,8 +75,10 @@ STAGE_ROWS = [f"{s}-{m}{c}" for s in ("sft", "reward", "ppo") for m in ("lora", 
 DEFAULT_ROWS = {"quick": ["empty", "sft-lora", "reward-lora", "ppo-lora", "ppo-lora-nomerge", "ppo-lora-nobf16fwd",
                           "trl019-lora"],
                 "360m": ["empty", *STAGE_ROWS, "ppo-lora-nomerge", "ppo-lora-nobf16fwd", "trl019-lora"],
-                "1.7b": ["sft-lora", "ppo-lora", "ppo-lora-nobf16fwd"]}
-ROW = re.compile(r"^(empty|trl019-lora|(sft|reward|ppo)-(lora|qlora)(-ckpt)?(-merge|-nomerge)?(-bf16fwd|-nobf16fwd)?)$")
+                "1.7b": ["sft-lora", "reward-lora", "ppo-lora", "ppo-lora-policyhead", "ppo-lora-ckpt",
+                         "ppo-lora-nobf16fwd"]}
+ROW = re.compile(r"^(empty|trl019-lora|(sft|reward|ppo)-(lora|qlora)(-ckpt)?(-merge|-nomerge)?(-bf16fwd|-nobf16fwd)?"
+                 r"(-policyhead)?)$")
 # glibc malloc settings a child can run under (--malloc). "keep" / "glibc" are what
 # RLHF_KEEP_FREED_MEMORY=1 / 0 give; "rlhf" is whatever rlhf/core/allocator.py does by default.
 MALLOC = {
@@ -136,10 +139,11 @@ def parse_row(row: str) -> dict:
     """``ppo-qlora-ckpt`` -> stage ppo, method qlora, checkpointing on, merge and bf16fwd None (the defaults)."""
     m = ROW.match(row)
     if row in ("empty", "trl019-lora"):
-        return {"stage": row, "method": "lora", "ckpt": False, "merge": None, "bf16fwd": None}
+        return {"stage": row, "method": "lora", "ckpt": False, "merge": None, "bf16fwd": None, "value_model": "critic"}
     merge = {None: None, "-merge": True, "-nomerge": False}[m.group(5)]
     bf16fwd = {None: None, "-bf16fwd": True, "-nobf16fwd": False}[m.group(6)]
-    return {"stage": m.group(2), "method": m.group(3), "ckpt": bool(m.group(4)), "merge": merge, "bf16fwd": bf16fwd}
+    return {"stage": m.group(2), "method": m.group(3), "ckpt": bool(m.group(4)), "merge": merge, "bf16fwd": bf16fwd,
+            "value_model": "policy_head" if m.group(7) else "critic"}
 
 
 def peak_rss_mib() -> float:
@@ -323,7 +327,8 @@ def child_ppo(a: argparse.Namespace, row: dict, model_dir: Path, work: Path) -> 
     merge.update({} if row["bf16fwd"] is None else {"bf16_forwards": row["bf16fwd"]})
     args = PPOArguments(sft_model=str(model_dir / "sft"), reward_model=str(model_dir / "reward"),
                         output_dir=str(work / "ppo"), seed=0, max_steps=a.steps, batch_size=a.batch_size,
-                        mini_batch_size=a.batch_size, gradient_checkpointing=row["ckpt"], **merge)
+                        mini_batch_size=a.batch_size, gradient_checkpointing=row["ckpt"],
+                        value_model=row["value_model"], **merge)
     model_args = ModelArguments(model_name_or_path=str(model_dir), peft_method=peft_method(row["method"]),
                                 torch_dtype=a.dtype)
     started = time.perf_counter()
@@ -345,7 +350,7 @@ def child_ppo(a: argparse.Namespace, row: dict, model_dir: Path, work: Path) -> 
     return {"step_seconds": steps, "phase_seconds": phases, "load_seconds": load_seconds,
             "reply_lengths": lengths, "merge_for_generation": args.merge_for_generation,
             "merged": trainer.roles.merge_backup is not None,
-            "bf16_forwards": trainer.registry.compute_dtype is not None}
+            "bf16_forwards": trainer.registry.compute_dtype is not None, "value_model": trainer.value_model.name}
 
 
 def child_trl019(a: argparse.Namespace, row: dict, model_dir: Path, work: Path) -> dict:
@@ -496,7 +501,8 @@ def estimate_row(a: argparse.Namespace, row_name: str) -> float | None:
     seq_len = a.prompt_len if row["stage"] == "ppo" else a.prompt_len + a.new_tokens
     extra = {} if row["merge"] is None else {"merge_for_generation": row["merge"]}
     if row["stage"] == "ppo":  # child_ppo runs train_step only: no final evaluation
-        extra.update(eval_prompts=0, bf16_forwards={None: "auto", True: "true", False: "false"}[row["bf16fwd"]])
+        extra.update(eval_prompts=0, bf16_forwards={None: "auto", True: "true", False: "false"}[row["bf16fwd"]],
+                     value_model=row["value_model"])
     return estimate_memory(config, row["stage"], row["method"], seq_len=seq_len, **common, **extra).total / MiB
 
 
@@ -570,6 +576,9 @@ def build_table(a: argparse.Namespace, results: dict[str, dict]) -> tuple[str, l
             ppo, sft = peak(f"ppo-{method}{ck}"), peak(f"sft-{method}{ck}")
             if ppo and sft:
                 ratios.append((f"PPO / SFT peak, {method}{ck}", ppo / sft, "<= 1.25"))
+    head, sft = peak("ppo-lora-policyhead"), peak("sft-lora")
+    if head and sft:
+        ratios.append(("PPO / SFT peak, lora, value_model policy_head", head / sft, "<= 1.25"))
     trl, ours = peak("trl019-lora"), peak("ppo-lora")
     if trl and ours:
         ratios.append(("TRL 0.19 layout / our PPO peak, lora", trl / ours, ">= 3"))

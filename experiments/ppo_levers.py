@@ -248,6 +248,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seeds", default=None, help="comma-separated PPO seeds for every variant (default: the config's)")
     parser.add_argument("--k", type=int, default=4, help="samples per held-out prompt and policy")
     parser.add_argument("--jobs", type=int, default=1, help="runs trained side by side (one thread each when > 1)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch threads of every run and evaluation (default: 1 when --jobs > 1, else torch's "
+                             "choice); 1 leaves a core to a measurement beside it")
     args = parser.parse_args(argv)
     variants = [v for v in args.variants.split(",") if v]
     unknown = [v for v in variants if v not in VARIANTS]
@@ -265,7 +268,9 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"--data {args.data}: expected {name} there (rlhf/demo/make_data.py writes it)")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    threads = 1 if args.jobs > 1 else None
+    if args.threads is not None and args.threads < 1:
+        parser.error(f"--threads: expected 1 or more, found {args.threads}")
+    threads = args.threads or (1 if args.jobs > 1 else None)
     with ThreadPoolExecutor(args.jobs) as pool:
         jobs = [pool.submit(train, v, seed, out, args.sft, args.reward, args.data, threads) for v in variants for seed in seeds]
         for future in jobs:
@@ -279,7 +284,7 @@ def main(argv: list[str] | None = None) -> int:
         rlhf(["eval", "--runs", args.sft, *[str(out / n) for n in missing], "--prompts", HELDOUT, "--out",
               str(eval_dir), "--judges", f"lexicon,annotator,reward:{args.reward}", "--k", str(args.k),
               "--skip", "forgetting,factual,bias", "--max_new_tokens", "32", "--bootstrap", "2000"],
-             out / f"{eval_dir.name}.log", None)
+             out / f"{eval_dir.name}.log", args.threads)
         report = json.loads((eval_dir / "report.json").read_text())
         reports.update({name: {**report, "dir": eval_dir.name} for name in report["runs"]})
     else:

@@ -16,7 +16,7 @@ REPO = Path(__file__).resolve().parents[1]
 @pytest.mark.slow
 def test_quick_rows_run_and_get_an_estimate(default_model_dir, tmp_path):
     out = tmp_path / "scale.json"
-    rows = "sft-lora,ppo-lora,ppo-lora-ckpt,ppo-lora-nobf16fwd,trl019-lora"
+    rows = "sft-lora,ppo-lora,ppo-lora-ckpt,ppo-lora-nobf16fwd,ppo-lora-policyhead,trl019-lora"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     done = subprocess.run([sys.executable, str(REPO / "bench/bench_scale.py"), "--quick", "--rows", rows,
                            "--tokenizer", str(default_model_dir), "--cache", str(tmp_path / "cache"),
@@ -33,6 +33,11 @@ def test_quick_rows_run_and_get_an_estimate(default_model_dir, tmp_path):
     # bf16_forwards: auto is on for the default row on the bf16 base, off where the row forces it off.
     assert ppo["bf16_forwards"] and result["results"]["ppo-lora/rlhf"]["bf16_forwards"]
     assert not result["results"]["ppo-lora-nobf16fwd/rlhf"]["bf16_forwards"]
+    assert result["results"]["ppo-lora/rlhf"]["value_model"] == "critic"
+    head = result["results"]["ppo-lora-policyhead/rlhf"]
+    assert head["value_model"] == "policy_head"
+    assert head["estimate_mib"] < result["results"]["ppo-lora/rlhf"]["estimate_mib"]  # no critic adapter
     assert {r["name"] for r in result["ratios"]} == {"PPO / SFT peak, lora", "TRL 0.19 layout / our PPO peak, lora",
-                                                    "PPO peak, bf16 forwards on / off, lora"}
+                                                    "PPO peak, bf16 forwards on / off, lora",
+                                                    "PPO / SFT peak, lora, value_model policy_head"}
     assert "| ppo-lora-ckpt | rlhf |" in done.stdout

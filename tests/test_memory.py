@@ -229,6 +229,12 @@ def test_reward_and_ppo_roles():
     assert ppo.trainable_params == 2 * LORA_R2 + HIDDEN
     assert ppo.gradients == (2 * LORA_R2 + HIDDEN) * 4
     assert ppo.optimizer == 2 * (2 * LORA_R2 + HIDDEN) * 4
+    # value_model policy_head: no critic adapter; the policy's LoRA and the value head train.
+    head = estimate_memory(tiny_config(), "ppo", "lora", **SIZES, value_model="policy_head")
+    assert head.adapters == (3 * LORA_R2 + 2 * HIDDEN) * 4
+    assert head.trainable_params == LORA_R2 + HIDDEN
+    assert head.optimizer == 2 * (LORA_R2 + HIDDEN) * 4
+    assert head.activations == ppo.activations and head.total < ppo.total
     # KV cache: 2 (k, v) x 2 layers x 2 prompts x (5 + 3) tokens x 2 KV heads x 4 dims x 4 bytes
     assert ppo.kv_cache == 2 * 2 * 2 * 8 * 2 * 4 * 4 == 2048
     # Generation, scoring and training do not overlap: the total takes the largest phase. Without a
@@ -626,3 +632,13 @@ if __name__ == "__main__":
 
     with tempfile.TemporaryDirectory(prefix="memory_calibration_") as tmp:
         calibrate(Path(tmp))
+
+
+def test_the_estimator_knows_every_ppo_value_model_and_refuses_others():
+    from rlhf.core.errors import UserError
+    from rlhf.core.memory import PPO_VALUE_MODELS, estimate_memory
+    from rlhf.ppo.rollout import VALUE_MODELS
+
+    assert PPO_VALUE_MODELS == VALUE_MODELS
+    with pytest.raises(UserError, match="value_model: expected one of critic, policy_head, found 'shared'"):
+        estimate_memory(tiny_config(), "ppo", "lora", **SIZES, value_model="shared")

@@ -81,6 +81,9 @@ RUNTIME_CPU_PPO = 320 * MiB
 # H100: about 500 MiB in nvidia-smi. An assumption, not measured here; torch.cuda.max_memory_allocated
 # leaves it out, as it counts tensors only.
 RUNTIME_CUDA = 512 * MiB
+# PPO's value models (rlhf.ppo.rollout.VALUE_MODELS; tests/test_memory.py checks they agree: core may
+# not import a stage).
+PPO_VALUE_MODELS = ("critic", "policy_head")
 # Freed memory the allocator keeps, as a fraction of the activations one forward saves (without
 # checkpointing: the volume of per-layer temporaries is about the same either way).
 # CPU (rlhf/core/allocator.py sets glibc malloc; docs/memory.md, "The allocator"): a step's temporaries
@@ -367,7 +370,7 @@ def estimate_memory(config, stage: str, method: str, *, batch_size: int = 8, seq
                     lora_dropout: float = 0.0, merge_for_generation: str | bool = "auto",
                     ram_bytes: int | None = None, ppo_epochs: int = 1, bf16_forwards: str | bool = "auto",
                     eval_prompts: int = PPO_EVAL_PROMPTS, eval_batch_size: int = PPO_EVAL_BATCH_SIZE,
-                    arch: Architecture | None = None) -> MemoryEstimate:
+                    value_model: str = "critic", arch: Architecture | None = None) -> MemoryEstimate:
     """Expected peak memory of ``stage`` trained with ``method`` on the model ``config`` describes.
 
     Args:
@@ -400,6 +403,9 @@ def estimate_memory(config, stage: str, method: str, *, batch_size: int = 8, seq
             prompts, 16 at a time; 0 prompts = none, as in configs/ppo.yaml): reference and policy
             sample and score ``min(eval_batch_size, eval_prompts)`` prompts at a time, on top of the
             memory the updates left to the allocator.
+        value_model: PPO's value model: critic (a fourth LoRA adapter, trained, with its own head) or
+            policy_head (a head on the policy's hidden states: three adapters, one trained). The
+            update's activations are the same either way: one role's graph is alive at a time.
         arch: :func:`architecture` of ``config``, when the caller already has it.
 
     Returns:
@@ -411,6 +417,8 @@ def estimate_memory(config, stage: str, method: str, *, batch_size: int = 8, seq
                 micro_batch_size=micro, ppo_epochs=ppo_epochs, eval_batch_size=eval_batch_size))
     if not isinstance(eval_prompts, int) or eval_prompts < 0:
         raise UserError(f"eval_prompts: expected 0 or a positive integer, found {eval_prompts!r}")
+    if value_model not in PPO_VALUE_MODELS:
+        raise UserError(f"value_model: expected one of {', '.join(PPO_VALUE_MODELS)}, found {value_model!r}")
     if stage == "ppo" and batch_size % micro:
         raise UserError(f"micro_batch_size: expected a divisor of batch_size ({batch_size}), found {micro}")
     arch = arch or architecture(config)
@@ -441,9 +449,11 @@ def estimate_memory(config, stage: str, method: str, *, batch_size: int = 8, seq
         adapters = 0 if full else lora + head
         trainable, trainable_bytes = (params, w_bytes) if full else (arch.lora_params(lora_r) + arch.hidden, 4)
     else:
-        # policy, reference (the frozen SFT adapter), reward, value + reward and value heads.
-        adapters = 4 * lora + 2 * head
-        trainable, trainable_bytes = 2 * arch.lora_params(lora_r) + arch.hidden, 4
+        # policy, reference (the frozen SFT adapter), reward, and the critic's adapter unless the value
+        # head reads the policy's hidden states; reward and value heads.
+        trained_adapters = {"critic": 2, "policy_head": 1}[value_model]
+        adapters = (2 + trained_adapters) * lora + 2 * head
+        trainable, trainable_bytes = trained_adapters * arch.lora_params(lora_r) + arch.hidden, 4
         if full:
             notes.append(
                 "our PPO trains LoRA roles on one shared base: with a fully fine-tuned SFT model, that model is the "
@@ -669,6 +679,8 @@ class EstimateArguments:
     """PPO's final evaluation: held-out prompts (0 = none, as configs/ppo.yaml sets)."""
     eval_batch_size: int = PPO_EVAL_BATCH_SIZE
     """PPO's final evaluation: prompts sampled and scored at a time."""
+    value_model: str = "critic"
+    """PPO: critic (its own LoRA adapter) or policy_head (a head on the policy)."""
     device: str | None = None
     """cpu or cuda (null = cuda when available)."""
     trust_remote_code: bool = False
@@ -691,7 +703,7 @@ def estimate_command(argv: list[str]) -> int:
         gradient_checkpointing=args.gradient_checkpointing, device=device, micro_batch_size=args.micro_batch_size,
         lora_dropout=args.lora_dropout, merge_for_generation=args.merge_for_generation,
         bf16_forwards=args.bf16_forwards, ppo_epochs=args.ppo_epochs, eval_prompts=args.eval_prompts,
-        eval_batch_size=args.eval_batch_size,
+        eval_batch_size=args.eval_batch_size, value_model=args.value_model,
     )
     method = f"qlora {args.bits}-bit" if args.method == "qlora" else args.method
     if args.method != "full" or args.stage == "ppo":
