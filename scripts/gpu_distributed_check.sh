@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # What a GPU machine must check that a CPU machine cannot: FSDP and DeepSpeed ZeRO-2/3 (with and
-# without CPU offload) for SFT and reward, and PPO data-parallel on CUDA. For a GPU machine:
+# without CPU offload) for SFT and reward, and PPO data-parallel and FSDP-sharded on CUDA. For a GPU machine:
 #   bash scripts/gpu_distributed_check.sh [NUM_GPUS]
 # 1. tests/test_distributed.py's GPU tests: a tiny model under each sharded config in fp32, held
 #    against one process on the same global batch (losses and the LoRA update match, the adapter is
@@ -56,4 +56,12 @@ $PY -m accelerate.commands.launch --config_file configs/accelerate/ddp.yaml --nu
   --config configs/ppo.yaml --sft_model runs/gpu-check/fsdp/sft --reward_model runs/gpu-check/fsdp/reward \
   --output_dir runs/gpu-check/ppo --max_steps 3 --torch_dtype bfloat16
 check_run runs/gpu-check/ppo
+if [ "$N" -ge 2 ]; then  # one process shards nothing (PPO refuses it)
+  echo "== ppo (FSDP2: the shared base sharded, bf16)"
+  rm -rf runs/gpu-check/ppo_fsdp runs/gpu-check/ppo_fsdp.tmp
+  $PY -m accelerate.commands.launch --config_file configs/accelerate/ppo_fsdp.yaml --num_processes "$N" scripts/ppo.py \
+    --config configs/ppo.yaml --sft_model runs/gpu-check/fsdp/sft --reward_model runs/gpu-check/fsdp/reward \
+    --output_dir runs/gpu-check/ppo_fsdp --max_steps 3 --torch_dtype bfloat16
+  check_run runs/gpu-check/ppo_fsdp
+fi
 echo "all GPU distributed checks passed"

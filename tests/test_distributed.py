@@ -1,5 +1,6 @@
 """Every stage under 2 gloo processes (torchrun on CPU) against 1 process on the same global batch,
-and on a GPU machine SFT and reward under FSDP and DeepSpeed ZeRO-2/3 against 1 process.
+PPO sharded with FSDP against DDP, and on a GPU machine SFT and reward under FSDP and DeepSpeed
+ZeRO-2/3 against 1 process.
 
 `accelerate launch --cpu --num_processes 2` silently starts one process, so the CPU tests use
 torchrun, which gives real gloo DDP on a CPU machine. The GPU tests are skipped without CUDA;
@@ -151,6 +152,41 @@ def test_two_process_ppo_matches_one_process_on_the_same_global_batch(stage_outp
     assert len({f.name.split(".")[-2] for f in event_files}) == 1, event_files
 
 
+def test_ppo_with_its_base_sharded_by_fsdp_matches_ddp_on_the_same_global_batch(stage_outputs, tmp_path):
+    """The user's command on 2 CPU processes (gloo): accelerate launch with configs/accelerate/ppo_fsdp.yaml.
+    accelerate reports a CPU run as multi-CPU, and PPO shards its base with FSDP2 from the launch's
+    settings; the steps, the final evaluation (every process joins its sharded forwards) and the
+    saved adapters match plain DDP on the same global batch. With gradient checkpointing, which
+    recomputes each sharded layer in the backward and changes no result."""
+    ddp, fsdp = tmp_path / "ddp", tmp_path / "fsdp"
+    torchrun("ppo.py", ppo_args(stage_outputs, ddp, batch_size=4), cwd=tmp_path)
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+           str(ROOT / "configs" / "accelerate" / "ppo_fsdp.yaml"), "--num_processes", "2",
+           "--main_process_port", str(free_port()), str(ROOT / "scripts" / "ppo.py"),
+           *ppo_args(stage_outputs, fsdp, batch_size=4), "--gradient_checkpointing", "true"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    result = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert result.stderr.count("decoder layers are sharded over 2 processes") == 2  # both processes sharded
+
+    history_ddp = json.loads((ddp / "log_history.json").read_text())
+    history_fsdp = json.loads((fsdp / "log_history.json").read_text())
+    assert len(history_ddp) == len(history_fsdp) == 2
+    for h1, h2 in zip(history_ddp, history_fsdp):
+        for key in ("score", "kl", "response_length", "policy_loss", "value_loss", "entropy", "clipfrac",
+                    "approx_kl", "explained_variance", "kl_coef"):
+            assert h2[key] == pytest.approx(h1[key], rel=2e-3, abs=2e-4), key
+    metrics_ddp, metrics_fsdp = (json.loads((p / "metrics.json").read_text()) for p in (ddp, fsdp))
+    for key in ("eval_policy_reward_model_score", "eval_policy_kl_to_reference", "eval_reference_reward_model_score"):
+        assert metrics_fsdp[key] == pytest.approx(metrics_ddp[key], rel=2e-3, abs=2e-4), key
+    for role in ("", "value/"):
+        a = load_file(str(ddp / role / "adapter_model.safetensors"))
+        b = load_file(str(fsdp / role / "adapter_model.safetensors"))
+        assert a.keys() == b.keys()  # whole adapters, under the same names
+        for k in a:
+            torch.testing.assert_close(b[k], a[k], rtol=1e-3, atol=1e-5)
+
+
 def test_two_process_ppo_resumes_with_the_same_number_of_processes(stage_outputs, tmp_path):
     """3 steps straight == 3 steps killed after the step-2 checkpoint and resumed, on 2 processes."""
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
@@ -197,9 +233,9 @@ def test_accelerate_configs_parse():
         config = load_config_from_file(str(path))
         kinds[path.stem] = str(config.distributed_type)
         assert config.num_processes >= 2
-    assert {"ddp", "fsdp", "deepspeed_zero2", "deepspeed_zero3", "deepspeed_zero2_offload",
+    assert {"ddp", "fsdp", "ppo_fsdp", "deepspeed_zero2", "deepspeed_zero3", "deepspeed_zero2_offload",
             "deepspeed_zero3_offload", "multi_node_ddp"} <= set(kinds)
-    assert "FSDP" in kinds["fsdp"] and "DEEPSPEED" in kinds["deepspeed_zero3_offload"]
+    assert "FSDP" in kinds["fsdp"] and "FSDP" in kinds["ppo_fsdp"] and "DEEPSPEED" in kinds["deepspeed_zero3_offload"]
 
 
 @pytest.fixture(scope="module")

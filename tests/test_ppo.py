@@ -795,8 +795,9 @@ def test_adaptive_kl_horizon_is_relative_to_the_run(pipeline):
 
 
 @pytest.mark.parametrize("setting,value,expected", [
-    ("distributed_type", "DEEPSPEED", "PPO runs on one process or plain DDP (multi-GPU or multi-CPU), found DEEPSPEED"),
-    ("distributed_type", "FSDP", "found FSDP; launch it with configs/accelerate/ddp.yaml"),
+    ("distributed_type", "DEEPSPEED", "PPO runs on one process, plain DDP or FSDP, found DEEPSPEED; to shard the "
+                                      "base, launch it with configs/accelerate/ppo_fsdp.yaml (FSDP2)"),
+    ("distributed_type", "XLA", "found XLA"),
     ("mixed_precision", "fp16", "mixed_precision fp16 is not applied by PPO"),
     ("mixed_precision", "bf16", "set torch_dtype: bfloat16"),
     ("gradient_accumulation_steps", 2, "gradient_accumulation_steps 2 is not applied by PPO"),
@@ -809,9 +810,49 @@ def test_launch_settings_ppo_does_not_honour_are_refused(setting, value, expecte
 
     launch = {"distributed_type": DistributedType.MULTI_GPU, "mixed_precision": "no", "gradient_accumulation_steps": 1}
     check_launch(type("Launch", (), launch))  # plain DDP passes
+    check_launch(type("Launch", (), {**launch, "distributed_type": DistributedType.FSDP}))  # and FSDP
     launch[setting] = DistributedType[value] if setting == "distributed_type" else value
     with pytest.raises(UserError, match=expected.replace("(", r"\(").replace(")", r"\)")):
         check_launch(type("Launch", (), launch))
+
+
+FSDP_LAUNCH = {"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2", "FSDP_AUTO_WRAP_POLICY": "TRANSFORMER_BASED_WRAP",
+               "FSDP_RESHARD_AFTER_FORWARD": "false", "FSDP_CPU_RAM_EFFICIENT_LOADING": "false"}
+
+
+@pytest.mark.parametrize("change,expected", [
+    ({"FSDP_VERSION": "1"}, "PPO shards with FSDP2, found fsdp_version 1"),
+    ({"FSDP_OFFLOAD_PARAMS": "true"}, "fsdp_offload_params is not applied by PPO"),
+    ({"FSDP_ACTIVATION_CHECKPOINTING": "true"}, "set it false and gradient_checkpointing: true in the PPO config"),
+    ({"FSDP_AUTO_WRAP_POLICY": "SIZE_BASED_WRAP"}, "found fsdp_auto_wrap_policy size_based_auto_wrap_policy"),
+    ({"FSDP_CPU_RAM_EFFICIENT_LOADING": "true"}, "fsdp_cpu_ram_efficient_loading is not applied by PPO"),
+    ({"peft_method": "qlora-4bit"}, "found peft_method qlora-4bit; use LoRA, or QLoRA under configs/accelerate/ddp.yaml"),
+    ({"merge_for_generation": "true"}, "merge_for_generation: true cannot fold the policy into sharded weights"),
+    ({"num_processes": 1}, "one process shards nothing"),
+])
+def test_fsdp_settings_ppo_does_not_honour_are_refused(change, expected, monkeypatch):
+    """An FSDP launch, as accelerate's launcher describes it in the environment (on a CPU machine the
+    Accelerator itself reports plain multi-CPU): PPO takes the plugin or refuses what it would not apply."""
+    from accelerate.utils import DistributedType
+
+    from rlhf.core.errors import UserError
+    from rlhf.core.models import ModelArguments
+    from rlhf.ppo.trainer import PPOArguments, fsdp_request
+
+    def request(change: dict):
+        for key, value in {**FSDP_LAUNCH, **change}.items():
+            if key.isupper():
+                monkeypatch.setenv(key, value)
+        launch = type("Launch", (), {"distributed_type": DistributedType.MULTI_CPU,
+                                     "num_processes": change.get("num_processes", 2)})
+        return fsdp_request(launch, ModelArguments(peft_method=change.get("peft_method", "lora")),
+                            PPOArguments(merge_for_generation=change.get("merge_for_generation", "auto")))
+
+    plugin = request({})
+    assert plugin.fsdp_version == 2 and plugin.reshard_after_forward is False  # the launch's own setting
+    with pytest.raises(UserError, match=expected):
+        request(change)
+    assert request({"ACCELERATE_USE_FSDP": "false"}) is None  # plain data parallelism
 
 
 @pytest.mark.slow

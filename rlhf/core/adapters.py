@@ -74,6 +74,9 @@ class AdapterRegistry:
         self.compute_dtype: torch.dtype | None = None
         """What :meth:`hidden_states` computes in (see :meth:`computing_in`); None = each layer's own dtype."""
         self._computing: torch.dtype | None = None  # the dtype computing_in() runs in now
+        self.sharded = False
+        """Whether :meth:`shard` split the base's decoder layers over processes (every forward is then
+        a collective: all processes run the same forwards, and generation runs until all are done)."""
 
     # -- building ------------------------------------------------------------------------------
 
@@ -203,8 +206,12 @@ class AdapterRegistry:
             activation_checkpointing_kwargs={"use_reentrant": False, "context_fn": role_contexts})
 
     def can_merge(self, name: str) -> bool:
-        """Whether :meth:`merged` can fold adapter ``name`` into the base weights exactly."""
+        """Whether :meth:`merged` can fold adapter ``name`` into the base weights exactly (not into
+        sharded ones: each process holds a slice of them)."""
         from peft import PeftType
+
+        if self.sharded:
+            return False
 
         config = self.peft_model.peft_config.get(name)
         quantized = getattr(self.base_model, "hf_quantizer", None) is not None or any(
@@ -311,6 +318,41 @@ class AdapterRegistry:
         index = last_non_pad_index(input_ids, pad_token_id)  # (b,)
         last = hidden[torch.arange(hidden.shape[0], device=hidden.device), index]  # (b, h)
         return self.heads[name](last.to(self.heads[name].weight.dtype)).squeeze(-1)
+
+    # -- sharding -----------------------------------------------------------------------------
+
+    def shard(self, mesh, reshard_after_forward: bool | int = True, layer_classes: list[str] | None = None) -> None:
+        """Shard the frozen base over the processes of ``mesh`` with FSDP2: each decoder layer is one
+        unit (its weights gathered for its forward and backward, then freed), the rest of the body one
+        more. Every adapter, the heads, the token embeddings and the LM head stay whole on every process.
+
+        Only frozen weights are split, so everything else works as in plain data parallelism: roles
+        switch by adapter name, gradients exist for whole adapters only and are summed by the caller,
+        checkpoints hold whole adapters. The embeddings and LM head stay whole because the roles call
+        the LM head outside the body's forward (on reply positions only), where FSDP would not gather it.
+        ``layer_classes``: class names of the units (default: the model's ``_no_split_modules``, its
+        decoder layers). Call after every adapter and head is added; forwards then run on every
+        process together.
+        """
+        from torch.distributed.fsdp import fully_shard
+
+        body = self._body()
+        split = set(layer_classes or getattr(self.base_model, "_no_split_modules", None) or ())
+        layers = [m for m in body.modules() if type(m).__name__ in split]
+        if not layers:
+            raise UserError(f"sharding: no module of {type(self.base_model).__name__} is of the classes to shard "
+                            f"({', '.join(sorted(split)) or 'none known'}); name its decoder layer class in "
+                            "fsdp_transformer_layer_cls_to_wrap, or launch with plain data parallelism (ddp.yaml)")
+        whole = {p for params in self._adapter_params().values() for p in params}
+        whole |= set(body.get_input_embeddings().parameters()) | set(self.lm_head().parameters())
+        trained = [n for n, p in self.peft_model.named_parameters() if p.requires_grad and p not in whole]
+        if trained:
+            raise UserError(f"sharding: only frozen base weights are sharded, but {trained[0]} trains; shard a "
+                            "LoRA-only model")
+        for layer in layers:
+            fully_shard(layer, mesh=mesh, reshard_after_forward=reshard_after_forward, ignored_params=whole)
+        fully_shard(body, mesh=mesh, reshard_after_forward=reshard_after_forward, ignored_params=whole)
+        self.sharded = True
 
     # -- saving -------------------------------------------------------------------------------
 

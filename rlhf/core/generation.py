@@ -80,8 +80,10 @@ def pad_ids(sequences: list[list[int]], pad_id: int, side: str = "left") -> tupl
 
 @torch.no_grad()
 def sample_responses(model, tokenizer, prompt_ids: list[list[int]], sampling: SamplingArguments,
-                     generator_seed: int | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Sample one reply per prompt with the KV cache.
+                     generator_seed: int | None = None,
+                     synced: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Sample one reply per prompt with the KV cache. ``synced``: the model is sharded over processes,
+    so each keeps stepping (its forwards are collectives) until every process's replies are done.
 
     Returns ``(query (b, s), query_mask (b, s), response (b, t))``: the left-padded prompts, their
     attention mask, and the generated tokens (t <= max_new_tokens; rows that stopped early are padded).
@@ -91,7 +93,8 @@ def sample_responses(model, tokenizer, prompt_ids: list[list[int]], sampling: Sa
     query, query_mask = query.to(device), query_mask.to(device)
     if generator_seed is not None:
         torch.manual_seed(generator_seed)
-    out = model.generate(input_ids=query, attention_mask=query_mask, **sampling.generation_kwargs(tokenizer))
+    out = model.generate(input_ids=query, attention_mask=query_mask, synced_gpus=synced,
+                         **sampling.generation_kwargs(tokenizer))
     return query, query_mask, out[:, query.shape[1] :]
 
 

@@ -71,7 +71,8 @@ class RoleForwards:
         """Sample one reply per prompt as ``adapter`` (KV cache, left padding, our sampling settings)."""
         prompt_ids = [encode_prompt(self.tokenizer, p) for p in prompts]
         with self.sampling_model(adapter) as model:
-            query, query_mask, response = sample_responses(model, self.tokenizer, prompt_ids, self.sampling)
+            query, query_mask, response = sample_responses(model, self.tokenizer, prompt_ids, self.sampling,
+                                                           synced=self.registry.sharded)
         return rollout_from_samples(query, query_mask, response, self.tokenizer.eos_token_id,
                                     self.tokenizer.pad_token_id)
 

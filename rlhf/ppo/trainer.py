@@ -200,16 +200,18 @@ class NonFiniteError(UserError):
 
 
 def build_roles(model_args: ModelArguments, args: PPOArguments, device: torch.device,
-                shared: SharedBase | None = None) -> tuple[AdapterRegistry, str | None]:
+                shared: SharedBase | None = None, fsdp=None) -> tuple[AdapterRegistry, str | None]:
     """Load the base once and put the roles on it; returns (registry, reference adapter name).
 
     ``shared``: :func:`rlhf.core.runs.check_shared_base`'s verdict on the SFT and reward outputs, if the
     caller already has it (it refuses, before anything is loaded, outputs that cannot share a base).
+    ``fsdp``: :func:`fsdp_request`'s plugin: the roles are built in host memory, the base is sharded
+    over every process, and only then is the model moved to ``device``.
     """
     sft_dir, reward_dir = Path(args.sft_model), Path(args.reward_model)
     sft, _, base_args = shared or check_shared_base(sft_dir, reward_dir, model_args)
     base = load_base_model(base_args, "causal-lm")
-    base.to(device)
+    base.to(torch.device("cpu") if fsdp is not None else device)
     registry = AdapterRegistry(base)
     if args.gradient_checkpointing:
         registry.enable_gradient_checkpointing()
@@ -228,6 +230,14 @@ def build_roles(model_args: ModelArguments, args: PPOArguments, device: torch.de
         reference = None
     registry.load("reward", reward_dir, trainable=False)
     make_value_model(args.value_model).attach(registry, reward_dir)
+    if fsdp is not None:
+        from torch.distributed.device_mesh import init_device_mesh
+
+        mesh = init_device_mesh(device.type, (torch.distributed.get_world_size(),))
+        registry.shard(mesh, reshard_after_forward=fsdp.reshard_after_forward,
+                       layer_classes=fsdp.transformer_cls_names_to_wrap)
+        registry.peft_model.to(device)
+        logger.info("FSDP: the base's decoder layers are sharded over %d processes", mesh.size())
     registry.heads.to(device)
     return registry, reference
 
@@ -260,10 +270,10 @@ def check_launch(accelerator) -> None:
     from accelerate.utils import DistributedType
 
     kind = accelerator.distributed_type
-    if kind not in (DistributedType.NO, DistributedType.MULTI_CPU, DistributedType.MULTI_GPU):
-        raise UserError(f"accelerate launch: PPO runs on one process or plain DDP (multi-GPU or multi-CPU), found "
-                        f"{kind.value}; launch it with configs/accelerate/ddp.yaml (use QLoRA or "
-                        "gradient_checkpointing to fit memory instead of sharding)")
+    if kind not in (DistributedType.NO, DistributedType.MULTI_CPU, DistributedType.MULTI_GPU, DistributedType.FSDP):
+        raise UserError(f"accelerate launch: PPO runs on one process, plain DDP or FSDP, found {kind.value}; to "
+                        f"shard the base, launch it with {PPO_FSDP_CONFIG} (FSDP2), else with "
+                        "configs/accelerate/ddp.yaml")
     if accelerator.mixed_precision != "no":
         raise UserError(f"accelerate launch: mixed_precision {accelerator.mixed_precision} is not applied by PPO; "
                         "launch with mixed_precision 'no' and set torch_dtype: bfloat16 (or a QLoRA "
@@ -271,6 +281,58 @@ def check_launch(accelerator) -> None:
     if accelerator.gradient_accumulation_steps != 1:
         raise UserError(f"accelerate launch: gradient_accumulation_steps {accelerator.gradient_accumulation_steps} is "
                         "not applied by PPO; launch with 1 and set the PPO config's gradient_accumulation_steps")
+
+
+PPO_FSDP_CONFIG = "configs/accelerate/ppo_fsdp.yaml"
+
+
+def fsdp_request(accelerator, model_args: ModelArguments, args: "PPOArguments"):
+    """accelerate's FSDP plugin when the run was launched with FSDP (else None), refused before any work
+    where PPO would not honour one of its settings.
+
+    PPO shards only the frozen base itself (:meth:`AdapterRegistry.shard`, FSDP2), with the plugin's
+    ``reshard_after_forward`` and layer classes; the adapters stay whole, so the state-dict type and
+    module-state syncing have nothing to act on. On a CPU machine accelerate runs a FSDP launch as plain
+    multi-CPU data parallelism; its launcher still says FSDP in the environment, read here.
+    """
+    from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
+
+    if accelerator.distributed_type == DistributedType.FSDP:
+        plugin = accelerator.state.fsdp_plugin
+    elif os.environ.get("ACCELERATE_USE_FSDP", "false").lower() in ("1", "true", "yes"):
+        plugin = FullyShardedDataParallelPlugin()
+    else:
+        return None
+    where = f"accelerate launch with FSDP (see {PPO_FSDP_CONFIG})"
+    if accelerator.num_processes < 2:
+        raise UserError(f"{where}: one process shards nothing; launch with --num_processes 2 or more, or without FSDP")
+    if plugin.fsdp_version != 2:
+        raise UserError(f"{where}: PPO shards with FSDP2, found fsdp_version {plugin.fsdp_version}; set fsdp_version: 2")
+    offload = plugin.cpu_offload
+    if type(offload).__name__ == "CPUOffloadPolicy" or getattr(offload, "offload_params", False):
+        raise UserError(f"{where}: fsdp_offload_params is not applied by PPO; set it false (QLoRA or "
+                        "gradient_checkpointing save memory instead)")
+    if plugin.activation_checkpointing:
+        raise UserError(f"{where}: fsdp_activation_checkpointing is not applied by PPO; set it false and "
+                        "gradient_checkpointing: true in the PPO config")
+    policy = plugin.auto_wrap_policy
+    name = policy if isinstance(policy, str) else getattr(getattr(policy, "func", policy), "__name__", "")
+    if policy is not None and str(name).upper() not in ("TRANSFORMER_BASED_WRAP", "TRANSFORMER_AUTO_WRAP_POLICY"):
+        raise UserError(f"{where}: PPO shards each decoder layer (TRANSFORMER_BASED_WRAP), found "
+                        f"fsdp_auto_wrap_policy {name or policy}; set it to TRANSFORMER_BASED_WRAP")
+    if plugin.ignored_modules:
+        raise UserError(f"{where}: fsdp_ignored_modules is not applied by PPO (it keeps every adapter, the "
+                        "embeddings and the LM head whole itself); remove it")
+    if os.environ.get("FSDP_CPU_RAM_EFFICIENT_LOADING", "false").lower() in ("1", "true", "yes"):
+        raise UserError(f"{where}: fsdp_cpu_ram_efficient_loading is not applied by PPO (every process loads "
+                        "the base, then shards it); set it false")
+    if model_args.peft_method != "lora":
+        raise UserError(f"{where}: PPO shards a LoRA policy's unquantized base, found peft_method "
+                        f"{model_args.peft_method}; use LoRA, or QLoRA under configs/accelerate/ddp.yaml")
+    if args.merge_for_generation == "true":
+        raise UserError(f"{where}: merge_for_generation: true cannot fold the policy into sharded weights; set it "
+                        "auto or false")
+    return plugin
 
 
 def forward_dtype(setting: str, registry: AdapterRegistry) -> torch.dtype | None:
@@ -302,7 +364,7 @@ def merge_backup_device(setting: str, registry: AdapterRegistry, device: torch.d
         if setting == "true":
             raise UserError("merge_for_generation: true needs a LoRA policy on an unquantized base; this base is "
                             "quantized or the policy is not LoRA (set merge_for_generation: auto or false)")
-        logger.info("merge_for_generation auto: not merging (quantized base or non-LoRA policy)")
+        logger.info("merge_for_generation auto: not merging (quantized or sharded base, or non-LoRA policy)")
         return None
     backup = registry.merge_backup_bytes("policy")
     ram = psutil.virtual_memory()
@@ -749,13 +811,14 @@ def run(config: dict[str, Any] | None = None, hooks: StageHooks | None = None, *
     wandb_offline_without_key()
     accelerator = Accelerator(cpu=not torch.cuda.is_available(), log_with=log_with, project_dir=str(run_dir.work))
     check_launch(accelerator)
+    fsdp = fsdp_request(accelerator, model_args, args)
     with run_dir.removed_on_error():
         checkpoint = run_dir.prepare_on_main(bool(given.get("resume")), bool(given.get("overwrite_output_dir")),
                                              accelerator)
         set_seed(args.seed + accelerator.process_index)
         tokenizer = load_tokenizer(args.sft_model if (Path(args.sft_model) / "tokenizer_config.json").exists()
                                    else model_args.model_name_or_path)
-        registry, reference = build_roles(model_args, args, accelerator.device, shared)
+        registry, reference = build_roles(model_args, args, accelerator.device, shared, fsdp)
         trainer = PPOTrainer(args, sampling, registry, tokenizer, prompts, reference, accelerator, run_dir)
         if checkpoint is not None:
             logger.info("resuming from %s", checkpoint)
@@ -766,9 +829,10 @@ def run(config: dict[str, Any] | None = None, hooks: StageHooks | None = None, *
         history = trainer.train(hooks)
         metrics: dict[str, Any] = {}
         samples: list[dict] = []
-        if eval_prompts and accelerator.is_main_process:
+        if eval_prompts and (accelerator.is_main_process or registry.sharded):  # a sharded forward needs all
             metrics, samples = trainer.evaluate(eval_prompts)
-            _stops(hooks.on_evaluate, trainer.step, dict(metrics))  # the run ends here anyway
+            if accelerator.is_main_process:
+                _stops(hooks.on_evaluate, trainer.step, dict(metrics))  # the run ends here anyway
         accelerator.end_training()
         if not accelerator.is_main_process:
             return metrics
