@@ -96,18 +96,22 @@ PPO_VALUE_MODELS = ("critic", "policy_head")
 # load to make their random adapters, which `rlhf ppo` does not). Fitted on bench/bench_scale.py's
 # bf16 rows at SmolLM2-360M's shape (one step each): QLoRA with bf16 compute 0.38-0.67 -> 0.5, TRL
 # 0.19's layout 0.21 (one run). PPO's single-pass update (PPO's defaults), with the default setting
-# bounded: fitted on the two whole `rlhf ppo --max_steps 2` runs at SmolLM2-360M's shape with PPO's
-# defaults (bf16, bf16_forwards auto, the final evaluation), with and without checkpointing, which
-# ask for 0.7 and 0.5 (bench/bench_estimate_vs_cli.py; docs/memory.md, "The estimate against `rlhf
-# ppo`"); earlier runs at its width with 4-16 layers asked for 0.6-2.1 (what the allocator keeps is
-# not one fixed share of a forward). One step keeps less, later steps more. Elsewhere the default
+# bounded, without and with gradient checkpointing (with it the backward's recomputed layers leave
+# smaller holes): fitted on five runs, in-sample: the two whole `rlhf ppo --max_steps 2` runs at
+# SmolLM2-360M's shape with PPO's defaults (bf16, bf16_forwards auto, the final evaluation;
+# bench/bench_estimate_vs_cli.py; docs/memory.md, "The estimate against `rlhf ppo`") and three
+# one-step bench/bench_scale.py rows at SmolLM2-1.7B's (bf16_forwards on and off, and on with
+# checkpointing; docs/memory.md, "Measured at SmolLM2-1.7B's shape"). Without checkpointing they ask
+# for 0.7 (360M) to 1.2-1.4 (1.7B), with it for 0.5 (360M) and 0.3 (1.7B); earlier runs at 360M's
+# width with 4-16 layers asked for 0.6-2.1 (what the allocator keeps is not one fixed share of a
+# forward). One step keeps less, later steps more. Elsewhere the default
 # setting, bounded, held the same or less than keep in every side by side run, so those fractions
 # err high for it.
 # CUDA: the caching allocator reuses its blocks; 0.15 for rounding and fragmentation is an assumption.
-RETENTION = {"cpu": {"sft": 0.95, "reward": 0.75, "ppo": 2.6, "ppo-single-pass": 0.6, "full": 0.4, "qlora": 1.8,
-                     "qlora-half": 0.5, "separate": 0.2},
-             "cuda": {key: 0.15 for key in ("sft", "reward", "ppo", "ppo-single-pass", "full", "qlora", "qlora-half",
-                                            "separate")}}
+RETENTION = {"cpu": {"sft": 0.95, "reward": 0.75, "ppo": 2.6, "ppo-single-pass": 1.0, "ppo-single-pass-ckpt": 0.6,
+                     "full": 0.4, "qlora": 1.8, "qlora-half": 0.5, "separate": 0.2},
+             "cuda": {key: 0.15 for key in ("sft", "reward", "ppo", "ppo-single-pass", "ppo-single-pass-ckpt", "full",
+                                            "qlora", "qlora-half", "separate")}}
 # TRL's fused LM head (SFT) projects at most 4096 tokens x 32768 vocabulary entries at a time.
 FUSED_TOKENS, FUSED_VOCAB = 4096, 32768
 # Tiles alive at once. Without Triton (CPU) the backward folds a tile with plain torch ops (scaled
@@ -476,7 +480,8 @@ def estimate_memory(config, stage: str, method: str, *, batch_size: int = 8, seq
     elif method == "qlora" and stage != "ppo":
         retention_key = "qlora" if dtype == "float32" else "qlora-half"
     elif stage == "ppo":
-        retention_key = "ppo-single-pass" if ppo_epochs == 1 and micro == batch_size else "ppo"
+        retention_key = "ppo" if ppo_epochs != 1 or micro != batch_size else (
+            "ppo-single-pass-ckpt" if gradient_checkpointing else "ppo-single-pass")
     else:
         retention_key = stage
     retention = RETENTION[device][retention_key]
