@@ -212,7 +212,6 @@ class AdapterRegistry:
 
         if self.sharded:
             return False
-
         config = self.peft_model.peft_config.get(name)
         quantized = getattr(self.base_model, "hf_quantizer", None) is not None or any(
             getattr(self.base_model, flag, False) for flag in ("is_loaded_in_4bit", "is_loaded_in_8bit"))
