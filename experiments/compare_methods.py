@@ -13,9 +13,9 @@ schedule (max_steps or epochs, as ``make demo`` would run it), and stops trainin
 are not counted): a StageHooks that hears every step's log (logging_steps 1) raises StopTraining,
 and the stage writes a checkpoint there and finishes from it as after its last step, whichever its
 training loop (TRL's Trainer or PPO's own). The table gives each method's training seconds and steps.
-A method cut by the budget leaves its learning-rate schedule and KL horizon part-way; an earlier
-version gave every method a huge max_steps so that the clock ended each, which left PPO's learning
-rate at its peak and its adaptive KL coefficient frozen: that measured the schedule, not the method.
+A method cut by the budget leaves its learning-rate schedule and KL horizon part-way. Each keeps its
+own schedule because a huge max_steps ended by the clock would keep PPO's learning rate at its peak
+and its adaptive KL coefficient frozen: that would measure the schedule, not the method.
 
 Then ``rlhf eval`` samples ``--k`` replies per held-out prompt (data/demo/prompts_heldout.jsonl) from
 SFT and every method with the same sampling settings and judges them: win rate against SFT (ties
