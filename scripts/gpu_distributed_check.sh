@@ -50,18 +50,18 @@ for cfg in fsdp deepspeed_zero2 deepspeed_zero2_offload deepspeed_zero3 deepspee
     check_run "$out"
   done
 done
+check_ppo() {  # PPO from the FSDP runs' outputs under accelerate config $1, 3 steps in bf16, into runs/gpu-check/$2
+  out=runs/gpu-check/$2
+  rm -rf "$out" "$out.tmp"
+  $PY -m accelerate.commands.launch --config_file configs/accelerate/$1.yaml --num_processes "$N" scripts/ppo.py \
+    --config configs/ppo.yaml --sft_model runs/gpu-check/fsdp/sft --reward_model runs/gpu-check/fsdp/reward \
+    --output_dir "$out" --max_steps 3 --torch_dtype bfloat16
+  check_run "$out"
+}
 echo "== ppo (DDP, bf16)"
-rm -rf runs/gpu-check/ppo runs/gpu-check/ppo.tmp
-$PY -m accelerate.commands.launch --config_file configs/accelerate/ddp.yaml --num_processes "$N" scripts/ppo.py \
-  --config configs/ppo.yaml --sft_model runs/gpu-check/fsdp/sft --reward_model runs/gpu-check/fsdp/reward \
-  --output_dir runs/gpu-check/ppo --max_steps 3 --torch_dtype bfloat16
-check_run runs/gpu-check/ppo
+check_ppo ddp ppo
 if [ "$N" -ge 2 ]; then  # one process shards nothing (PPO refuses it)
   echo "== ppo (FSDP2: the shared base sharded, bf16)"
-  rm -rf runs/gpu-check/ppo_fsdp runs/gpu-check/ppo_fsdp.tmp
-  $PY -m accelerate.commands.launch --config_file configs/accelerate/ppo_fsdp.yaml --num_processes "$N" scripts/ppo.py \
-    --config configs/ppo.yaml --sft_model runs/gpu-check/fsdp/sft --reward_model runs/gpu-check/fsdp/reward \
-    --output_dir runs/gpu-check/ppo_fsdp --max_steps 3 --torch_dtype bfloat16
-  check_run runs/gpu-check/ppo_fsdp
+  check_ppo ppo_fsdp ppo_fsdp
 fi
 echo "all GPU distributed checks passed"

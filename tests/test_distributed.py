@@ -41,6 +41,18 @@ def torchrun(script: str, args: list[str], cwd: Path, nproc: int = 2) -> subproc
     return result
 
 
+def accelerate_launch(config: str, script: str, args: list[str], cwd: Path, nproc: int, launch: tuple[str, ...] = (),
+                      env: dict[str, str] | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
+    """``accelerate launch --config_file configs/accelerate/<config>.yaml`` of ``scripts/<script>``, as a user runs it."""
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+           str(ROOT / "configs" / "accelerate" / f"{config}.yaml"), "--num_processes", str(nproc),
+           "--main_process_port", str(free_port()), *launch, str(ROOT / "scripts" / script), *args]
+    result = subprocess.run(cmd, cwd=cwd, env={**os.environ, "PYTHONPATH": str(ROOT), **(env or {})},
+                            capture_output=True, text=True, timeout=timeout)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result
+
+
 @pytest.fixture(scope="module")
 def stage_outputs(tiny_model_dir, tmp_path_factory):
     """A tiny SFT adapter and reward adapter (one process) for PPO to start from."""
@@ -125,26 +137,32 @@ def ppo_args(outputs: Path, out: Path, batch_size: int, report_to: str = "none")
     ]
 
 
+def assert_ppo_runs_match(got: Path, want: Path) -> None:
+    """Two 2-step PPO runs on the same global batch: the same statistics at each step (the second
+    step starts from the first step's update, so equal statistics there mean equal gradients) and
+    the same policy and value adapters, saved whole under the same names."""
+    history_want = json.loads((want / "log_history.json").read_text())
+    history_got = json.loads((got / "log_history.json").read_text())
+    assert len(history_want) == len(history_got) == 2
+    for h1, h2 in zip(history_want, history_got):
+        for key in ("score", "kl", "response_length", "policy_loss", "value_loss", "entropy", "clipfrac",
+                    "approx_kl", "explained_variance", "kl_coef"):
+            assert h2[key] == pytest.approx(h1[key], rel=2e-3, abs=2e-4), key
+    assert history_want[1]["policy_loss"] != history_want[0]["policy_loss"]
+    for role in ("", "value/"):
+        a = load_file(str(want / role / "adapter_model.safetensors"))
+        b = load_file(str(got / role / "adapter_model.safetensors"))
+        assert a.keys() == b.keys()
+        for k in a:
+            torch.testing.assert_close(b[k], a[k], rtol=1e-3, atol=1e-5)
+
+
 def test_two_process_ppo_matches_one_process_on_the_same_global_batch(stage_outputs, tmp_path):
     one, two = tmp_path / "one", tmp_path / "two"
     torchrun("ppo.py", ppo_args(stage_outputs, one, batch_size=8), cwd=tmp_path, nproc=1)
     torchrun("ppo.py", ppo_args(stage_outputs, two, batch_size=4, report_to="tensorboard"), cwd=tmp_path)
 
-    history_one = json.loads((one / "log_history.json").read_text())
-    history_two = json.loads((two / "log_history.json").read_text())
-    assert len(history_one) == len(history_two) == 2
-    for h1, h2 in zip(history_one, history_two):
-        for key in ("score", "kl", "response_length", "policy_loss", "value_loss", "entropy", "clipfrac",
-                    "approx_kl", "explained_variance", "kl_coef"):
-            assert h2[key] == pytest.approx(h1[key], rel=2e-3, abs=2e-4), key
-    # The second step starts from the first step's update: equal stats there mean equal gradients.
-    assert history_one[1]["policy_loss"] != history_one[0]["policy_loss"]
-    for role in ("", "value/"):
-        a = load_file(str(one / role / "adapter_model.safetensors"))
-        b = load_file(str(two / role / "adapter_model.safetensors"))
-        assert a.keys() == b.keys()
-        for k in a:
-            torch.testing.assert_close(b[k], a[k], rtol=1e-3, atol=1e-5)
+    assert_ppo_runs_match(two, one)
     # Only rank 0 writes logs: every tensorboard event file comes from one process (the writer's pid
     # is the last part of the file name; accelerate adds a second file for hparams).
     event_files = list(two.rglob("events.out.tfevents*"))
@@ -160,31 +178,14 @@ def test_ppo_with_its_base_sharded_by_fsdp_matches_ddp_on_the_same_global_batch(
     recomputes each sharded layer in the backward and changes no result."""
     ddp, fsdp = tmp_path / "ddp", tmp_path / "fsdp"
     torchrun("ppo.py", ppo_args(stage_outputs, ddp, batch_size=4), cwd=tmp_path)
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
-           str(ROOT / "configs" / "accelerate" / "ppo_fsdp.yaml"), "--num_processes", "2",
-           "--main_process_port", str(free_port()), str(ROOT / "scripts" / "ppo.py"),
-           *ppo_args(stage_outputs, fsdp, batch_size=4), "--gradient_checkpointing", "true"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    result = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    result = accelerate_launch("ppo_fsdp", "ppo.py", ppo_args(stage_outputs, fsdp, batch_size=4)
+                               + ["--gradient_checkpointing", "true"], tmp_path, 2, env={"OMP_NUM_THREADS": "1"})
     assert result.stderr.count("decoder layers are sharded over 2 processes") == 2  # both processes sharded
 
-    history_ddp = json.loads((ddp / "log_history.json").read_text())
-    history_fsdp = json.loads((fsdp / "log_history.json").read_text())
-    assert len(history_ddp) == len(history_fsdp) == 2
-    for h1, h2 in zip(history_ddp, history_fsdp):
-        for key in ("score", "kl", "response_length", "policy_loss", "value_loss", "entropy", "clipfrac",
-                    "approx_kl", "explained_variance", "kl_coef"):
-            assert h2[key] == pytest.approx(h1[key], rel=2e-3, abs=2e-4), key
+    assert_ppo_runs_match(fsdp, ddp)
     metrics_ddp, metrics_fsdp = (json.loads((p / "metrics.json").read_text()) for p in (ddp, fsdp))
     for key in ("eval_policy_reward_model_score", "eval_policy_kl_to_reference", "eval_reference_reward_model_score"):
         assert metrics_fsdp[key] == pytest.approx(metrics_ddp[key], rel=2e-3, abs=2e-4), key
-    for role in ("", "value/"):
-        a = load_file(str(ddp / role / "adapter_model.safetensors"))
-        b = load_file(str(fsdp / role / "adapter_model.safetensors"))
-        assert a.keys() == b.keys()  # whole adapters, under the same names
-        for k in a:
-            torch.testing.assert_close(b[k], a[k], rtol=1e-3, atol=1e-5)
 
 
 def test_two_process_ppo_resumes_with_the_same_number_of_processes(stage_outputs, tmp_path):
@@ -268,13 +269,8 @@ def test_sharded_stage_on_gpu_matches_one_process(stage, config, tiny_model_dir,
     if config.startswith("deepspeed"):
         pytest.importorskip("deepspeed")
     out = tmp_path / stage
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
-           str(ROOT / "configs" / "accelerate" / f"{config}.yaml"), "--num_processes", str(torch.cuda.device_count()),
-           "--main_process_port", str(free_port()), "--mixed_precision", "no",
-           str(ROOT / "scripts" / f"{stage}.py"), *stage_args(stage, tiny_model_dir, out, batch_size=4)]
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    result = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    accelerate_launch(config, f"{stage}.py", stage_args(stage, tiny_model_dir, out, batch_size=4), tmp_path,
+                      torch.cuda.device_count(), launch=("--mixed_precision", "no"), timeout=900)
     assert_matches_one_process(out, one_process_gpu(stage), stage)
 
 

@@ -295,11 +295,12 @@ def fsdp_request(accelerator, model_args: ModelArguments, args: "PPOArguments"):
     module-state syncing have nothing to act on. On a CPU machine accelerate runs a FSDP launch as plain
     multi-CPU data parallelism; its launcher still says FSDP in the environment, read here.
     """
-    from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
+    from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin, parse_flag_from_env
+    from torch.distributed.fsdp.wrap import transformer_auto_wrap_policy
 
     if accelerator.distributed_type == DistributedType.FSDP:
         plugin = accelerator.state.fsdp_plugin
-    elif os.environ.get("ACCELERATE_USE_FSDP", "false").lower() in ("1", "true", "yes"):
+    elif parse_flag_from_env("ACCELERATE_USE_FSDP"):
         plugin = FullyShardedDataParallelPlugin()
     else:
         return None
@@ -315,15 +316,14 @@ def fsdp_request(accelerator, model_args: ModelArguments, args: "PPOArguments"):
     if plugin.activation_checkpointing:
         raise UserError(f"{where}: fsdp_activation_checkpointing is not applied by PPO; set it false and "
                         "gradient_checkpointing: true in the PPO config")
-    policy = plugin.auto_wrap_policy
-    name = policy if isinstance(policy, str) else getattr(getattr(policy, "func", policy), "__name__", "")
-    if policy is not None and str(name).upper() not in ("TRANSFORMER_BASED_WRAP", "TRANSFORMER_AUTO_WRAP_POLICY"):
+    policy = plugin.auto_wrap_policy  # the plugin turns the config's name into torch's function (NO_WRAP: None)
+    if policy not in (None, transformer_auto_wrap_policy):
         raise UserError(f"{where}: PPO shards each decoder layer (TRANSFORMER_BASED_WRAP), found "
-                        f"fsdp_auto_wrap_policy {name or policy}; set it to TRANSFORMER_BASED_WRAP")
+                        f"fsdp_auto_wrap_policy {getattr(policy, '__name__', policy)}; set it to TRANSFORMER_BASED_WRAP")
     if plugin.ignored_modules:
         raise UserError(f"{where}: fsdp_ignored_modules is not applied by PPO (it keeps every adapter, the "
                         "embeddings and the LM head whole itself); remove it")
-    if os.environ.get("FSDP_CPU_RAM_EFFICIENT_LOADING", "false").lower() in ("1", "true", "yes"):
+    if parse_flag_from_env("FSDP_CPU_RAM_EFFICIENT_LOADING"):
         raise UserError(f"{where}: fsdp_cpu_ram_efficient_loading is not applied by PPO (every process loads "
                         "the base, then shards it); set it false")
     if model_args.peft_method != "lora":
