@@ -306,6 +306,26 @@ def test_last_token_index_matches_reference(gen):
     assert last_token_index(mask).tolist() == expected
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_all_finite_matches_elementwise_check(dtype):
+    from rlhf.core.tensors import all_finite
+
+    base = torch.randn(3, 5, 7).to(dtype)
+    assert all_finite(base)
+    for bad in (float("nan"), float("inf"), float("-inf")):
+        for index in ((0, 0, 0), (2, 4, 6), (1, 2, 3)):
+            x = base.clone()
+            x[index] = bad
+            assert not all_finite(x), (bad, index)
+    # Finite values whose sum overflows: still all finite.
+    huge = torch.full((4,), torch.finfo(dtype).max, dtype=dtype)
+    assert not torch.isfinite(huge.sum()) and all_finite(huge)
+    # Infinities of both signs, whose sum is NaN.
+    assert not all_finite(torch.tensor([float("inf"), float("-inf"), 1.0], dtype=dtype))
+    assert all_finite(torch.empty(0, dtype=dtype))
+    assert all_finite(torch.ones(2, requires_grad=True) * 2)
+
+
 def test_missing_eos_penalty_replaces_the_score():
     scores = torch.tensor([5.0, 5.0, -3.0])
     ends = torch.tensor([True, False, False])

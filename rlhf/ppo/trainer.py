@@ -51,6 +51,7 @@ from rlhf.core.outputs import RunDir, wandb_offline_without_key, write_run_outpu
 from rlhf.ppo.processes import Processes
 from rlhf.ppo.rollout import VALUE_MODELS, PromptSampler, Roles, Rollout, Scored, make_value_model
 from rlhf.core.runs import SharedBase, check_shared_base, read_run
+from rlhf.core.tensors import all_finite
 
 logger = logging.getLogger(__name__)
 DESCRIPTION = "PPO against the reward model, with policy, reference, reward and value on one base model."
@@ -608,7 +609,7 @@ class PPOTrainer:
         """Stop on a NaN/Inf. Inside a training step of several processes the finding is only noted
         here and acted on at the next :meth:`_agree_finite`, which every process reaches: one process
         raising alone would leave the others waiting in the next all-reduce until the timeout."""
-        if torch.isfinite(tensor).all():
+        if all_finite(tensor):
             return
         if self.processes.count > 1 and self._in_step:
             self._nonfinite = self._nonfinite or what
