@@ -21,6 +21,13 @@ from run to run, so only side-by-side figures mean anything):
    ``num_generations=2`` so a step has as many completions as our batch, same lengths and sampling
    settings, fp32, no gradient checkpointing). Goal: >= 1.0.
 
+The speed children (``SPEED_CHILDREN``) run ``--rounds`` times, in turn and each round in the
+reverse order of the one before (critic, policy_head, RLOO, then RLOO, policy_head, critic), and a
+figure is the median over every round's timed steps: on these shared machines one child's steps
+swung from 22 to 31 s between two runs an hour apart while the others' did not, which a single
+round of children run one after another cannot tell from a real difference. The report shows each
+round's median beside the pooled one.
+
 Every measurement runs in its own child process (this script with ``--child NAME``), so peak
 memory is that process's own ``resource.getrusage(RUSAGE_SELF).ru_maxrss``: absolute, Python and
 torch included; the ``empty`` child (python + import torch) gives that floor. Speeds are medians
@@ -62,6 +69,7 @@ CHILDREN = ("prepare", "empty", "ppo_memory", "four_models", "sft", "generate", 
 # growing for several steps by fragmentation: an SFT LoRA step measured 2.9 GB after 1 step and
 # 3.7 GB after 3 with the default, 2.85 and 2.92 GB with the fixed threshold.
 MEMORY_CHILDREN = ("empty", "ppo_memory", "four_models", "sft")
+SPEED_CHILDREN = ("ppo", "ppo_head", "rloo")
 RESULT_TAG = "BENCH_RESULT "
 _now = time.perf_counter  # the children's clock; see --clock
 
@@ -79,6 +87,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="weights dtype")
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's choice)")
     p.add_argument("--steps", type=int, default=3, help="timed steps per speed measurement")
+    p.add_argument("--rounds", type=int, default=1,
+                   help="runs of each speed child (ppo, ppo_head, rloo), taking turns; figures pool their timed steps")
     p.add_argument("--warmup_steps", type=int, default=1, help="untimed steps before them")
     p.add_argument("--memory_steps", type=int, default=2, help="steps of each peak-memory measurement (PPO and SFT)")
     p.add_argument("--four_models_steps", type=int, default=1, help="steps of the four-copies variant (memory only)")
@@ -95,7 +105,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--markdown", default=None, help="also write the table and the command to this Markdown file")
     p.add_argument("--child", default=None, choices=CHILDREN, help=argparse.SUPPRESS)
     p.add_argument("--workdir", default=None, help=argparse.SUPPRESS)
-    return p.parse_args(argv)
+    a = p.parse_args(argv)
+    if a.rounds < 1:
+        p.error(f"--rounds: expected 1 or more, found {a.rounds}")
+    return a
 
 
 # ----------------------------------------------------------------------------------------------
@@ -265,6 +278,8 @@ def child_ppo(a: argparse.Namespace, work: Path) -> dict:
         "phase_seconds": {k: median(v[w:]) for k, v in phases.items()},
         "rollout_tokens_per_second": median(tokens_per_second[w:]),
         "reply_tokens": reply_tokens,
+        "timed": {"step": steps[w:], "rollout_tokens_per_second": tokens_per_second[w:],
+                  **{name: v[w:] for name, v in phases.items()}},
     }
 
 
@@ -511,7 +526,7 @@ def child_rloo(a: argparse.Namespace, work: Path) -> dict:
     lengths = [h["completions/mean_length"] for h in trainer.state.log_history if "completions/mean_length" in h]
     return {"peak_rss_mb": peak_rss_mb(), "step_seconds": median(steps[a.warmup_steps:]),
             "samples_per_second": a.batch_size / median(steps[a.warmup_steps:]), "all_steps": steps,
-            "completion_lengths": lengths}
+            "completion_lengths": lengths, "timed": {"step": steps[a.warmup_steps:]}}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -524,7 +539,7 @@ def child_argv(a: argparse.Namespace) -> list[str]:
     defaults = parse_args([])
     out = []
     for key in ("model", "prompts", "batch_size", "max_new_tokens", "ppo_epochs", "mini_batch_size",
-                "gradient_accumulation_steps", "dtype", "threads", "steps", "warmup_steps", "memory_steps",
+                "gradient_accumulation_steps", "dtype", "threads", "steps", "rounds", "warmup_steps", "memory_steps",
                 "four_models_steps", "clock", "seed"):
         if getattr(a, key) != getattr(defaults, key):
             out += [f"--{key}", str(getattr(a, key))]
@@ -542,6 +557,34 @@ def run_child(name: str, argv: list[str], work: Path, fixed_mmap_threshold: bool
     if child.returncode != 0 or not results:
         raise SystemExit(f"bench child {name!r} failed (exit {child.returncode}); its output:\n{child.stdout[-4000:]}")
     return json.loads(results[-1][len(RESULT_TAG):])
+
+
+def pool_rounds(rounds: list[dict], batch_size: int) -> dict:
+    """One speed child's result over its rounds: the first round's, with every timed list pooled and
+    the medians (step, phases, samples/s) taken over the pool; the peak is the highest round's, and
+    ``round_step_seconds`` keeps each round's own median step."""
+    pooled = {key: [x for r in rounds for x in r["timed"][key]] for key in rounds[0]["timed"]}
+    out = {**rounds[0], "timed": pooled, "peak_rss_mb": max(r["peak_rss_mb"] for r in rounds),
+           "step_seconds": median(pooled["step"]), "samples_per_second": batch_size / median(pooled["step"]),
+           "round_step_seconds": [r["step_seconds"] for r in rounds]}
+    if "phase_seconds" in out:
+        out["phase_seconds"] = {name: median(pooled[name]) for name in out["phase_seconds"]}
+        out["rollout_tokens_per_second"] = median(pooled["rollout_tokens_per_second"])
+        out["reply_tokens"] = [x for r in rounds for x in r["reply_tokens"]]
+    if "all_steps" in out:
+        out["all_steps"] = [x for r in rounds for x in r["all_steps"]]
+        out["completion_lengths"] = [x for r in rounds for x in r["completion_lengths"]]
+    return out
+
+
+def run_plan(children: list[str], rounds: int) -> list[str]:
+    """The order children run in: every other child once, then the speed children ``rounds`` times,
+    each round reversing the order of the one before."""
+    speed = [c for c in children if c in SPEED_CHILDREN]
+    plan = [c for c in children if c not in SPEED_CHILDREN]
+    for i in range(rounds):
+        plan += speed if i % 2 == 0 else speed[::-1]
+    return plan
 
 
 def machine_check(threads: int | None) -> dict:
@@ -617,7 +660,9 @@ def build_table(a: argparse.Namespace, r: dict) -> tuple[list[dict], str]:
             raw.append((f"RSS at the end, {label} (anon / file / PSS)",
                         f"{m.get('RssAnon', 0):.0f} / {m.get('RssFile', 0):.0f} / {m.get('Pss', 0):.0f} MB"))
         if "step_seconds" in x:
-            raw.append((f"step time, {label}", f"{x['step_seconds']:.2f} s"))
+            rounds = x.get("round_step_seconds", [])
+            each = f" (each round: {', '.join(f'{v:.2f}' for v in rounds)} s)" if len(rounds) > 1 else ""
+            raw.append((f"step time, {label}", f"{x['step_seconds']:.2f} s{each}"))
     for name in ("ppo", "ppo_head"):
         if name not in r:
             continue
@@ -633,7 +678,7 @@ def build_table(a: argparse.Namespace, r: dict) -> tuple[list[dict], str]:
                         f"{g['seconds']:.2f} / {g['positions_per_second']:.1f}"))
             raw.append((f"{label}: reply tokens per batch (warm-up first)", str(g["reply_tokens"])))
     if "rloo" in r:
-        raw.append(("RLOO step times (warm-up first)", ", ".join(f"{s:.2f}" for s in r["rloo"]["all_steps"]) + " s"))
+        raw.append(("RLOO step times (warm-up first, round after round)", ", ".join(f"{s:.2f}" for s in r["rloo"]["all_steps"]) + " s"))
         raw.append(("RLOO mean completion length per step", ", ".join(f"{x:.1f}" for x in r["rloo"]["completion_lengths"])))
     lines += [f"| {k} | {v} |" for k, v in raw]
     return rows, "\n".join(lines)
@@ -657,19 +702,20 @@ def main(argv: list[str] | None = None) -> dict | None:
 
     passed = child_argv(a)
     started = time.time()
-    results: dict[str, dict] = {}
     machine = {"start": machine_check(a.threads)}
     with tempfile.TemporaryDirectory(prefix="bench_ppo_") as tmp:
         work = Path(tmp)
-        plan = [c for c in CHILDREN if c not in a.skip]
+        plan = run_plan([c for c in CHILDREN if c not in a.skip], a.rounds)
+        runs: dict[str, list[dict]] = {}
         for i, name in enumerate(plan, 1):
             print(f"[{i}/{len(plan)}] {name} ({time.time() - started:.0f} s so far)", file=sys.stderr, flush=True)
-            results[name] = run_child(name, passed, work, not a.glibc_default_malloc)
+            runs.setdefault(name, []).append(run_child(name, passed, work, not a.glibc_default_malloc))
+        results = {name: pool_rounds(r, a.batch_size) if name in SPEED_CHILDREN else r[0] for name, r in runs.items()}
     machine["end"] = machine_check(a.threads)
     rows, table = build_table(a, results)
     settings = (f"batch {a.batch_size} prompts, {a.max_new_tokens} new tokens, {a.ppo_epochs} PPO epoch(s), minibatch "
                 f"{a.mini_batch_size}, {a.dtype}, threads {a.threads or torch.get_num_threads()} (of {os.cpu_count()} "
-                f"CPUs), {a.warmup_steps} warm-up + {a.steps} timed steps, {'CPU' if uses_cpu_clock(a) else 'wall'}-clock "
+                f"CPUs), {a.warmup_steps} warm-up + {a.steps} timed steps{f' x {a.rounds} rounds' if a.rounds > 1 else ''}, {'CPU' if uses_cpu_clock(a) else 'wall'}-clock "
                 f"seconds, peak memory over {a.memory_steps} steps; total {time.time() - started:.0f} s. Machine at "
                 f"start / end: fp32 GEMM {machine['start']['gemm_gflops']:.0f} / {machine['end']['gemm_gflops']:.0f} "
                 f"GFLOP/s, load average {machine['start']['loadavg_1min']:.1f} / {machine['end']['loadavg_1min']:.1f}")
