@@ -10,12 +10,12 @@ import pytest
 
 from rlhf.app.cli import main
 from rlhf.core.data import write_jsonl
+from rlhf.core.formatting import prompt_text
 from rlhf.deploy.monitor import (
     Window,
     compare_rates,
     drift_report,
     fisher_exact_many,
-    prompt_text,
     read_window,
     score_windows,
 )

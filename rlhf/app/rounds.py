@@ -404,7 +404,7 @@ def _run_ppo(ctx: Context, r: int, ppo_dir: Path, reward_dir: str, prev_policy: 
 def reward_eval(ctx: Context, out: Path, before: str, after: str) -> dict:
     """The previous and the new reward model on this round's held-out random pairs (by their labels) and,
     with the demo annotator, on every pair of the start policy's held-out samples (by its noiseless score)."""
-    from rlhf.label.annotate import prompt_text
+    from rlhf.label.annotate import last_user_text
     from rlhf.demo.annotator import annotator_score
 
     a = ctx.args
@@ -414,7 +414,7 @@ def reward_eval(ctx: Context, out: Path, before: str, after: str) -> dict:
              for i in range(len(row["replies"])) for j in range(i + 1, len(row["replies"]))]
     report: dict[str, Any] = {"rm_accuracy_pairs": len(held_out)}
     if a.labeler == "annotator":
-        truth = [annotator_score(prompt_text(p), x) - annotator_score(prompt_text(p), y) for p, x, y in pairs]
+        truth = [annotator_score(last_user_text(p), x) - annotator_score(last_user_text(p), y) for p, x, y in pairs]
         report["rm_annotator_pairs"] = sum(t != 0 for t in truth)
     for when, reward_dir in (("before", before), ("after", after)):
         if held_out:
@@ -439,12 +439,12 @@ def annotator_win_rate(samples: list[dict], sft_samples: list[dict]) -> tuple[fl
     (every pair of policy and SFT sample per prompt, ties half, mean over prompts)."""
     import numpy as np
 
-    from rlhf.label.annotate import prompt_text
+    from rlhf.label.annotate import last_user_text
     from rlhf.demo.annotator import annotator_score
     from rlhf.eval.statistics import win_rate_summary
 
     def scores(rows: list[dict]) -> np.ndarray:  # (prompts, samples per prompt)
-        return np.array([[annotator_score(prompt_text(row["prompt"]), reply) for reply in row["replies"]]
+        return np.array([[annotator_score(last_user_text(row["prompt"]), reply) for reply in row["replies"]]
                          for row in rows])
 
     summary = win_rate_summary(scores(samples), scores(sft_samples), n_boot=2000)

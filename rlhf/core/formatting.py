@@ -12,6 +12,14 @@ def as_messages(prompt: str | list[dict]) -> list[dict]:
     return [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
 
 
+def prompt_text(prompt: str | list[dict]) -> str:
+    """A prompt as plain text (what judges and logs show): a string as it is, chat messages as their
+    contents joined by newlines."""
+    if isinstance(prompt, str):
+        return prompt
+    return "\n".join(str(m.get("content", "")) for m in prompt if isinstance(m, dict))
+
+
 def encode_prompt(tokenizer, prompt: str | list[dict]) -> list[int]:
     """Token ids of a prompt, ready for the reply to follow."""
     if getattr(tokenizer, "chat_template", None):

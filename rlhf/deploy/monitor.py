@@ -53,6 +53,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from rlhf.core.errors import DataError, UserError
+from rlhf.core.formatting import prompt_text
 
 if TYPE_CHECKING:
     import numpy as np
@@ -83,13 +84,6 @@ class Window:
     chat_prompts: list[str | list[dict]] | None = None
     """The prompts as logged: a string or a list of ``{'role', 'content'}`` messages, which the reward
     model scores in its training layout (None: the same as ``prompts``)."""
-
-
-def prompt_text(value: str | list[dict]) -> str:
-    """A logged prompt as text: a chat prompt's message contents, one per line."""
-    if isinstance(value, list):  # chat messages
-        return "\n".join(str(m.get("content", "")) for m in value if isinstance(m, dict))
-    return value
 
 
 def read_window(path: str | os.PathLike) -> Window:

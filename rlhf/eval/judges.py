@@ -41,6 +41,7 @@ from typing import Callable
 from tqdm.auto import tqdm
 
 from rlhf.core.errors import UserError
+from rlhf.core.formatting import prompt_text
 
 __all__ = [
     "Judge",
@@ -59,13 +60,6 @@ __all__ = [
 
 JudgeFunction = Callable[[str, str], float]
 """The exact signature of a user judge: ``function(prompt: str, reply: str) -> float``, higher = better."""
-
-
-def prompt_text(prompt: str | list[dict]) -> str:
-    """A prompt as plain text: a string as it is, chat messages as their contents joined by newlines."""
-    if isinstance(prompt, str):
-        return prompt
-    return "\n".join(str(m.get("content", "")) for m in prompt)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -19,7 +19,7 @@ from rlhf.label.store import Campaign
 ANNOTATOR = "demo-annotator"
 
 
-def prompt_text(prompt: str | list[dict]) -> str:
+def last_user_text(prompt: str | list[dict]) -> str:
     """The text the annotator judges a reply against: the prompt, or its chat's last user message."""
     if isinstance(prompt, str):
         return prompt
@@ -39,7 +39,7 @@ def annotate_campaign(campaign: Campaign, noise: float = 0.25, seed: int = 0, na
     while (item := campaign.next_item(name, k, sides_rng)) is not None:
         sides = {item["left"]["side"]: item["left"]["text"], item["right"]["side"]: item["right"]["text"]}
         rng = random.Random(f"{seed}:{name}:{item['pair_id']}")
-        choice = ("a", "b")[prefer(prompt_text(item["prompt"]), sides["a"], sides["b"], rng, noise)]
+        choice = ("a", "b")[prefer(last_user_text(item["prompt"]), sides["a"], sides["b"], rng, noise)]
         _, duplicate = campaign.submit_label(f"{name}:{seed}:{item['pair_id']}", name, item["pair_id"], choice,
                                              item["left"]["side"])
         stored += not duplicate

@@ -124,11 +124,11 @@ def split_prompts(prompts: list[str], validation_share: float, test_share: float
 def noiseless_rows(rows: list[dict]) -> list[dict]:
     """The same pairs with the demo annotator's noiseless choice; pairs it scores equal are left out."""
     from rlhf.demo.annotator import annotator_score
-    from rlhf.label.annotate import prompt_text
+    from rlhf.label.annotate import last_user_text
 
     out = []
     for row in rows:
-        text = prompt_text(row["prompt"])
+        text = last_user_text(row["prompt"])
         gap = annotator_score(text, row["chosen"]) - annotator_score(text, row["rejected"])
         if gap == 0:
             continue
