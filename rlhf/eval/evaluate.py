@@ -123,9 +123,9 @@ def _resolve_data(path: str | None, default: Path) -> Path | None:
 def evaluate(args: EvalArguments, sections: tuple[str, ...] = SECTIONS) -> dict:
     """Run the evaluation described by the parsed command line; write the outputs; return report.json's dict."""
     from rlhf.core.data import load_rows
-    from rlhf.core.formatting import encode_prompt, encode_prompt_reply
+    from rlhf.core.formatting import encode_prompt, encode_prompt_reply, prompt_text
     from rlhf.core.generation import SamplingArguments, load_for_generation
-    from rlhf.eval.judges import lexicon_sentiment, parse_judges, prompt_text
+    from rlhf.eval.judges import lexicon_sentiment, parse_judges
     from rlhf.eval.risks import (BIAS_PAIRS, GENERAL_TEXT, QA_FILE, factual_drift, forgetting_status,
                             qa_answers, read_bias_pairs, read_qa)
 
@@ -280,7 +280,7 @@ def evaluate(args: EvalArguments, sections: tuple[str, ...] = SECTIONS) -> dict:
 
 def _quality_figures(report: dict, args, names: list[str], baseline: str, prompts: list, samples: dict[str, Samples],
                      judges: list, reference_path: str, sampling) -> None:
-    from rlhf.eval.judges import prompt_text
+    from rlhf.core.formatting import prompt_text
 
     texts = [prompt_text(p) for p in prompts]
     runs = report["runs"]

@@ -55,7 +55,6 @@ __all__ = [
     "subject_terms",
     "on_topic",
     "lexicon_score",
-    "prompt_text",
 ]
 
 JudgeFunction = Callable[[str, str], float]
