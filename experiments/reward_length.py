@@ -7,7 +7,9 @@
 For each reward run, on the same-prompt replies of every policy in ``--samples`` (an ``rlhf eval``
 samples file: several replies per held-out prompt), prints the correlation of its score with the
 reply's length in words, beside the demo annotator's and the lexicon judge's, and how often it orders
-two replies to one prompt like the noiseless annotator.
+two replies to one prompt like the noiseless annotator. With ``--pairs FILE`` (repeatable: a label
+stage's test.jsonl, whose test pairs carry the noiseless choice) it also prints each reward run's
+accuracy on those pairs, so reward runs trained on different label sets are compared on the same pairs.
 
 With ``--finished_pairs_from LABEL_DIR`` it first trains a second reward model like the first
 (``configs/reward.yaml``) on the label stage's train and validation pairs less every pair with a
@@ -75,12 +77,24 @@ def measure(reward_dir: str, samples: list[dict]) -> None:
               + f"; orders like the noiseless annotator {agreement['agreement']:.1%} of {agreement['pairs']} pairs")
 
 
+def pair_accuracy(reward_dir: str, pairs_file: str) -> None:
+    from rlhf.eval.judges import RewardModelJudge
+
+    pairs = read_jsonl(Path(pairs_file))
+    judge = RewardModelJudge("reward", reward_dir, 32)
+    chosen = judge.score([p["prompt"] for p in pairs], [p["chosen"] for p in pairs])
+    rejected = judge.score([p["prompt"] for p in pairs], [p["rejected"] for p in pairs])
+    right = sum(c > r for c, r in zip(chosen, rejected))
+    print(f"{reward_dir} on {pairs_file}: chosen scored higher in {right / len(pairs):.1%} of {len(pairs)} pairs")
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--samples", required=True, help="an rlhf eval samples.jsonl")
     parser.add_argument("--reward", action="append", required=True, help="a reward run (repeat for several)")
     parser.add_argument("--finished_pairs_from", default=None, help="a label stage output to filter and train on")
     parser.add_argument("--out", default="runs/reward_length", help="where the filtered pairs and run go")
+    parser.add_argument("--pairs", action="append", default=[], help="a pairs file to score each reward run on (repeat)")
     args = parser.parse_args(argv)
     rewards = list(args.reward)
     if args.finished_pairs_from:
@@ -88,6 +102,8 @@ def main(argv: list[str] | None = None) -> None:
     samples = read_jsonl(Path(args.samples))
     for reward in rewards:
         measure(reward, samples)
+        for pairs_file in args.pairs:
+            pair_accuracy(reward, pairs_file)
 
 
 if __name__ == "__main__":
