@@ -678,7 +678,8 @@ def build_table(a: argparse.Namespace, r: dict) -> tuple[list[dict], str]:
                         f"{g['seconds']:.2f} / {g['positions_per_second']:.1f}"))
             raw.append((f"{label}: reply tokens per batch (warm-up first)", str(g["reply_tokens"])))
     if "rloo" in r:
-        raw.append(("RLOO step times (warm-up first, round after round)", ", ".join(f"{s:.2f}" for s in r["rloo"]["all_steps"]) + " s"))
+        raw.append(("RLOO step times (warm-up first, round after round)",
+                    ", ".join(f"{s:.2f}" for s in r["rloo"]["all_steps"]) + " s"))
         raw.append(("RLOO mean completion length per step", ", ".join(f"{x:.1f}" for x in r["rloo"]["completion_lengths"])))
     lines += [f"| {k} | {v} |" for k, v in raw]
     return rows, "\n".join(lines)
@@ -713,9 +714,11 @@ def main(argv: list[str] | None = None) -> dict | None:
         results = {name: pool_rounds(r, a.batch_size) if name in SPEED_CHILDREN else r[0] for name, r in runs.items()}
     machine["end"] = machine_check(a.threads)
     rows, table = build_table(a, results)
+    rounds = f" x {a.rounds} rounds" if a.rounds > 1 else ""
     settings = (f"batch {a.batch_size} prompts, {a.max_new_tokens} new tokens, {a.ppo_epochs} PPO epoch(s), minibatch "
                 f"{a.mini_batch_size}, {a.dtype}, threads {a.threads or torch.get_num_threads()} (of {os.cpu_count()} "
-                f"CPUs), {a.warmup_steps} warm-up + {a.steps} timed steps{f' x {a.rounds} rounds' if a.rounds > 1 else ''}, {'CPU' if uses_cpu_clock(a) else 'wall'}-clock "
+                f"CPUs), {a.warmup_steps} warm-up + {a.steps} timed steps{rounds}, "
+                f"{'CPU' if uses_cpu_clock(a) else 'wall'}-clock "
                 f"seconds, peak memory over {a.memory_steps} steps; total {time.time() - started:.0f} s. Machine at "
                 f"start / end: fp32 GEMM {machine['start']['gemm_gflops']:.0f} / {machine['end']['gemm_gflops']:.0f} "
                 f"GFLOP/s, load average {machine['start']['loadavg_1min']:.1f} / {machine['end']['loadavg_1min']:.1f}")
