@@ -13,8 +13,8 @@ from typing import Any
 from rlhf.core.formatting import encode_prompt_reply
 from rlhf.core.hooks import StageHooks
 from rlhf.core.models import load_tokenizer
-from rlhf.core.stage import (StageRun, TrainerStageArguments, build_stage_model, finish_stage, make_trainer, parse_stage,
-                        train_with_resume)
+from rlhf.core.stage import (StageRun, TrainerStageArguments, build_stage_model, evaluate_split, finish_stage,
+                             make_trainer, parse_stage, train_with_resume)
 
 logger = logging.getLogger(__name__)
 DESCRIPTION = "Supervised fine-tuning: TRL SFTTrainer, loss on completion tokens only, early stopping."
@@ -63,10 +63,7 @@ def run(config: dict[str, Any] | None = None, hooks: StageHooks | None = None, *
         metrics.update(stage.parameter_counts, train_rows=len(splits["train"]))
         for name in ("validation", "test"):
             if name in data:
-                # TRL logs its token metrics (entropy, mean_token_accuracy) as "eval_*" whatever the
-                # prefix, so the test run would overwrite the validation ones: file them under the split.
-                found = trainer.evaluate(data[name], metric_key_prefix=name)
-                metrics.update({(f"{name}_{k[5:]}" if k.startswith("eval_") else k): v for k, v in found.items()})
+                metrics.update(evaluate_split(trainer, data[name], name))
         if "test" in data:
             metrics["test_perplexity"] = math.exp(min(metrics["test_loss"], 50.0))
         return finish_stage(stage, trainer, tokenizer, metrics, "SFT loss",

@@ -8,6 +8,7 @@ import math
 import pytest
 import torch
 from transformers import TrainerCallback
+from transformers.utils import logging as hf_logging
 
 from rlhf.core.data import write_jsonl
 from rlhf.core.formatting import encode_prompt, encode_reply
@@ -118,7 +119,7 @@ class WatchOutputDir(TrainerCallback):
 
 
 @pytest.mark.slow
-def test_run_writes_a_complete_output_dir_only_at_the_end(tiny_model_dir, tmp_path):
+def test_run_writes_a_complete_output_dir_only_at_the_end(tiny_model_dir, tmp_path, caplog):
     write_jsonl(tmp_path / "train.jsonl", prompt_completion_rows())
     write_jsonl(tmp_path / "val.jsonl", prompt_completion_rows()[:2])
     write_jsonl(tmp_path / "test.jsonl", prompt_completion_rows()[2:5])
@@ -127,7 +128,13 @@ def test_run_writes_a_complete_output_dir_only_at_the_end(tiny_model_dir, tmp_pa
     argv = base_argv(tiny_model_dir, tmp_path / "train.jsonl", out) + [
         "--validation_file", str(tmp_path / "val.jsonl"), "--test_file", str(tmp_path / "test.jsonl"),
         "--max_steps", "3", "--eval_steps", "1", "--save_steps", "1", "--learning_rate", "3e-3"]
-    run(argv=argv, hooks=with_trainer_callbacks(watch))
+    hf_logging.enable_propagation()  # transformers' loggers do not reach caplog otherwise
+    try:
+        run(argv=argv, hooks=with_trainer_callbacks(watch))
+    finally:
+        hf_logging.disable_propagation()
+    # early stopping ran during training and is off for the held-out evaluations after it
+    assert not [r for r in caplog.records if "early stopping is disabled" in r.getMessage()]
 
     assert watch.seen == [(False, True)] * 3  # while training only <out>.tmp exists
     assert out.is_dir() and not out.with_name("sft.tmp").exists()

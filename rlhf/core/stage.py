@@ -242,6 +242,20 @@ def train_with_resume(trainer, checkpoint: str | None) -> dict[str, float]:
     return metrics
 
 
+def evaluate_split(trainer, dataset, name: str) -> dict[str, float]:
+    """The trained model's metrics on one held-out split, filed under its name (``test_loss``, ...).
+
+    Early stopping is over once training is, and comes off first: on metrics named after a split
+    (``test_loss``, not ``eval_loss``) it would warn that early stopping is disabled. TRL logs its
+    own metrics as ``eval_*`` whatever the prefix, so those are renamed to the split's.
+    """
+    from transformers import EarlyStoppingCallback
+
+    trainer.remove_callback(EarlyStoppingCallback)
+    found = trainer.evaluate(dataset, metric_key_prefix=name)
+    return {(f"{name}_{k[5:]}" if k.startswith("eval_") else k): v for k, v in found.items()}
+
+
 def whole_run_train_loss(log_history: list[dict], resumed_loss: float, resumed_at: int, final_step: int) -> float:
     """Mean training loss over every step of a resumed run.
 

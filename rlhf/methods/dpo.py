@@ -20,7 +20,7 @@ from rlhf.methods.common import (MethodArguments, build_policy, check_reference_
 from rlhf.core.formatting import encode_prompt, encode_reply
 from rlhf.core.hooks import StageHooks
 from rlhf.core.models import load_tokenizer
-from rlhf.core.stage import StageRun, finish_stage, make_trainer, train_with_resume
+from rlhf.core.stage import StageRun, evaluate_split, finish_stage, make_trainer, train_with_resume
 
 logger = logging.getLogger(__name__)
 
@@ -82,9 +82,7 @@ def run(config: dict[str, Any] | None = None, hooks: StageHooks | None = None, *
         metrics.update(stage.parameter_counts, train_pairs=len(splits["train"]), reference=reference,
                        loss_type=",".join(stage.training_args.loss_type), beta=stage.training_args.beta)
         if "validation" in data:
-            # TRL files its own metrics under "eval_" whatever the prefix: file them under the split.
-            found = trainer.evaluate(data["validation"], metric_key_prefix="validation")
-            metrics.update({(f"validation_{k[5:]}" if k.startswith("eval_") else k): v for k, v in found.items()})
+            metrics.update(evaluate_split(trainer, data["validation"], "validation"))
 
         return finish_stage(stage, trainer, tokenizer, metrics, "DPO",
                             [["loss", "eval_loss"], ["rewards/margins", "eval_rewards/margins"],
