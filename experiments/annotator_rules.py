@@ -57,15 +57,10 @@ RULES = {"demo annotator (mean over sentences)": DEMO_SCORE_PARTS, "strongest se
 
 
 def checks(campaign_dir: str) -> None:
+    from annotator_length import replies_by_prompt  # this script's folder is first on sys.path
     from scipy.stats import spearmanr
 
-    from rlhf.label.annotate import last_user_text
-    from rlhf.label.store import Campaign
-
-    by_prompt: dict[str, list[str]] = {}
-    for pair in Campaign(campaign_dir).pairs():
-        replies = by_prompt.setdefault(last_user_text(pair["prompt"]), [])
-        replies.extend(r for r in (pair["a"], pair["b"]) if r not in replies)
+    by_prompt = replies_by_prompt(argparse.Namespace(samples=campaign_dir))
     for name, parts in RULES.items():
         def score(prompt: str, reply: str) -> float:
             return sum(parts(prompt, reply))
@@ -74,12 +69,13 @@ def checks(campaign_dir: str) -> None:
         scores, lengths = [], []
         for prompt, replies in by_prompt.items():
             for reply in replies:
-                scores.append(score(prompt, reply))
+                whole = score(prompt, reply)
+                scores.append(whole)
                 lengths.append(len(reply.split()))
                 found = ann.sentences(reply)
                 if len(found) > 1:
                     several += 1
-                    first, whole = score(prompt, found[0]), score(prompt, reply)
+                    first = score(prompt, found[0])
                     above += first > whole
                     below += first < whole
             positive = [r for r in replies if parts(prompt, r).sentiment > 0.05]
