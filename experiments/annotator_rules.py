@@ -12,9 +12,10 @@ named twice) more often. The other rule scored here:
   negative); a milder or neutral sentence neither raises nor lowers it;
 - penalty: only repeated sentiment-bearing words (VADER's lexicon) count, over all content words.
 
-``--campaign`` prints, for each rule, how often a reply's first sentence alone scores above and below
-the whole reply (replies of two or more sentences), how often the sentiment of two positive replies
-to one prompt joined is above both, and Spearman's correlation of score and words. ``--relabel``
+``--campaign`` prints, for each rule and for the lexicon judge, how often a reply's first sentence
+alone scores above and below the whole reply (replies of two or more sentences); for each rule, how
+often the sentiment of two positive replies to one prompt joined is above both, and Spearman's
+correlation of score and words. ``--relabel``
 runs the label stage (configs/label.yaml, sampling the same replies with the same seed) with the
 other rule labelling, so a reward model and PPO can be trained on its labels as on the demo's.
 """
@@ -87,6 +88,14 @@ def checks(campaign_dir: str) -> None:
               f"(of {several} replies of 2+ sentences); two positive replies joined above both "
               f"{joined_above / max(joined, 1):.1%} of {joined}; Spearman(score, words) "
               f"{spearmanr(scores, lengths)[0]:+.2f} over {len(scores)} replies")
+
+
+    from rlhf.eval.judges import lexicon_score
+
+    firsts = [(lexicon_score(p, ann.sentences(r)[0]), lexicon_score(p, r)) for p, replies in by_prompt.items()
+              for r in replies if len(ann.sentences(r)) > 1]
+    print(f"lexicon judge: first sentence alone above the whole reply "
+          f"{sum(a > b for a, b in firsts) / len(firsts):.1%}, below {sum(a < b for a, b in firsts) / len(firsts):.1%}")
 
 
 def relabel(out: str, sft: str) -> None:
