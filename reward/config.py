@@ -18,11 +18,6 @@ class RewardStageArguments(TrainerStageArguments):
     """An earlier reward stage output with the same base and adapter settings: this run's adapter and
     score head start from its weights instead of fresh ones (labeling rounds retrain the reward model
     so); a resumed run continues from its checkpoint instead. null = a fresh adapter."""
-    length_decorrelation: float = 0.0
-    """Weight of a penalty on the squared slope, over each training batch's pairs, of the reward margin
-    on the standardised reply-length difference (reward/loss.py): for labels that do not prefer
-    longer or shorter replies, so the model learns no such preference either (PPO would follow it).
-    0 = TRL's pairwise loss alone. Needs per_device_train_batch_size >= 4."""
 
     def __post_init__(self) -> None:
         super().__post_init__()

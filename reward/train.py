@@ -56,9 +56,7 @@ def run(config: dict[str, Any] | None = None, hooks: StageHooks | None = None, *
         argv: list[str] | None = None) -> dict:
     """Run the reward stage; returns its metrics (``config``, ``hooks``, ``argv``: as sft.train.run)."""
     from datasets import Dataset
-    from trl import RewardConfig
-
-    from reward.loss import LengthDecorrelatedRewardTrainer
+    from trl import RewardConfig, RewardTrainer
 
     stage: StageRun = parse_stage(
         RewardStageArguments, RewardConfig, config, argv=argv, prog="rlhf reward", description=DESCRIPTION,
@@ -66,11 +64,6 @@ def run(config: dict[str, Any] | None = None, hooks: StageHooks | None = None, *
         defaults={"learning_rate": 5e-4, "metric_for_best_model": "eval_accuracy", "greater_is_better": True,
                   "max_length": None},
     )
-    if stage.stage_args.length_decorrelation and stage.training_args.per_device_train_batch_size < 4:
-        # Over 2 or 3 pairs the slope is mostly the pairs' own margin differences: it would fight the
-        # pairwise loss rather than measure a length trend.
-        raise UserError("length_decorrelation: the slope is taken over each batch's pairs, so it needs "
-                        f"per_device_train_batch_size >= 4, found {stage.training_args.per_device_train_batch_size}")
     splits = stage.data_args.load("preference")
     tokenizer = load_tokenizer(stage.model_args.model_name_or_path, stage.model_args.trust_remote_code)
     data = {name: Dataset.from_dict(tokenize_pairs(tokenizer, rows)) for name, rows in splits.items() if rows}
@@ -83,8 +76,7 @@ def run(config: dict[str, Any] | None = None, hooks: StageHooks | None = None, *
         if stage.stage_args.warm_start and checkpoint is None:  # a resumed run has its checkpoint's weights
             load_adapter_weights(model, stage.stage_args.warm_start)
             logger.info("reward model starts from %s", stage.stage_args.warm_start)
-        trainer = make_trainer(stage, LengthDecorrelatedRewardTrainer, model, tokenizer, data, hooks)
-        trainer.length_decorrelation = stage.stage_args.length_decorrelation
+        trainer = make_trainer(stage, RewardTrainer, model, tokenizer, data, hooks)
         metrics: dict[str, Any] = train_with_resume(trainer, checkpoint)
         metrics.update(stage.parameter_counts, train_pairs=len(splits["train"]),
                        validation_pairs=len(splits["validation"]))

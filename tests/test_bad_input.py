@@ -282,7 +282,6 @@ def test_config_file_that_is_not_utf8(tmp_path, capsys):
     ("sft", "seed", "-1", "expected an integer >= 0, found -1"),
     ("reward", "max_length", "-8", "expected an integer >= 1 or null, found -8"),
     ("reward", "eval_steps", "-1", "expected a number > 0 or null, found -1"),
-    ("reward", "length_decorrelation", "-1", "expected a number >= 0, found -1"),
     ("ppo", "batch_size", "0", "expected an integer >= 1, found 0"),
     ("ppo", "max_steps", "-1", "expected an integer >= 1, found -1"),  # ours has no "unset" value
     ("ppo", "max_new_tokens", "0", "expected an integer >= 1, found 0"),

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import math
 
-import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -105,94 +104,6 @@ def test_reward_trainer_loss_is_pairwise_logsigmoid(tiny_model_dir, tmp_path):
     expected = -F.logsigmoid(chosen - rejected).mean()
     assert_close(loss, expected, rtol=1e-5, atol=1e-6)
     assert not torch.allclose(chosen, rejected)  # a real check, not log(2) from equal scores
-
-
-def test_margin_length_slope_is_the_least_squares_slope_on_the_standardised_length_difference():
-    from reward.loss import margin_length_slope
-
-    torch.manual_seed(0)
-    chosen, rejected = torch.randn(8, dtype=torch.float64), torch.randn(8, dtype=torch.float64)
-    chosen_tokens = torch.tensor([12, 30, 7, 19, 25, 9, 14, 40])
-    rejected_tokens = torch.tensor([20, 11, 9, 30, 8, 9, 22, 13])
-    got = margin_length_slope(chosen, rejected, chosen_tokens, rejected_tokens)
-    # numpy's least-squares line of the margin on the length difference, its slope times that
-    # difference's (population) standard deviation
-    difference = (chosen_tokens - rejected_tokens).double().numpy()
-    slope_per_token = np.polyfit(difference, (chosen - rejected).numpy(), 1)[0]
-    assert got.item() == pytest.approx(slope_per_token * difference.std(), abs=1e-9)
-    # a margin that rises by 0.3 per token of length difference: 0.3 per token times the spread
-    line = 0.3 * torch.from_numpy(difference) + 1
-    assert margin_length_slope(line, torch.zeros(8, dtype=torch.float64), chosen_tokens,
-                               rejected_tokens).item() == pytest.approx(0.3 * difference.std())
-    # the same in the other direction when the rejected reply carries the trend
-    assert margin_length_slope(torch.zeros(8, dtype=torch.float64), line, chosen_tokens,
-                               rejected_tokens).item() == pytest.approx(-0.3 * difference.std())
-    # every pair the same length difference: no slope to speak of, 0 (not nan)
-    same = margin_length_slope(chosen, rejected, torch.full((8,), 9), torch.full((8,), 4))
-    assert same.item() == 0.0
-
-
-@pytest.mark.slow
-def test_length_decorrelation_adds_the_weighted_squared_correlation_to_trls_loss(tiny_model_dir, tmp_path):
-    from datasets import Dataset
-    from trl import RewardConfig, RewardTrainer
-
-    from reward.loss import LengthDecorrelatedRewardTrainer, margin_length_slope
-
-    tokenizer = load_tokenizer(str(tiny_model_dir))
-    torch.manual_seed(0)
-    model = load_base_model(ModelArguments(model_name_or_path=str(tiny_model_dir), peft_method="full"), "seq-cls")
-    model.config.pad_token_id = tokenizer.pad_token_id
-    rows = pref_rows(WORDS[:3]) + [{"prompt": "hi", "chosen": "a good long answer about the city and the river .",
-                                    "rejected": "no"}, {"prompt": "hi", "chosen": "no", "rejected": "a good city ."}]
-    dataset = Dataset.from_dict(tokenize_pairs(tokenizer, rows))
-    args = RewardConfig(output_dir=str(tmp_path), report_to="none", bf16=False, gradient_checkpointing=False,
-                        per_device_eval_batch_size=len(rows), max_length=None)
-    trl_trainer = RewardTrainer(model=model, args=args, train_dataset=dataset, eval_dataset=dataset,
-                                processing_class=tokenizer)
-    ours = LengthDecorrelatedRewardTrainer(model=model, args=args, train_dataset=dataset, eval_dataset=dataset,
-                                           processing_class=tokenizer)
-    batch = next(iter(trl_trainer.get_eval_dataloader()))
-    model.eval()
-    with torch.no_grad():
-        trl_loss = trl_trainer.compute_loss(model, dict(batch))
-        assert_close(ours.compute_loss(model, dict(batch)), trl_loss)  # weight 0: TRL's loss exactly
-        ours.length_decorrelation = 3.0
-        loss = ours.compute_loss(model, dict(batch))
-        pairs = tokenize_pairs(tokenizer, rows)
-        score = lambda ids: model(input_ids=torch.tensor([ids])).logits[0, 0]  # noqa: E731
-        chosen = torch.stack([score(ids) for ids in pairs["chosen_ids"]])
-        rejected = torch.stack([score(ids) for ids in pairs["rejected_ids"]])
-    lengths = lambda key: torch.tensor([len(ids) for ids in pairs[key]])  # noqa: E731
-    slope = margin_length_slope(chosen, rejected, lengths("chosen_ids"), lengths("rejected_ids"))
-    assert abs(slope.item()) > 0.005  # a real check: the penalty is not zero here
-    assert_close(loss, trl_loss + 3.0 * slope**2, rtol=1e-5, atol=1e-6)
-    assert ours._metrics["eval"]["length_slope"] == [pytest.approx(slope.item(), abs=1e-6)]
-
-
-def test_length_decorrelation_needs_four_pairs_a_batch(tmp_path):
-    from rlhf.core.errors import UserError
-
-    write_jsonl(tmp_path / "train.jsonl", pref_rows(WORDS[:4]))
-    argv = ["--model_name_or_path", "unused", "--train_file", str(tmp_path / "train.jsonl"),
-            "--output_dir", str(tmp_path / "out")]
-    with pytest.raises(UserError, match="per_device_train_batch_size >= 4, found 2"):
-        run(argv=argv + ["--length_decorrelation", "1", "--per_device_train_batch_size", "2"])
-    assert not (tmp_path / "out").exists()
-
-
-@pytest.mark.slow
-def test_a_reward_run_with_length_decorrelation_trains_with_the_penalty(tiny_model_dir, tmp_path):
-    write_jsonl(tmp_path / "train.jsonl", pref_rows(WORDS[:4]) + [
-        {"prompt": f"describe the {w}", "chosen": "ok", "rejected": f"the {w} is awful" + " and i hate it" * i + " ."}
-        for i, w in enumerate(WORDS[4:8])])
-    out = tmp_path / "out"
-    run(argv=["--model_name_or_path", str(tiny_model_dir), "--train_file", str(tmp_path / "train.jsonl"),
-              "--output_dir", str(out), "--max_steps", "2", "--per_device_train_batch_size", "4",
-              "--lora_r", "4", "--lora_alpha", "8", "--warmup_steps", "0", "--logging_steps", "1",
-              "--length_decorrelation", "2"])
-    logged = [e for e in json.loads((out / "log_history.json").read_text()) if "loss" in e]
-    assert len(logged) == 2 and all(e["length_slope"] != 0 for e in logged)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -208,7 +208,6 @@ RANGE_RULES: tuple[tuple[str, str], ...] = (
     ("top_k", NON_NEGATIVE),  # 0 = off
     ("eval_prompts", NON_NEGATIVE),  # 0 = no final evaluation
     ("learning_rate", NON_NEGATIVE),
-    ("length_decorrelation", NON_NEGATIVE),  # a penalty's weight: 0 = off
 )
 # Out-of-range values that mean something, keyed by (class name in the MRO, field), so this module
 # needs no transformers import: transformers reads max_steps = -1 (its default) as "unset".
