@@ -249,3 +249,32 @@ def test_bad_input_is_one_line(runs, tmp_path, capsys):
     assert main(["eval", "--runs", str(runs["base"]), "--prompts", str(runs["prompts"]), "--out", str(tmp_path / "o"),
                  "--judges", "annotator,nomodule_xyz:f"]) == 2
     assert "expected an importable module 'nomodule_xyz'" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_replies_are_sampled_generation_batch_size_at_a_time_and_scored_batch_size_at_a_time(runs, tmp_path,
+                                                                                              monkeypatch):
+    import rlhf.eval.evaluate as evaluate_module
+
+    sampled, scored = [], []
+    real_sample, real_logprobs = evaluate_module.sample_replies, evaluate_module.reply_logprobs
+
+    def sample(model, tokenizer, prompts, sampling, k, batch_size, seed, desc=""):
+        sampled.append(batch_size)
+        return real_sample(model, tokenizer, prompts, sampling, k, batch_size, seed, desc)
+
+    def logprobs(model, pad, sequences, temperature=1.0, batch_size=8, desc=None):
+        scored.append(batch_size)
+        return real_logprobs(model, pad, sequences, temperature, batch_size, desc)
+
+    monkeypatch.setattr(evaluate_module, "sample_replies", sample)
+    monkeypatch.setattr(evaluate_module, "reply_logprobs", logprobs)
+    out = tmp_path / "report"
+    assert main(["eval", "--runs", str(runs["base"]), str(runs["sft"]), "--prompts", str(runs["prompts"]),
+                 "--out", str(out), "--k", "3", "--max_new_tokens", "4", "--judges", "annotator",
+                 "--skip", "forgetting,factual,bias", "--bootstrap", "200",
+                 "--generation_batch_size", "5", "--batch_size", "3"]) == 0
+    assert sampled == [5, 5] and scored and set(scored) == {3}
+    rows = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
+    prompts = len((runs["prompts"]).read_text().splitlines())
+    assert len(rows) == 2 * 3 * prompts  # every prompt's k replies, for both runs, across partial batches
