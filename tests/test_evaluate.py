@@ -264,7 +264,7 @@ def test_replies_are_sampled_generation_batch_size_at_a_time_and_scored_batch_si
         return real_sample(model, tokenizer, prompts, sampling, k, batch_size, seed, desc)
 
     def logprobs(model, pad, sequences, temperature=1.0, batch_size=8, desc=None):
-        scored.append(batch_size)
+        scored.append((batch_size, desc))
         return real_logprobs(model, pad, sequences, temperature, batch_size, desc)
 
     monkeypatch.setattr(evaluate_module, "sample_replies", sample)
@@ -274,7 +274,12 @@ def test_replies_are_sampled_generation_batch_size_at_a_time_and_scored_batch_si
                  "--out", str(out), "--k", "3", "--max_new_tokens", "4", "--judges", "annotator",
                  "--skip", "forgetting,factual,bias", "--bootstrap", "200",
                  "--generation_batch_size", "5", "--batch_size", "3"]) == 0
-    assert sampled == [5, 5] and scored and set(scored) == {3}
+    assert sampled == [5, 5] and scored and {size for size, _ in scored} == {3}
+    # Each run's samples under itself, for the KL: the SFT run's only. The reference (the baseline,
+    # base) needs no such pass: its KL to itself is 0 by definition.
+    assert [desc for _, desc in scored if desc] == [f"logprobs {runs['sft'].name}"]
+    report = json.loads((out / "report.json").read_text())
+    assert report["runs"]["model"]["kl_to_reference"] == 0.0 and report["runs"]["sft"]["kl_to_reference"] != 0.0
     rows = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
     prompts = len((runs["prompts"]).read_text().splitlines())
     assert len(rows) == 2 * 3 * prompts  # every prompt's k replies, for both runs, across partial batches

@@ -182,9 +182,14 @@ def evaluate(args: EvalArguments, sections: tuple[str, ...] = SECTIONS) -> dict:
         if quality:
             s = sample_replies(model, tokenizer, prompts, sampling, args.k, args.generation_batch_size, args.seed,
                                desc=f"generating {name}")
-            seqs = [(s.prompt_ids[p], ids) for p in range(len(prompts)) for ids in s.reply_ids[p]]
-            lp = reply_logprobs(model, pad, seqs, sampling.temperature, args.batch_size, desc=f"logprobs {name}")
-            s.logprobs = np.array([v for v, _ in lp]).reshape(len(prompts), args.k)
+            if path == reference_path:
+                # The reference's own samples (or a copy's: same weights, same forward): the KL is 0
+                # by definition, so neither log-probability pass is run.
+                s.logprobs, s.reference_logprobs = np.zeros((len(prompts), args.k)), np.zeros((len(prompts), args.k))
+            else:
+                seqs = [(s.prompt_ids[p], ids) for p in range(len(prompts)) for ids in s.reply_ids[p]]
+                lp = reply_logprobs(model, pad, seqs, sampling.temperature, args.batch_size, desc=f"logprobs {name}")
+                s.logprobs = np.array([v for v, _ in lp]).reshape(len(prompts), args.k)
             samples[name] = s
             if ppl_rows:
                 pairs_ppl = [tuple(split_prompt_reply(encode_prompt_reply(tokenizer, r["prompt"], r["completion"])))
@@ -212,7 +217,7 @@ def evaluate(args: EvalArguments, sections: tuple[str, ...] = SECTIONS) -> dict:
             bias_samples[name] = (a, b)
         if quality and path == reference_path and i == order[-1]:  # its last pass, once every sample exists
             reference_loaded = True
-            reference_logprobs(model, pad, samples, sampling.temperature, args.batch_size, itself=name)
+            reference_logprobs(model, pad, samples, sampling.temperature, args.batch_size)
         del model
         free_memory()
     if quality and not reference_loaded:

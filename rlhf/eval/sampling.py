@@ -132,13 +132,11 @@ def split_prompt_reply(pair: tuple[list[int], int]) -> tuple[list[int], list[int
     return ids[:n_prompt], ids[n_prompt:]
 
 
-def reference_logprobs(model, pad: int, samples: dict[str, Samples], temperature: float, batch_size: int,
-                        itself: str | None = None) -> None:
-    """Logprobs of every run's samples under the reference model; ``itself`` (the reference's own
-    samples, already scored by this same model) is copied, not recomputed."""
+def reference_logprobs(model, pad: int, samples: dict[str, Samples], temperature: float, batch_size: int) -> None:
+    """Logprobs of every run's samples under the reference model, but for samples that have them
+    already (the reference's own)."""
     for name, s in samples.items():
-        if name == itself:
-            s.reference_logprobs = s.logprobs.copy()
+        if s.reference_logprobs is not None:
             continue
         seqs = [(s.prompt_ids[p], ids) for p in range(len(s.texts)) for ids in s.reply_ids[p]]
         lp = reply_logprobs(model, pad, seqs, temperature, batch_size, desc=f"reference logprobs {name}")
