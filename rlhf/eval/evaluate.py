@@ -422,8 +422,9 @@ class EvalArguments:
     """Sequences per forward pass of the log-probability and scoring passes."""
     generation_batch_size: int = 64
     """Replies sampled per generate call. Decoding a small batch is bound by each step's fixed cost,
-    not by arithmetic: on a 2-core CPU, 40 replies a call sampled the same replies' tokens in 0.69x the
-    time of 16 a call. The seeded samples depend on it (every run is sampled with the same value)."""
+    not by arithmetic: on a 2-core CPU 64 a call took 0.65x the time per token of 16 a call
+    (bench/bench_generation.py). The seeded samples depend on it (every run is sampled with the same
+    value)."""
     max_length: int = 512
     """General-text documents are cut to this many tokens."""
     device: str | None = None
