@@ -13,7 +13,6 @@ tokens; the last column is that figure as a ratio to the first row's.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -33,10 +32,11 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
+    from rlhf.core.data import load_rows
     from rlhf.core.generation import SamplingArguments, load_for_generation
     from rlhf.eval.sampling import sample_replies
 
-    prompts = [json.loads(line)["prompt"] for line in Path(args.prompts).read_text().splitlines() if line.strip()]
+    prompts = [r["prompt"] for r in load_rows(args.prompts, "prompt")]  # read as rlhf eval reads them
     sampling = SamplingArguments(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=0,
                                  top_p=1.0, do_sample=True)
     model, tokenizer = load_for_generation(args.run)

@@ -92,8 +92,8 @@ def checks(campaign_dir: str) -> None:
 
     from rlhf.eval.judges import lexicon_score
 
-    firsts = [(lexicon_score(p, ann.sentences(r)[0]), lexicon_score(p, r)) for p, replies in by_prompt.items()
-              for r in replies if len(ann.sentences(r)) > 1]
+    firsts = [(lexicon_score(p, parts[0]), lexicon_score(p, r)) for p, replies in by_prompt.items()
+              for r in replies if len(parts := ann.sentences(r)) > 1]
     print(f"lexicon judge: first sentence alone above the whole reply "
           f"{sum(a > b for a, b in firsts) / len(firsts):.1%}, below {sum(a < b for a, b in firsts) / len(firsts):.1%}")
 
