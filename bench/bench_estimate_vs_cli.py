@@ -141,7 +141,8 @@ def estimate(command: list[str], env: dict[str, str]) -> tuple[float, str]:
 
 def main(argv: list[str] | None = None) -> dict:
     a = parse_args(argv)
-    model_dir = bench_scale.prepare(argparse.Namespace(cache=a.cache, shape=a.shape, tokenizer=a.tokenizer))
+    model_dir = bench_scale.prepare(argparse.Namespace(cache=a.cache, shape=a.shape, tokenizer=a.tokenizer,
+                                                       device="cpu"))
     seq_len = longest_prompt(model_dir)
     env = bench_scale.child_env()
     rows = []

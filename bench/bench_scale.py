@@ -7,10 +7,13 @@
                                                                            # bf16_forwards on / off
     .venv/bin/python bench/bench_scale.py --shape 135m --dtype float32 --rows sft-lora,ppo-lora \\
         --malloc keep,glibc,bounded --steps 3                                # allocator settings side by side
+    python bench/bench_scale.py --device cuda --shape 8b --rows sft-qlora-ckpt,ppo-qlora-ckpt
+                                                                           # on a GPU: GPU memory, not RSS
 
 The model is built from a config at the shape asked (``SHAPES``: SmolLM2-360M and -1.7B, Llama
-architecture, vocabulary 49152) with random weights, saved once under ``--cache`` with the default
-model's tokenizer (SmolLM2's, also 49152 entries) and random SFT and reward LoRA adapters: no hub.
+architecture, vocabulary 49152; Llama-3-8B, vocabulary 128256) with random weights, saved once under
+``--cache`` with the default model's tokenizer (SmolLM2's, 49152 entries) and random SFT and reward
+LoRA adapters: no hub.
 Random weights cost what trained ones cost; only the shapes matter here.
 
 Each row runs ONE step (``--steps``) of a stage through the project's own code, in a fresh child
@@ -34,11 +37,13 @@ gradient checkpointing, merge/nomerge = PPO's ``merge_for_generation`` forced on
 = PPO's ``bf16_forwards`` forced on/off (else their defaults: ``bf16_forwards`` auto is on for lora
 rows on a bfloat16 base, so ``ppo-lora`` against ``ppo-lora-nobf16fwd`` is the option's saving),
 policyhead = PPO's ``value_model: policy_head`` (else its default, the critic adapter).
-Every row is printed beside ``rlhf estimate-memory``'s figure for it (``rlhf.core.memory``, with the
-row's settings: PPO rows without the final evaluation, which these children do not run; one step
-where the estimate is for the steady state of later steps, see bench/bench_estimate_vs_cli.py for
-the whole ``rlhf ppo`` run), and the
-ratios the issue asks for: the TRL 0.19 layout / ours, PPO / SFT, rollout time with and without
+With ``--device cuda`` each row runs on the GPU (the stages' own device choice) and reports what
+nvidia-smi would show at the peak: the caching allocator's peak reserved memory + the CUDA context
+(the device's used memory less the reserved, read at the end of the row). Every row is printed beside
+``rlhf estimate-memory``'s figure for it (``rlhf.core.memory``, with the row's settings: PPO rows
+without the final evaluation, which these children do not run; one step where the estimate is for
+the steady state of later steps, see bench/bench_estimate_vs_cli.py for the whole ``rlhf ppo`` run),
+and the ratios the issue asks for: the TRL 0.19 layout / ours, PPO / SFT, rollout time with and without
 merging, PPO with bf16 forwards on / off. Timings are wall seconds of a shared 2-core machine: compare
 them within one run only.
 """
@@ -66,8 +71,11 @@ SHAPES = {
     "135m": (576, 1536, 30, 9, 3),
     "360m": (960, 2560, 32, 15, 5),
     "1.7b": (2048, 8192, 24, 32, 32),
+    "8b": (4096, 14336, 32, 32, 8),  # Llama-3-8B
 }
 VOCAB = 49152
+# Shapes whose vocabulary is not SmolLM2's: (vocab, tied). SmolLM2's tokenizer uses the first 49152 rows.
+SHAPE_VOCAB = {"8b": (128256, False)}
 # batch (prompts, sequences or pairs), prompt tokens, new tokens; SFT and reward rows are prompt + new long.
 SIZES = {"quick": (2, 40, 8)}
 DEFAULT_SIZES = (8, 64, 128)
@@ -105,6 +113,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--new_tokens", type=int, default=None, help="reply tokens (default 128)")
     p.add_argument("--steps", type=int, default=1, help="steps per row")
     p.add_argument("--malloc", default="rlhf", help=f"comma-separated allocator settings: {', '.join(MALLOC)}")
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
+                   help="where the rows run; cuda: peak = the caching allocator's peak reserved + the CUDA context")
     p.add_argument("--threads", type=int, default=None, help="torch threads per child (default: torch's choice)")
     p.add_argument("--tokenizer", default=None, help="a model dir whose tokenizer (vocab <= 49152) to use "
                                                      "(default: the converted default model)")
@@ -127,6 +137,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         if not ROW.match(row):
             p.error(f"--rows: expected names like sft-lora, ppo-qlora-ckpt, ppo-lora-nomerge, trl019-lora, found {row!r}")
         parsed = parse_row(row)
+        if a.device == "cuda" and parsed["stage"] == "trl019-lora":
+            p.error("--rows: trl019-lora runs on --device cpu only")
         if parsed["bf16fwd"] and (parsed["stage"], parsed["method"], a.dtype) != ("ppo", "lora", "bfloat16"):
             p.error(f"--rows: {row}: -bf16fwd is PPO's bf16_forwards on, which needs a ppo-lora row and --dtype bfloat16")
     for m in a.malloc:
@@ -150,6 +162,22 @@ def peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
 
 
+def cuda_peaks() -> dict:
+    """GPU memory of this process: what nvidia-smi shows at the peak = peak reserved + the CUDA context."""
+    import torch
+
+    free, total = torch.cuda.mem_get_info()
+    context = (total - free - torch.cuda.memory_reserved()) / MiB  # the only process on the device
+    reserved = torch.cuda.max_memory_reserved() / MiB
+    return {"peak_cuda_allocated_mib": torch.cuda.max_memory_allocated() / MiB, "peak_cuda_reserved_mib": reserved,
+            "cuda_context_mib": context, "peak_cuda_mib": reserved + context}
+
+
+def peak_mib(r: dict) -> float:
+    """A row's measured peak: GPU memory for --device cuda rows, else the process's peak RSS."""
+    return r.get("peak_cuda_mib", r["peak_rss_mib"])
+
+
 def progress(message: str) -> None:
     print(f"    {message}", file=sys.stderr, flush=True)
 
@@ -163,8 +191,9 @@ def model_config(shape: str):
     from transformers import LlamaConfig
 
     hidden, inter, layers, heads, kv = SHAPES[shape]
-    return LlamaConfig(vocab_size=VOCAB, hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers,
-                       num_attention_heads=heads, num_key_value_heads=kv, tie_word_embeddings=True,
+    vocab, tied = SHAPE_VOCAB.get(shape, (VOCAB, True))
+    return LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers,
+                       num_attention_heads=heads, num_key_value_heads=kv, tie_word_embeddings=tied,
                        max_position_embeddings=2048, rope_theta=100000.0, bos_token_id=1, eos_token_id=2,
                        pad_token_id=2)
 
@@ -187,7 +216,8 @@ def prepare(a: argparse.Namespace) -> Path:
     if len(tokenizer) > VOCAB:
         raise SystemExit(f"--tokenizer: expected at most {VOCAB} tokens, found {len(tokenizer)}")
     torch.manual_seed(0)
-    model = LlamaForCausalLM._from_config(model_config(a.shape), dtype=torch.bfloat16)
+    with torch.device(a.device):  # random initialisation of billions of weights is quicker on a GPU
+        model = LlamaForCausalLM._from_config(model_config(a.shape), dtype=torch.bfloat16)
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
     args = ModelArguments(model_name_or_path=str(tmp))
@@ -332,7 +362,7 @@ def child_ppo(a: argparse.Namespace, row: dict, model_dir: Path, work: Path) -> 
     model_args = ModelArguments(model_name_or_path=str(model_dir), peft_method=peft_method(row["method"]),
                                 torch_dtype=a.dtype)
     started = time.perf_counter()
-    registry, reference = build_roles(model_args, args, torch.device("cpu"))
+    registry, reference = build_roles(model_args, args, torch.device(a.device))
     trainer = PPOTrainer(args, SamplingArguments(max_new_tokens=a.new_tokens), registry, tokenizer,
                          ppo_prompts(a, tokenizer), reference)
     load_seconds = time.perf_counter() - started
@@ -475,6 +505,8 @@ def run_child_row(a: argparse.Namespace, row_name: str) -> dict:
     else:
         out = child_trainer_stage(a, row, model_dir, work)
     usage = resource.getrusage(resource.RUSAGE_SELF)  # CPU seconds: less sensitive than wall time to a busy machine
+    if a.device == "cuda":
+        out.update(cuda_peaks())
     return {**out, "peak_rss_mib": peak_rss_mib(), "kept_heap": applied, "user_seconds": usage.ru_utime,
             "system_seconds": usage.ru_stime}
 
@@ -492,7 +524,7 @@ def estimate_row(a: argparse.Namespace, row_name: str) -> float | None:
         return None
     row = parse_row(row_name)
     config = model_config(a.shape)
-    common = dict(batch_size=a.batch_size, max_new_tokens=a.new_tokens, dtype=a.dtype, device="cpu",
+    common = dict(batch_size=a.batch_size, max_new_tokens=a.new_tokens, dtype=a.dtype, device=a.device,
                   gradient_checkpointing=row["ckpt"])
     if row["stage"] == "empty":
         return None
@@ -520,7 +552,7 @@ def run_child(a: argparse.Namespace, row: str, malloc: str, work: Path, retry: b
     env = child_env(malloc)
     argv = [sys.executable, str(Path(__file__).resolve()), "--shape", a.shape, "--dtype", a.dtype,
             "--batch_size", str(a.batch_size), "--prompt_len", str(a.prompt_len), "--new_tokens", str(a.new_tokens),
-            "--steps", str(a.steps), "--cache", a.cache, "--child", row, "--workdir", str(work)]
+            "--steps", str(a.steps), "--device", a.device, "--cache", a.cache, "--child", row, "--workdir", str(work)]
     if a.threads:
         argv += ["--threads", str(a.threads)]
     started = time.perf_counter()
@@ -554,14 +586,15 @@ def _last(values) -> float | None:
 
 
 def build_table(a: argparse.Namespace, results: dict[str, dict]) -> tuple[str, list[dict]]:
-    lines = ["| row | allocator | peak RSS MiB | estimate MiB | error | step s | generate s | CPU s user / sys |",
+    peak_name = "peak GPU MiB" if any("peak_cuda_mib" in r for r in results.values()) else "peak RSS MiB"
+    lines = [f"| row | allocator | {peak_name} | estimate MiB | error | step s | generate s | CPU s user / sys |",
              "|---|---|---:|---:|---:|---:|---:|---:|"]
     for key, r in results.items():
         est = r.get("estimate_mib")
-        err = f"{(est - r['peak_rss_mib']) / r['peak_rss_mib']:+.1%}" if est else ""
+        err = f"{(est - peak_mib(r)) / peak_mib(r):+.1%}" if est else ""
         step = _last(r.get("step_seconds"))
         gen = _last(r.get("phase_seconds", {}).get("generate"))
-        lines.append(f"| {r['row']} | {r['malloc']} | {r['peak_rss_mib']:,.0f} | "
+        lines.append(f"| {r['row']} | {r['malloc']} | {peak_mib(r):,.0f} | "
                      f"{f'{est:,.0f}' if est else ''} | {err} | {f'{step:.1f}' if step else ''} | "
                      f"{f'{gen:.1f}' if gen else ''} | "
                      + (f"{r['user_seconds']:.0f} / {r['system_seconds']:.0f} |" if "user_seconds" in r else " |"))
@@ -569,7 +602,7 @@ def build_table(a: argparse.Namespace, results: dict[str, dict]) -> tuple[str, l
 
     def peak(row, malloc="rlhf"):
         r = results.get(f"{row}/{malloc}") or next((v for k, v in results.items() if k.startswith(f"{row}/")), None)
-        return r and r["peak_rss_mib"]
+        return r and peak_mib(r)
 
     for method in ("lora", "qlora"):
         for ck in ("", "-ckpt"):
@@ -588,7 +621,7 @@ def build_table(a: argparse.Namespace, results: dict[str, dict]) -> tuple[str, l
     if on and off:
         g_on, g_off = _last(on["phase_seconds"]["generate"]), _last(off["phase_seconds"]["generate"])
         ratios.append(("rollout seconds, merge on / off", g_on / g_off, ""))
-        ratios.append(("peak, merge on / off", on["peak_rss_mib"] / off["peak_rss_mib"], ""))
+        ratios.append(("peak, merge on / off", peak_mib(on) / peak_mib(off), ""))
 
     def find(row):
         return results.get(f"{row}/rlhf") or next((v for k, v in results.items() if k.startswith(f"{row}/")), None)
@@ -598,7 +631,7 @@ def build_table(a: argparse.Namespace, results: dict[str, dict]) -> tuple[str, l
         default = find(f"ppo-lora{ck}")
         on = on or (default if default and default.get("bf16_forwards") else None)
         if on and off:
-            ratios.append((f"PPO peak, bf16 forwards on / off, lora{ck}", on["peak_rss_mib"] / off["peak_rss_mib"],
+            ratios.append((f"PPO peak, bf16 forwards on / off, lora{ck}", peak_mib(on) / peak_mib(off),
                            "< 1"))
     if ratios:
         lines += ["", "| ratio | value | goal |", "|---|---:|---|"]
@@ -668,6 +701,7 @@ def main(argv: list[str] | None = None) -> dict | None:
         return out
     # The model directory is built in a process of its own, so no child inherits its memory.
     prep = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--shape", a.shape, "--cache", a.cache,
+                           "--device", a.device,
                            *(["--tokenizer", a.tokenizer] if a.tokenizer else []), "--child", "prepare"],
                           env={**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error"})
     if prep.returncode != 0:
@@ -681,7 +715,7 @@ def main(argv: list[str] | None = None) -> dict | None:
             work = Path(tmp) / f"{row}-{malloc}"
             work.mkdir()
             estimate = estimate_row(a, row)
-            if not wait_for_memory(estimate or 0):
+            if a.device == "cpu" and not wait_for_memory(estimate or 0):
                 print(f"    skipped: less than {estimate:,.0f} + 2,048 MiB available for 10 minutes", file=sys.stderr)
                 continue
             r = run_child(a, row, malloc, work)
@@ -690,12 +724,13 @@ def main(argv: list[str] | None = None) -> dict | None:
             if a.json:  # after every row: a long run stopped half-way keeps what it measured
                 Path(a.json).parent.mkdir(parents=True, exist_ok=True)
                 Path(a.json).write_text(json.dumps({"results": results}, indent=2) + "\n")
-            print(f"    peak {r['peak_rss_mib']:,.0f} MiB, estimate "
+            print(f"    peak {peak_mib(r):,.0f} MiB, estimate "
                   f"{r['estimate_mib'] or 0:,.0f} MiB, {r['wall_seconds']:.0f} s", file=sys.stderr, flush=True)
     table, ratios = build_table(a, results)
     hidden, inter, layers, heads, kv = SHAPES[a.shape]
     settings = (f"shape {a.shape} (hidden {hidden}, intermediate {inter}, {layers} layers, {heads} heads, {kv} KV "
-                f"heads, vocab {VOCAB}), {a.dtype}, batch {a.batch_size} x ({a.prompt_len} + {a.new_tokens}) tokens, "
+                f"heads, vocab {model_config(a.shape).vocab_size}), {a.device}, {a.dtype}, batch {a.batch_size} x "
+                f"({a.prompt_len} + {a.new_tokens}) tokens, "
                 f"{a.steps} step(s) per row, {os.cpu_count()} CPUs; total {time.time() - started:.0f} s")
     print(f"\nScale benchmark: {settings}\n\n{table}\n")
     out = {"settings": {k: v for k, v in vars(a).items() if k not in ("child", "workdir")}, "results": results,
