@@ -202,8 +202,12 @@ class AdapterRegistry:
         def role_contexts():
             return contextlib.nullcontext(), recompute(registry._role, registry._computing)
 
-        self.base_model.activation_checkpointing_enable(
-            activation_checkpointing_kwargs={"use_reentrant": False, "context_fn": role_contexts})
+        kwargs = {"use_reentrant": False, "context_fn": role_contexts}
+        enable = getattr(self.base_model, "activation_checkpointing_enable", None)
+        if enable is not None:
+            enable(activation_checkpointing_kwargs=kwargs)
+        else:  # transformers before activation_checkpointing_enable (5.17 has only the older name)
+            self.base_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
     def can_merge(self, name: str) -> bool:
         """Whether :meth:`merged` can fold adapter ``name`` into the base weights exactly (not into
