@@ -7,7 +7,8 @@ import torch
 from peft import LoraConfig, PeftModel
 from torch.testing import assert_close
 
-from rlhf.core.adapters import AdapterRegistry, last_non_pad_index, read_score_head
+from rlhf.core.adapters import (AdapterRegistry, attention_mask_for, last_non_pad_index, position_ids_from_mask,
+                                read_score_head)
 from rlhf.core.data import write_jsonl
 from rlhf.core.formatting import encode_prompt_reply
 from rlhf.core.generation import pad_ids
@@ -85,6 +86,35 @@ def test_policy_logits_match_a_separately_loaded_peft_model(registry, runs, tiny
         base = reply_logits(registry, None, ids, mask)
     assert_close(found, expected, rtol=1e-5, atol=1e-5)
     assert (found - base).abs().max() > 1e-3  # the adapter does something
+
+
+def test_sdpa_mask_gives_every_left_pad_query_a_key_and_keeps_real_rows(batch):
+    """Fully masked query rows make SDPA's GPU backward NaN; each such pad query attends to itself."""
+    ids, mask = batch
+    assert not mask.all()  # left padding present
+    found = attention_mask_for(mask, "sdpa")
+    b, s = mask.shape
+    assert found.shape == (b, 1, s, s) and found.dtype == torch.bool
+    assert found.any(-1).all()  # no query without a key
+    expected = torch.ones(s, s, dtype=torch.bool).tril() & mask.bool()[:, None, :]
+    real = mask.bool()
+    assert torch.equal(found[:, 0][real], expected[real])  # real queries: causal over real keys, as before
+    pads = (~real).nonzero().tolist()
+    assert pads and all(found[i, 0, q].nonzero().flatten().tolist() == [q] for i, q in pads)
+    assert attention_mask_for(mask, "eager") is mask  # finite fill values: nothing to fix
+    unpadded = torch.ones_like(mask)
+    assert attention_mask_for(unpadded, "sdpa") is unpadded  # no padding: the causal fast path stays
+
+
+def test_registry_forward_equals_the_model_with_its_own_padding_mask(registry, batch):
+    ids, mask = batch
+    body = registry.peft_model.get_base_model().base_model
+    assert registry.base_model.config._attn_implementation == "sdpa"
+    with torch.no_grad(), registry.use("policy"):
+        expected = body(input_ids=ids, attention_mask=mask, position_ids=position_ids_from_mask(mask)).last_hidden_state
+    with torch.no_grad():
+        found = registry.hidden_states("policy", ids, mask)
+    assert torch.equal(found[mask.bool()], expected[mask.bool()])
 
 
 def test_no_adapter_is_the_plain_base_model(registry, tiny_model_dir, batch):

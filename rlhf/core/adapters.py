@@ -61,6 +61,28 @@ def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
+def attention_mask_for(attention_mask: torch.Tensor, attn_implementation: str | None) -> torch.Tensor:
+    """The mask to pass a forward over padded rows: ``(b, s)`` as is, or for SDPA ``(b, 1, s, s)``.
+
+    Under SDPA a left pad's query sees no key (causal, and every earlier key is a pad too). On a
+    GPU the fused kernels' backward turns such a fully masked row into NaN gradients for every
+    weight, although the row's output is masked out of every loss (seen on an H200 with torch 2.11:
+    PPO's first step, non-finite gradient norm with left-padded prompts only). So for SDPA the
+    causal padding mask is built here, with each query that would see no key attending to itself
+    instead; every other query's row is the one transformers builds, so real tokens' outputs do
+    not change. Eager attention (finite fill values) and flash attention (unpadded rows) need nothing.
+    """
+    if attn_implementation != "sdpa" or attention_mask.dim() != 2 or bool(attention_mask.all()):
+        return attention_mask
+    keys = attention_mask.bool()
+    s = keys.shape[-1]
+    causal = torch.ones(s, s, dtype=torch.bool, device=keys.device).tril()
+    mask = causal & keys[:, None, :]  # (b, s, s): query i sees the real keys at or before i
+    blind = ~mask.any(-1)  # (b, s): queries that would see nothing
+    mask |= torch.eye(s, dtype=torch.bool, device=keys.device) & blind[:, :, None]
+    return mask[:, None]
+
+
 class AdapterRegistry:
     """Named peft adapters and scalar heads on one base model."""
 
@@ -307,7 +329,7 @@ class AdapterRegistry:
         with self.use(name), self.computing_in(self.compute_dtype):
             return self._body()(
                 input_ids=input_ids,
-                attention_mask=attention_mask,
+                attention_mask=attention_mask_for(attention_mask, self.base_model.config._attn_implementation),
                 position_ids=position_ids_from_mask(attention_mask),
                 use_cache=False,
             ).last_hidden_state
