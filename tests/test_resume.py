@@ -178,7 +178,8 @@ def test_resume_skips_a_checkpoint_cut_off_while_being_written(tmp_path):
 
 @pytest.mark.slow
 def test_resume_from_a_checkpoint_that_is_not_a_logging_step(tiny_model_dir, tmp_path, caplog):
-    """The demo's save_steps 9 / logging_steps 5 case, small: a checkpoint at step 2, logs every 3 steps.
+    """A checkpoint inside a logging window (as save_steps 9 / logging_steps 5), small: a checkpoint at
+    step 2, logs every 3 steps.
 
     The resumed Trainer only knows the losses before its checkpoint through the logged windows; a
     window crossing the checkpoint used to leave the resumed run's train_loss (and its step-3 log) off.

@@ -200,7 +200,7 @@ def log_at_checkpoints():
 
     A resumed Trainer starts a fresh logging window at the checkpoint, and the losses of the steps
     before it are known only through the logged windows (:func:`whole_run_train_loss`). With a
-    checkpoint inside a window (the demo's save_steps 9, logging_steps 5) the resumed run logged
+    checkpoint inside a window (save_steps 9, logging_steps 5: the window 6-10) the resumed run logged
     a different loss at step 10 than an uninterrupted one and its train_loss was off. Logging at
     each save, in every run, closes a window there, so both runs log the same windows.
     """
