@@ -133,6 +133,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     a.batch_size, a.prompt_len, a.new_tokens = a.batch_size or b, a.prompt_len or s, a.new_tokens or t
     a.rows = a.rows.split(",") if a.rows else DEFAULT_ROWS.get(a.shape, DEFAULT_ROWS["360m"])
     a.malloc = a.malloc.split(",")
+    if a.device == "cuda" and not a.fits and not a.from_json:
+        import torch
+
+        if not torch.cuda.is_available():
+            p.error("--device cuda: torch sees no CUDA device on this machine")
     for row in a.rows if not a.child else []:
         if not ROW.match(row):
             p.error(f"--rows: expected names like sft-lora, ppo-qlora-ckpt, ppo-lora-nomerge, trl019-lora, found {row!r}")

@@ -41,3 +41,15 @@ def test_quick_rows_run_and_get_an_estimate(default_model_dir, tmp_path):
                                                     "PPO peak, bf16 forwards on / off, lora",
                                                     "PPO / SFT peak, lora, value_model policy_head"}
     assert "| ppo-lora-ckpt | rlhf |" in done.stdout
+
+
+def test_device_cuda_is_refused_where_torch_sees_no_gpu(tmp_path):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    done = subprocess.run([sys.executable, str(REPO / "bench/bench_scale.py"), "--device", "cuda", "--quick",
+                           "--cache", str(tmp_path)], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2
+    assert "--device cuda: torch sees no CUDA device" in done.stderr
+    assert not any(tmp_path.iterdir())  # refused before any model was built
