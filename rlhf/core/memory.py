@@ -108,14 +108,16 @@ PPO_VALUE_MODELS = ("critic", "policy_head")
 # forward). One step keeps less, later steps more. Elsewhere the default
 # setting, bounded, held the same or less than keep in every side by side run, so those fractions
 # err high for it.
-# CUDA: the caching allocator reuses its blocks. SFT and reward, LoRA and QLoRA: 0.05, fitted on the
-# H200 rows of docs/memory.md ("Measured on a GPU": 1.7B and 8B shapes, reserved 1.6-7.4 % above
-# allocated; the estimate then lies within -2 % and +9 % of each peak). PPO, full fine-tuning and
-# TRL 0.19's layout were not measured on a GPU: 0.15 for rounding and fragmentation is an assumption.
+# CUDA: the caching allocator reuses its blocks. SFT and reward, LoRA and QLoRA with bf16 compute:
+# 0.05, fitted on the H200 rows of docs/memory.md ("Measured on a GPU": 1.7B and 8B shapes, reserved
+# 1.6-7.4 % above allocated; the estimate then lies within -2 % and +9 % of each peak). PPO, full
+# fine-tuning, QLoRA with float32 compute and TRL 0.19's layout were not measured on a GPU: 0.15 for
+# rounding and fragmentation is an assumption.
 RETENTION = {"cpu": {"sft": 0.95, "reward": 0.75, "ppo": 2.6, "ppo-single-pass": 1.0, "ppo-single-pass-ckpt": 0.6,
                      "full": 0.4, "qlora": 1.8, "qlora-half": 0.5, "separate": 0.2},
-             "cuda": {"sft": 0.05, "reward": 0.05, "qlora": 0.05, "qlora-half": 0.05,
-                      **{key: 0.15 for key in ("ppo", "ppo-single-pass", "ppo-single-pass-ckpt", "full", "separate")}}}
+             "cuda": {"sft": 0.05, "reward": 0.05, "qlora-half": 0.05,
+                      **{key: 0.15 for key in ("ppo", "ppo-single-pass", "ppo-single-pass-ckpt", "full", "qlora",
+                                               "separate")}}}
 # TRL's fused LM head (SFT) projects at most 4096 tokens x 32768 vocabulary entries at a time.
 FUSED_TOKENS, FUSED_VOCAB = 4096, 32768
 # Tiles alive at once. Without Triton (CPU) the backward folds a tile with plain torch ops (scaled
