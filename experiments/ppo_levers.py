@@ -55,6 +55,8 @@ VARIANTS: dict[str, tuple[str, list[str]]] = {
     "replies_per_prompt_4": ("replies_per_prompt: 4 (2 prompts x 4 replies a step)", ["--replies_per_prompt", "4"]),
     "remove_length_trend": ("remove_length_trend: true (the reward's linear trend in length taken out)",
                             ["--remove_length_trend", "true"]),
+    "keep_length_trend": ("remove_length_trend: false (configs/ppo.yaml before it took the trend out)",
+                          ["--remove_length_trend", "false"]),
     "steps_32_remove_length_trend": ("max_steps: 32 and remove_length_trend: true",
                                      ["--max_steps", "32", "--remove_length_trend", "true"]),
     "no_eos_penalty": ("missing_eos_penalty: null (a cut-off reply keeps its reward-model score)",
