@@ -13,7 +13,6 @@ each policy's held-out replies like the noiseless annotator.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import random
 import time
@@ -25,7 +24,9 @@ from torch import nn
 
 
 def read_jsonl(path) -> list[dict]:
-    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+    from rlhf.core.data import read_records
+
+    return [record.row for record in read_records(path)]
 
 
 class PooledRewardModel(nn.Module):
@@ -48,15 +49,12 @@ class PooledRewardModel(nn.Module):
 
 def batch(tokenizer, prompts, replies):
     from rlhf.core.formatting import encode_prompt_reply
+    from rlhf.core.generation import pad_ids
 
     seqs = [encode_prompt_reply(tokenizer, p, r) for p, r in zip(prompts, replies)]
-    width = max(len(s) for s, _ in seqs)
-    ids = torch.full((len(seqs), width), tokenizer.pad_token_id)
-    mask = torch.zeros(len(seqs), width, dtype=torch.long)
-    reply = torch.zeros(len(seqs), width)
+    ids, mask = pad_ids([s for s, _ in seqs], tokenizer.pad_token_id, side="right")
+    reply = torch.zeros(mask.shape)
     for i, (s, n_prompt) in enumerate(seqs):
-        ids[i, : len(s)] = torch.tensor(s)
-        mask[i, : len(s)] = 1
         reply[i, n_prompt : len(s)] = 1
     return ids, mask, reply
 
@@ -119,7 +117,6 @@ def main() -> None:
             opt.step()
             sched.step()
             opt.zero_grad()
-            model.train()
             if step % 20 == 0:
                 print(f"{pooling} step {step}/{steps} loss {loss.item():.3f} {time.time() - t0:.0f}s", flush=True)
         chosen = score(model, tokenizer, [r["prompt"] for r in test], [r["chosen"] for r in test])
