@@ -7,7 +7,8 @@
 For each reward run, on the same-prompt replies of every policy in ``--samples`` (an ``rlhf eval``
 samples file: several replies per held-out prompt), prints the correlation of its score with the
 reply's length in words, beside the demo annotator's and the lexicon judge's, and how often it orders
-two replies to one prompt like the noiseless annotator. With ``--pairs FILE`` (repeatable: a label
+two replies to one prompt like the noiseless annotator (also by how far apart the annotator scores
+them, beside how often one label of the noisy annotator would). With ``--pairs FILE`` (repeatable: a label
 stage's test.jsonl, whose test pairs carry the noiseless choice) it also prints each reward run's
 accuracy on those pairs, so reward runs trained on different label sets are compared on the same pairs.
 
@@ -25,6 +26,8 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+
+import numpy as np
 
 ENDINGS = (".", "!", "?", '"', ")")
 
@@ -53,9 +56,7 @@ def train_on_finished_pairs(label_dir: Path, out: Path) -> Path:
     return run
 
 
-def measure(reward_dir: str, samples: list[dict]) -> None:
-    import numpy as np
-
+def measure(reward_dir: str, samples: list[dict], noise: float) -> None:
     from rlhf.eval.judges import RewardModelJudge
     from rlhf.eval.statistics import judge_agreement
 
@@ -75,6 +76,35 @@ def measure(reward_dir: str, samples: list[dict]) -> None:
         print(f"{reward_dir} on {run}'s replies: correlation with words: reward {np.corrcoef(words, scores)[0, 1]:+.3f}, "
               + ", ".join(f"{k} {v:+.3f}" for k, v in others.items())
               + f"; orders like the noiseless annotator {agreement['agreement']:.1%} of {agreement['pairs']} pairs")
+        print("  " + "; ".join(agreement_by_gap(grid[:, :, 0], grid[:, :, 1], noise)))
+
+
+GAP_EDGES = (0.0, 0.25, 0.5, 1.0, float("inf"))
+"""Bins of the noiseless annotator's score gap between two replies (its noise in configs/label.yaml: 0.25)."""
+
+
+def agreement_by_gap(reward: np.ndarray, annotator: np.ndarray, noise: float) -> list[str]:
+    """How often the reward model orders two same-prompt replies like the noiseless annotator, by how
+    far apart the annotator scores them, beside how often one label of the noisy annotator would
+    (its Bradley-Terry probability of choosing the higher-scored reply, averaged over the bin's pairs).
+
+    Args:
+        reward, annotator: ``(n, k)`` scores of the k replies to each of n prompts.
+    """
+    from rlhf.demo.annotator import prob_prefer_a
+
+    i, j = np.triu_indices(reward.shape[1], k=1)
+    d_reward, d_annotator = (reward[:, i] - reward[:, j]).ravel(), (annotator[:, i] - annotator[:, j]).ravel()
+    counted = (d_reward != 0) & (d_annotator != 0)
+    gap, agree = np.abs(d_annotator[counted]), (d_reward[counted] > 0) == (d_annotator[counted] > 0)
+    lines = []
+    for low, high in zip(GAP_EDGES, GAP_EDGES[1:]):
+        inside = (gap >= low) & (gap < high)
+        if inside.any():
+            one_label = np.mean([prob_prefer_a(g, 0.0, noise) for g in gap[inside]])
+            lines.append(f"gap {low:g}-{high:g}: {inside.sum()} pairs, reward model {agree[inside].mean():.1%}, "
+                         f"one noisy label {one_label:.1%}")
+    return lines
 
 
 def pair_accuracy(reward_dir: str, pairs_file: str) -> None:
@@ -94,6 +124,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--reward", action="append", required=True, help="a reward run (repeat for several)")
     parser.add_argument("--finished_pairs_from", default=None, help="a label stage output to filter and train on")
     parser.add_argument("--out", default="runs/reward_length", help="where the filtered pairs and run go")
+    parser.add_argument("--noise", type=float, default=0.25,
+                        help="the labels' annotator noise (configs/label.yaml), for the one-noisy-label column")
     parser.add_argument("--pairs", action="append", default=[], help="a pairs file to score each reward run on (repeat)")
     args = parser.parse_args(argv)
     rewards = list(args.reward)
@@ -101,7 +133,7 @@ def main(argv: list[str] | None = None) -> None:
         rewards.append(str(train_on_finished_pairs(Path(args.finished_pairs_from), Path(args.out))))
     samples = read_jsonl(Path(args.samples))
     for reward in rewards:
-        measure(reward, samples)
+        measure(reward, samples, args.noise)
         for pairs_file in args.pairs:
             pair_accuracy(reward, pairs_file)
 
