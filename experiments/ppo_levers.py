@@ -58,8 +58,6 @@ VARIANTS: dict[str, tuple[str, list[str]]] = {
                           ["--remove_length_trend", "false"]),
     "steps_32_remove_length_trend": ("max_steps: 32 and remove_length_trend: true",
                                      ["--max_steps", "32", "--remove_length_trend", "true"]),
-    "trend_min_24": ("length_trend_min_replies: 24 (the length trend taken out once 24 finished replies were fitted)",
-                     ["--length_trend_min_replies", "24"]),
     "ppo_epochs_2": ("ppo_epochs: 2", ["--ppo_epochs", "2"]),
     "ppo_epochs_2_kl_coef_0.1": ("ppo_epochs: 2 and kl_coef: 0.1 (twice the starting KL coefficient)",
                                  ["--ppo_epochs", "2", "--kl_coef", "0.1"]),

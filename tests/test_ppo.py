@@ -921,32 +921,6 @@ def test_remove_length_trend_fits_finished_replies_and_comes_before_normalizatio
     assert again.length_trend.state_dict() == trainer.length_trend.state_dict() != RunningLengthTrend().state_dict()
 
 
-@pytest.mark.slow
-def test_length_trend_min_replies_keeps_the_trend_until_the_fit_has_seen_that_many(pipeline):
-    """The fit takes in every finished reply from the first batch on; its line is taken out of the
-    scores only from the batch at which it has seen length_trend_min_replies of them."""
-    trainer = make_trainer(pipeline, "--remove_length_trend", "true", "--length_trend_min_replies", "5",
-                           "--missing_eos_penalty", "-2")
-    raw, lengths, ends = torch.tensor([8.0, 6.0, 4.0, -50.0]), torch.tensor([4, 8, 12, 30]), torch.tensor([True] * 3 + [False])
-    # 3 finished replies seen: the scores keep their trend (slope -0.5 already fitted).
-    torch.testing.assert_close(trainer._shape_scores(raw, ends, lengths), torch.tensor([8.0, 6.0, 4.0, -2.0]))
-    assert trainer.length_trend.count == 3 and trainer.length_trend.slope == pytest.approx(-0.5)
-    # 6 seen: from this batch on the line is taken out (every finished reply on it scores the mean).
-    shaped = trainer._shape_scores(raw, ends, lengths)
-    torch.testing.assert_close(shaped, torch.tensor([6.0, 6.0, 6.0, -2.0]))
-
-
-def test_length_trend_min_replies_is_refused_where_nothing_reads_it():
-    from rlhf.core.errors import UserError
-    from rlhf.ppo.trainer import PPOArguments
-
-    assert PPOArguments(remove_length_trend=True, length_trend_min_replies=24).length_trend_min_replies == 24
-    with pytest.raises(UserError, match=r"length_trend_min_replies: only with remove_length_trend: true"):
-        PPOArguments(length_trend_min_replies=24)
-    with pytest.raises(UserError, match="length_trend_min_replies: expected 0 or more, found -1"):
-        PPOArguments(remove_length_trend=True, length_trend_min_replies=-1)
-
-
 def test_replies_per_prompt_repeats_each_prompt_and_splits_ranks_by_prompt():
     from rlhf.core.errors import UserError
     from rlhf.ppo.rollout import PromptSampler

@@ -137,9 +137,6 @@ class PPOArguments:
     """Take the reward model's linear trend in reply length out of its scores: the least-squares line of
     score on length (tokens), fitted over every reply that ended with EOS so far, before normalization.
     For a reward model that learned to prefer shorter (or longer) replies than its labels do."""
-    length_trend_min_replies: int = 0
-    """With remove_length_trend: scores keep their trend until the fit has seen this many finished
-    replies (a line through the first batch's few replies can be far steeper than the run's)."""
     # -- bookkeeping --
     save_steps: int = 10
     """Checkpoint every N steps (and at the end)."""
@@ -191,10 +188,6 @@ class PPOArguments:
         for name in ("max_steps", "batch_size", "ppo_epochs", "save_steps", "logging_steps"):
             if getattr(self, name) < 1:
                 raise UserError(f"{name}: expected at least 1, found {getattr(self, name)}")
-        if self.length_trend_min_replies < 0:
-            raise UserError(f"length_trend_min_replies: expected 0 or more, found {self.length_trend_min_replies}")
-        if self.length_trend_min_replies and not self.remove_length_trend:
-            raise UserError("length_trend_min_replies: only with remove_length_trend: true (nothing else reads it)")
 
     @property
     def micro_batch_size(self) -> int:
@@ -511,8 +504,7 @@ class PPOTrainer:
             lengths = lengths.to(raw.dtype)
             finished = self.processes.gather(ends_with_eos.float()).bool()  # gathered whole: same shape on each
             self.length_trend.update(self.processes.gather(lengths)[finished], self.processes.gather(raw)[finished])
-            if self.length_trend.count >= args.length_trend_min_replies:
-                scores = pm.remove_length_trend(raw, lengths, self.length_trend.slope, self.length_trend.mean_length)
+            scores = pm.remove_length_trend(raw, lengths, self.length_trend.slope, self.length_trend.mean_length)
         if args.normalize_reward:
             self.reward_moments.update(self.processes.gather(scores))
             scores = pm.normalize_scores(scores, self.reward_moments.mean, self.reward_moments.std, args.reward_clip)
