@@ -61,6 +61,8 @@ VARIANTS: dict[str, tuple[str, list[str]]] = {
     "ppo_epochs_2": ("ppo_epochs: 2", ["--ppo_epochs", "2"]),
     "ppo_epochs_2_kl_coef_0.1": ("ppo_epochs: 2 and kl_coef: 0.1 (twice the starting KL coefficient)",
                                  ["--ppo_epochs", "2", "--kl_coef", "0.1"]),
+    "ppo_epochs_2_steps_12": ("ppo_epochs: 2 and max_steps: 12 (about the default's time: 96 replies, 48 optimizer steps)",
+                              ["--ppo_epochs", "2", "--max_steps", "12"]),
     "ppo_epochs_4": ("ppo_epochs: 4 (every rollout used for 8 optimizer steps)", ["--ppo_epochs", "4"]),
     "no_eos_penalty": ("missing_eos_penalty: null (a cut-off reply keeps its reward-model score)",
                        ["--missing_eos_penalty", "null"]),
