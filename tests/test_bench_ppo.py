@@ -2,20 +2,19 @@
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 import pytest
+
+from script_modules import script_module
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("bench_ppo", REPO / "bench" / "bench_ppo.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    with script_module(REPO / "bench" / "bench_ppo.py", "bench_ppo") as module:
+        yield module
 
 
 def test_speed_children_take_turns_in_alternating_order(bench):

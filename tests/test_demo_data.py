@@ -1,6 +1,5 @@
 """The demo data generator (rlhf/demo/make_data.py) and the files it committed in data/demo/."""
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -8,6 +7,8 @@ import sys
 from pathlib import Path
 
 import pytest
+
+from script_modules import script_module
 
 from rlhf.demo.annotator import annotator_score, content_words, is_on_topic, score_parts, subject_of
 
@@ -114,15 +115,12 @@ def test_splits_share_no_prompt_or_subject(directory, small):
                 assert not subject_words[a] & words_b, (a, b, subject_words[a] & words_b)
 
 
-def test_script_check_rejects_overlapping_splits(monkeypatch):
-    spec = importlib.util.spec_from_file_location("make_demo_data", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    monkeypatch.setitem(sys.modules, spec.name, module)  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    ok = {"sft_train": [{"prompt": "Describe ramen."}], "sft_test": [{"prompt": "Describe Kyoto."}]}
-    module.check_disjoint(ok)
-    with pytest.raises(SystemExit, match="share prompts"):
-        module.check_disjoint({**ok, "prompts_test": [{"prompt": "Describe ramen."}]})
+def test_script_check_rejects_overlapping_splits():
+    with script_module(SCRIPT, "make_demo_data") as module:
+        ok = {"sft_train": [{"prompt": "Describe ramen."}], "sft_test": [{"prompt": "Describe Kyoto."}]}
+        module.check_disjoint(ok)
+        with pytest.raises(SystemExit, match="share prompts"):
+            module.check_disjoint({**ok, "prompts_test": [{"prompt": "Describe ramen."}]})
     with pytest.raises(SystemExit, match="subject words"):
         module.check_disjoint({**ok, "sft_test": [{"prompt": "Describe Kyoto.", "completion": "Ramen is nice."}]})
 
@@ -175,15 +173,9 @@ def test_heldout_prompts_use_unseen_subjects_and_half_unseen_forms(directory, sm
 
 
 def test_more_forms_adds_request_forms_and_replies_but_keeps_the_heldout_file(tmp_path):
-    spec = importlib.util.spec_from_file_location("make_demo_data_forms", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up there
-    try:
-        spec.loader.exec_module(module)
+    with script_module(SCRIPT, "make_demo_data_forms") as module:
         default_forms = [t.split("{s}")[0] for t in module.PROMPT_TEMPLATES]
         more_forms = [t.split("{s}")[0] for t in module.MORE_PROMPT_TEMPLATES]
-    finally:
-        sys.modules.pop(spec.name)
     more = generate(tmp_path / "more", "--more-forms")
     rows = [row for split in SPLITS for kind in ("sft", "prefs") for row in read_jsonl(more / f"{kind}_{split}.jsonl")]
     rows += read_jsonl(more / "prompts_train.jsonl")

@@ -2,24 +2,20 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import pytest
+
+from script_modules import script_module
 
 SCRIPT = Path(__file__).resolve().parents[1] / "experiments" / "ppo_levers.py"
 
 
 @pytest.fixture(scope="module")
 def levers():
-    spec = importlib.util.spec_from_file_location("ppo_levers", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    yield module
-    sys.modules.pop(spec.name, None)
+    with script_module(SCRIPT, "ppo_levers") as module:
+        yield module
 
 
 def run_figures(on_topic: float, distinct: float, kl: float) -> dict:

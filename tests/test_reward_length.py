@@ -2,25 +2,21 @@
 
 from __future__ import annotations
 
-import importlib.util
 import math
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+
+from script_modules import script_module
 
 SCRIPT = Path(__file__).resolve().parents[1] / "experiments" / "reward_length.py"
 
 
 @pytest.fixture(scope="module")
 def reward_length():
-    spec = importlib.util.spec_from_file_location("reward_length", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    yield module
-    sys.modules.pop(spec.name, None)
+    with script_module(SCRIPT, "reward_length") as module:
+        yield module
 
 
 def test_agreement_by_gap_bins_every_same_prompt_pair_by_the_annotators_gap(reward_length):
