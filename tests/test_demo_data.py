@@ -121,8 +121,8 @@ def test_script_check_rejects_overlapping_splits():
         module.check_disjoint(ok)
         with pytest.raises(SystemExit, match="share prompts"):
             module.check_disjoint({**ok, "prompts_test": [{"prompt": "Describe ramen."}]})
-    with pytest.raises(SystemExit, match="subject words"):
-        module.check_disjoint({**ok, "sft_test": [{"prompt": "Describe Kyoto.", "completion": "Ramen is nice."}]})
+        with pytest.raises(SystemExit, match="subject words"):
+            module.check_disjoint({**ok, "sft_test": [{"prompt": "Describe Kyoto.", "completion": "Ramen is nice."}]})
 
 
 def test_sft_completions_are_a_mix_to_improve_on():
