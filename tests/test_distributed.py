@@ -32,12 +32,32 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+# Runs a script as __main__, then says whether it left the process group open: one left to the
+# interpreter's exit can abort a finished run (gloo, SIGABRT), rarely enough to pass most runs.
+REPORT_GROUP = """import os, runpy, sys
+import torch.distributed as dist
+sys.argv = sys.argv[1:]
+try:
+    runpy.run_path(sys.argv[0], run_name="__main__")
+except SystemExit as e:
+    code = e.code
+else:
+    code = 0
+sys.stdout.flush()
+os.write(1, f"process group left open: {dist.is_initialized()}\\n".encode())  # one write: lines stay whole
+sys.exit(code)
+"""
+
+
 def torchrun(script: str, args: list[str], cwd: Path, nproc: int = 2) -> subprocess.CompletedProcess:
+    launcher = cwd / "report_group.py"
+    launcher.write_text(REPORT_GROUP)
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
-           f"--master_port={free_port()}", str(ROOT / "scripts" / script), *args]
+           f"--master_port={free_port()}", str(launcher), str(ROOT / "scripts" / script), *args]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     result = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert result.stdout.count("process group left open: False") == nproc, result.stdout[-3000:]
     return result
 
 

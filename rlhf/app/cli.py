@@ -186,6 +186,16 @@ def _print_metrics(metrics: dict) -> None:
         print(f"{k:>40}: {metrics[k]:.4g}" if isinstance(metrics[k], float) else f"{k:>40}: {metrics[k]}")
 
 
+def _close_process_group() -> None:
+    """After a command that finished on every process of a distributed launch: wait for the others,
+    then shut the process group down while Python is whole. Left to the interpreter's exit, gloo's
+    worker threads can abort a finished run (SIGABRT); on an error torchrun stops the others."""
+    dist = sys.modules.get("torch.distributed")  # a command that never imported torch has no group
+    if dist is not None and dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help", "help"):
@@ -203,7 +213,9 @@ def main(argv: list[str] | None = None) -> int:
     _setup_logging()
     try:
         with invoked_as(f"rlhf {command}"):
-            return COMMANDS[command][0](rest) or 0
+            code = COMMANDS[command][0](rest) or 0
+        _close_process_group()
+        return code
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return e.exit_code

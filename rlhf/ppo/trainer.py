@@ -834,15 +834,21 @@ def run(config: dict[str, Any] | None = None, hooks: StageHooks | None = None, *
             metrics, samples = trainer.evaluate(eval_prompts)
             if accelerator.is_main_process:
                 _stops(hooks.on_evaluate, trainer.step, dict(metrics))  # the run ends here anyway
+        if accelerator.is_main_process:
+            timing = ("step_seconds", "rollout_tokens_per_second", "generate_seconds", "score_seconds",
+                      "update_seconds")
+            final = {k: v for k, v in history[-1].items() if k not in timing and k != "step"}
+            metrics.update({f"final_{k}": v for k, v in final.items()})
+            metrics.update(steps=trainer.step, replies_seen=trainer.step * args.batch_size * accelerator.num_processes)
+            registry.save("policy", run_dir.work)
+            registry.save("value", run_dir.work / "value")
+            write_jsonl(run_dir.work / "eval_samples.jsonl", samples)
+            metrics = write_run_outputs(run_dir, tokenizer, [model_args, data_args, args, sampling], given, metrics,
+                                        history, "PPO", [["score"], ["kl"], ["response_length"], ["entropy"]],
+                                        started)
+        # Every process shuts the process group down together, and before Python exits: a gloo
+        # process that leaves it to the interpreter's exit, or shuts it while a peer still works,
+        # can abort (SIGABRT) after a finished run.
+        accelerator.wait_for_everyone()
         accelerator.end_training()
-        if not accelerator.is_main_process:
-            return metrics
-        timing = ("step_seconds", "rollout_tokens_per_second", "generate_seconds", "score_seconds", "update_seconds")
-        final = {k: v for k, v in history[-1].items() if k not in timing and k != "step"}
-        metrics.update({f"final_{k}": v for k, v in final.items()})
-        metrics.update(steps=trainer.step, replies_seen=trainer.step * args.batch_size * accelerator.num_processes)
-        registry.save("policy", run_dir.work)
-        registry.save("value", run_dir.work / "value")
-        write_jsonl(run_dir.work / "eval_samples.jsonl", samples)
-        return write_run_outputs(run_dir, tokenizer, [model_args, data_args, args, sampling], given, metrics, history,
-                                 "PPO", [["score"], ["kl"], ["response_length"], ["entropy"]], started)
+        return metrics
