@@ -372,3 +372,44 @@ def test_gradient_checkpointing_takes_the_same_step(roles, monkeypatch):
     for key, expected in after[False].items():
         torch.testing.assert_close(after[True][key], expected, rtol=1e-5, atol=1e-6,
                                    msg=lambda m, key=key: f"{key}: {m}")
+
+
+@pytest.mark.parametrize("entropy_coef", [0.0, 1.0])
+def test_an_entropy_bonus_alone_raises_the_policy_entropy(roles, monkeypatch, entropy_coef):
+    """With the clipped surrogate's gradient taken away (its loss times 0), the entropy bonus is the
+    only force on the policy: a step raises the entropy of the sampled distribution over the same
+    replies, and without the bonus the policy does not move."""
+    trainer = make_trainer(roles["adapter"], "two_minibatches", entropy_coef=entropy_coef)
+    policy = trainer.registry.parameters_of("policy")
+    before = [p.detach().clone() for p in policy]
+    surrogate = pm.ppo_policy_loss
+
+    def no_surrogate_gradient(*args, **kwargs):
+        loss, stats = surrogate(*args, **kwargs)
+        return loss * 0.0, stats
+
+    monkeypatch.setattr(pm, "ppo_policy_loss", no_surrogate_gradient)
+    rollout = capture_step(trainer, monkeypatch)["rollout"]
+
+    def policy_entropy() -> float:
+        with torch.no_grad():
+            logits, _ = trainer.roles.policy_forward(rollout)
+            return float(pm.masked_mean(pm.entropy_from_logits(logits, TEMPERATURE), rollout.response_mask))
+
+    after_step = policy_entropy()
+    moved = max(float((p - b).abs().max()) for p, b in zip(policy, before))
+    with torch.no_grad():
+        for p, b in zip(policy, before):
+            p.copy_(b)
+    if entropy_coef:
+        assert after_step > policy_entropy() + 1e-3
+    else:
+        assert moved == 0.0
+
+
+def test_a_negative_entropy_coef_is_refused():
+    from rlhf.core.errors import UserError
+    from rlhf.ppo.trainer import PPOArguments
+
+    with pytest.raises(UserError, match="entropy_coef"):
+        PPOArguments(entropy_coef=-0.01)

@@ -107,6 +107,11 @@ class PPOArguments:
     """Value clip around the rollout-time values."""
     vf_coef: float = 0.1
     """Weight of the value loss."""
+    entropy_coef: float = 0.0
+    """Weight of an entropy bonus: the policy loss minus entropy_coef x the mean entropy of the
+    sampled distribution over reply tokens, which keeps replies varied. 0 = none, as in the published
+    RLHF PPO implementations (the KL penalty alone holds the policy near the reference); above 0 the
+    update keeps one (reply tokens, vocabulary) softmax more for the backward pass."""
     value_model: str = "critic"
     """critic: a LoRA adapter + head of its own, initialised from the reward model (more stable);
     policy_head: a head on the policy's own LoRA trunk, also initialised from the reward head (saves
@@ -185,6 +190,8 @@ class PPOArguments:
         if self.replies_per_prompt < 1 or self.batch_size % self.replies_per_prompt:
             raise UserError(f"replies_per_prompt: expected a divisor of batch_size ({self.batch_size}), "
                             f"found {self.replies_per_prompt}")
+        if self.entropy_coef < 0:
+            raise UserError(f"entropy_coef: expected at least 0 (a bonus for entropy), found {self.entropy_coef}")
         for name in ("max_steps", "batch_size", "ppo_epochs", "save_steps", "logging_steps"):
             if getattr(self, name) < 1:
                 raise UserError(f"{name}: expected at least 1, found {getattr(self, name)}")
@@ -588,14 +595,15 @@ class PPOTrainer:
         logprobs = self.roles.logprobs(logits, rollout, rows)
         pg_loss, pg_stats = pm.ppo_policy_loss(logprobs, scored.logprobs[rows], advantages[rows], m, args.clip_range)
         self._guard_finite(pg_loss, "policy loss")
-        with torch.no_grad():
+        with torch.set_grad_enabled(args.entropy_coef > 0):
             entropy = pm.masked_mean(pm.entropy_from_logits(logits, self.sampling.temperature), m)
+        policy_loss = pg_loss - args.entropy_coef * entropy if args.entropy_coef > 0 else pg_loss
         del logits, logprobs
         backward = self.accelerator.backward
-        values = self.value_model.update_values(self.roles, rollout, rows, values, pg_loss * share, backward)
+        values = self.value_model.update_values(self.roles, rollout, rows, values, policy_loss * share, backward)
         vf_loss, vf_stats = pm.ppo_value_loss(values, scored.values[rows], returns[rows], m, args.clip_range_value)
         self._guard_finite(vf_loss, "value loss")
-        self.value_model.final_backward(pg_loss * share, args.vf_coef * vf_loss * share, backward)
+        self.value_model.final_backward(policy_loss * share, args.vf_coef * vf_loss * share, backward)
         w = float(m.sum())
         for name, value in (("policy_loss", pg_loss), ("value_loss", vf_loss), ("entropy", entropy),
                             ("clipfrac", pg_stats.clipfrac), ("approx_kl", pg_stats.approx_kl),
