@@ -644,3 +644,35 @@ if __name__ == "__main__":
     with tempfile.TemporaryDirectory(prefix="memory_calibration_") as tmp:
         calibrate(Path(tmp))
 
+
+
+def test_the_entropy_bonus_keeps_two_float32_copies_of_the_reply_logits():
+    """PPO's entropy bonus differentiates rlhf.core.tensors.entropy_from_logits over the micro-batch's
+    reply logits; what autograd keeps for it is the estimate's PPO_ENTROPY_LOGIT_COPIES float32 copies
+    (bf16 logits here, so a copy kept in the logits' own dtype would be caught)."""
+    import torch
+
+    from rlhf.core.memory import PPO_ENTROPY_LOGIT_COPIES
+    from rlhf.core.tensors import entropy_from_logits, masked_mean
+
+    logits = torch.randn(3, 5, 1000).to(torch.bfloat16).requires_grad_()
+    mask = torch.ones(3, 5)
+    mask[0, 3:] = 0
+    saved: dict[int, int] = {}
+
+    def pack(t):
+        if t.untyped_storage().data_ptr() != logits.untyped_storage().data_ptr():
+            saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        masked_mean(entropy_from_logits(logits, 0.7), mask).backward()
+    assert sum(saved.values()) == pytest.approx(PPO_ENTROPY_LOGIT_COPIES * logits.numel() * 4, rel=0.01)
+
+
+def test_the_ppo_estimate_counts_the_entropy_bonus_only_when_it_is_on():
+    from rlhf.core.memory import PPO_ENTROPY_LOGIT_COPIES, estimate_memory
+
+    shape = dict(batch_size=4, seq_len=8, max_new_tokens=6, micro_batch_size=2)
+    off, on = (estimate_memory(tiny_config(), "ppo", "lora", entropy_coef=coef, **shape) for coef in (0.0, 0.01))
+    assert on.total - off.total == PPO_ENTROPY_LOGIT_COPIES * 2 * 6 * 100 * 4  # micro x reply tokens x vocab

@@ -134,6 +134,9 @@ PPO_EVAL_PROMPTS, PPO_EVAL_BATCH_SIZE = 32, 16
 # PPO's (micro, t, v) reply logits: the logits, the per-row float32 temperature-scaled copies that
 # logprobs_from_logits saves for backward, and the logits' gradient (rlhf/core/tensors.py).
 PPO_LOGIT_COPIES = 3
+# PPO's entropy bonus (entropy_coef > 0) differentiates the entropy of the reply logits: its float32
+# log-probabilities and probabilities are kept for the backward, two (micro, t, v) copies more.
+PPO_ENTROPY_LOGIT_COPIES = 2
 # bitsandbytes storage per quantised weight: NF4 packs 2 weights a byte, plus one 8-bit absmax per
 # block of 64 and (double quantisation) one float32 per 256 blocks; LLM.int8 stores one byte a weight
 # plus a float32 scale per output row (counted separately).
@@ -380,7 +383,8 @@ def estimate_memory(config, stage: str, method: str, *, batch_size: int = 8, seq
                     lora_dropout: float = 0.0, merge_for_generation: str | bool = "auto",
                     ram_bytes: int | None = None, ppo_epochs: int = 1, bf16_forwards: str | bool = "auto",
                     eval_prompts: int = PPO_EVAL_PROMPTS, eval_batch_size: int = PPO_EVAL_BATCH_SIZE,
-                    value_model: str = "critic", arch: Architecture | None = None) -> MemoryEstimate:
+                    value_model: str = "critic", entropy_coef: float = 0.0,
+                    arch: Architecture | None = None) -> MemoryEstimate:
     """Expected peak memory of ``stage`` trained with ``method`` on the model ``config`` describes.
 
     Args:
@@ -416,6 +420,8 @@ def estimate_memory(config, stage: str, method: str, *, batch_size: int = 8, seq
         value_model: PPO's value model: critic (a fourth LoRA adapter, trained, with its own head) or
             policy_head (a head on the policy's hidden states: three adapters, one trained). The
             update's activations are the same either way: one role's graph is alive at a time.
+        entropy_coef: PPO's entropy bonus; above 0 the policy's graph keeps two float32 copies more
+            of the micro-batch's reply logits.
         arch: :func:`architecture` of ``config``, when the caller already has it.
 
     Returns:
@@ -512,7 +518,8 @@ def estimate_memory(config, stage: str, method: str, *, batch_size: int = 8, seq
         # Each micro-batch runs the policy forward and backward, then the value forward and backward,
         # so one role's graph is alive at a time; the policy's is the larger, with the LM head on the
         # reply positions only: (micro, t, v) logits.
-        activations = forward(micro, width) + PPO_LOGIT_COPIES * micro * max_new_tokens * arch.vocab * 4
+        copies = PPO_LOGIT_COPIES + (PPO_ENTROPY_LOGIT_COPIES if entropy_coef > 0 else 0)
+        activations = forward(micro, width) + copies * micro * max_new_tokens * arch.vocab * 4
         if fwd16:
             # Autocast's bf16 copies of the trained role's LoRA weights, kept for its backward.
             activations += arch.lora_params(lora_r) * 2
@@ -692,6 +699,8 @@ class EstimateArguments:
     """PPO's final evaluation: prompts sampled and scored at a time."""
     value_model: str = "critic"
     """PPO: critic (its own LoRA adapter) or policy_head (a head on the policy)."""
+    entropy_coef: float = 0.0
+    """PPO: the entropy bonus's weight (above 0 keeps two float32 copies more of the reply logits)."""
     device: str | None = None
     """cpu or cuda (null = cuda when available)."""
     trust_remote_code: bool = False
@@ -714,7 +723,7 @@ def estimate_command(argv: list[str]) -> int:
         gradient_checkpointing=args.gradient_checkpointing, device=device, micro_batch_size=args.micro_batch_size,
         lora_dropout=args.lora_dropout, merge_for_generation=args.merge_for_generation,
         bf16_forwards=args.bf16_forwards, ppo_epochs=args.ppo_epochs, eval_prompts=args.eval_prompts,
-        eval_batch_size=args.eval_batch_size, value_model=args.value_model,
+        eval_batch_size=args.eval_batch_size, value_model=args.value_model, entropy_coef=args.entropy_coef,
     )
     method = f"qlora {args.bits}-bit" if args.method == "qlora" else args.method
     if args.method != "full" or args.stage == "ppo":
