@@ -67,6 +67,8 @@ VARIANTS: dict[str, tuple[str, list[str]]] = {
                                            ["--ppo_epochs", "2", "--max_steps", "12", "--entropy_coef", "0.01"]),
     "ppo_epochs_2_steps_12_entropy_0.05": ("ppo_epochs: 2, max_steps: 12 and entropy_coef: 0.05",
                                            ["--ppo_epochs", "2", "--max_steps", "12", "--entropy_coef", "0.05"]),
+    "ppo_epochs_2_steps_16_entropy_0.01": ("ppo_epochs: 2, max_steps: 16 and entropy_coef: 0.01",
+                                           ["--ppo_epochs", "2", "--max_steps", "16", "--entropy_coef", "0.01"]),
     "ppo_epochs_4": ("ppo_epochs: 4 (every rollout used for 8 optimizer steps)", ["--ppo_epochs", "4"]),
     "no_eos_penalty": ("missing_eos_penalty: null (a cut-off reply keeps its reward-model score)",
                        ["--missing_eos_penalty", "null"]),

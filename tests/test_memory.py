@@ -638,14 +638,6 @@ def _available_bytes() -> int:
     return 2**62
 
 
-if __name__ == "__main__":
-    import tempfile
-
-    with tempfile.TemporaryDirectory(prefix="memory_calibration_") as tmp:
-        calibrate(Path(tmp))
-
-
-
 def test_the_entropy_bonus_keeps_two_float32_copies_of_the_reply_logits():
     """PPO's entropy bonus differentiates rlhf.core.tensors.entropy_from_logits over the micro-batch's
     reply logits; what autograd keeps for it is the estimate's PPO_ENTROPY_LOGIT_COPIES float32 copies
@@ -676,3 +668,10 @@ def test_the_ppo_estimate_counts_the_entropy_bonus_only_when_it_is_on():
     shape = dict(batch_size=4, seq_len=8, max_new_tokens=6, micro_batch_size=2)
     off, on = (estimate_memory(tiny_config(), "ppo", "lora", entropy_coef=coef, **shape) for coef in (0.0, 0.01))
     assert on.total - off.total == PPO_ENTROPY_LOGIT_COPIES * 2 * 6 * 100 * 4  # micro x reply tokens x vocab
+
+
+if __name__ == "__main__":
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="memory_calibration_") as tmp:
+        calibrate(Path(tmp))

@@ -111,7 +111,7 @@ class PPOArguments:
     """Weight of an entropy bonus: the policy loss minus entropy_coef x the mean entropy of the
     sampled distribution over reply tokens, which keeps replies varied. 0 = none, as in the published
     RLHF PPO implementations (the KL penalty alone holds the policy near the reference); above 0 the
-    update keeps one (reply tokens, vocabulary) softmax more for the backward pass."""
+    update keeps two float32 copies more of the micro-batch's reply logits for the backward pass."""
     value_model: str = "critic"
     """critic: a LoRA adapter + head of its own, initialised from the reward model (more stable);
     policy_head: a head on the policy's own LoRA trunk, also initialised from the reward head (saves
