@@ -13,7 +13,7 @@ from rlhf.label.store import Campaign
 from rlhf.core.errors import UserError
 from rlhf.core.hooks import StageHooks
 from rlhf.app.pipeline import run_pipeline
-from rlhf.app.rounds import pair_accuracy, prompt_slice
+from rlhf.app.rounds import RoundsArguments, pair_accuracy, prompt_slice
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -200,6 +200,20 @@ def test_rounds_need_ppo_and_valid_settings(round0, tmp_path):
     argv[argv.index("--rounds_config") + 1] = str(bad)
     with pytest.raises(UserError, match="labeler: expected one of annotator, campaign, found 'people'"):
         run_pipeline(argv)
+
+
+@pytest.mark.parametrize("bad, message", [
+    # The annotator labels a pair once: with k = 2 a round would wait for labels nobody gives.
+    ({"k": 2}, "k: the demo annotator gives each pair one label"),
+    ({"labeler": "campaign", "k": 0}, "k: expected at least 1"),
+    ({"labeler": "campaign", "min_labeled_share": 1.5}, "min_labeled_share: expected a number from 0 to 1"),
+    ({"annotator_noise": -1}, "annotator_noise: expected a number >= 0"),
+    ({"random_share": -0.1}, "random_share: expected a number from 0 to 1"),
+])
+def test_rounds_check_who_labels_as_the_label_stage_does(bad, message):
+    with pytest.raises(UserError, match=message):
+        RoundsArguments(**bad)
+    RoundsArguments(labeler="campaign", k=2)  # people may give a pair several labels
 
 
 # ----------------------------------------------------------------------------------------------

@@ -60,21 +60,18 @@ from rlhf.core.config import build_config, load_yaml
 from rlhf.core.data import load_rows, write_jsonl
 from rlhf.core.errors import UserError
 from rlhf.core.outputs import RunDir, write_json
+from rlhf.label.labelers import LabelerArguments, label_or_wait
 
 logger = logging.getLogger(__name__)
-LABELERS = ("annotator", "campaign")
 REWARD_INITS = ("previous", "fresh")
 
 
 @dataclass
-class RoundsArguments:
-    """Settings of the labeling rounds after the first PPO (configs/rounds.yaml)."""
+class RoundsArguments(LabelerArguments):
+    """Settings of the labeling rounds after the first PPO (configs/rounds.yaml); who labels each
+    round's campaign: LabelerArguments."""
 
-    # -- who labels, and what --
-    labeler: str = "annotator"
-    """annotator: the demo annotator (rlhf/demo/annotator.py) labels each round's campaign at once (demos, tests);
-    campaign: the round stops once its campaign is filled, for people to label it (rlhf label serve), and a
-    rerun continues."""
+    # -- what is labelled --
     budget: int = 64
     """Pairs to label per round."""
     random_share: float = 0.2
@@ -83,12 +80,6 @@ class RoundsArguments:
     """Replies sampled from the policy per labeling prompt; every two make a candidate pair."""
     label_prompts: int | None = 64
     """Training prompts sampled per round (a different seeded slice each round); null = all."""
-    k: int = 1
-    """Labels wanted per pair."""
-    min_labeled_share: float = 1.0
-    """labeler campaign: share of the campaign's pairs that need k labels before the round goes on."""
-    annotator_noise: float = 0.25
-    """Demo annotator: Bradley-Terry temperature of its choices (0 = always the higher score)."""
     hold_out_random: bool = True
     """Keep this round's random pairs out of its reward training, so the new reward model's accuracy on
     them is measured on pairs it never saw; they are trained on from the next round on."""
@@ -112,20 +103,16 @@ class RoundsArguments:
     """Seeds prompt slices, sampling, pair selection and the annotator."""
 
     def __post_init__(self) -> None:
-        if self.labeler not in LABELERS:
-            raise UserError(f"labeler: expected one of {', '.join(LABELERS)}, found {self.labeler!r}")
+        super().__post_init__()
         if self.reward_init not in REWARD_INITS:
             raise UserError(f"reward_init: expected one of {', '.join(REWARD_INITS)}, found {self.reward_init!r}")
-        for name in ("budget", "k", "eval_samples_per_prompt"):
+        for name in ("budget", "eval_samples_per_prompt"):
             if getattr(self, name) < 1:
                 raise UserError(f"{name}: expected at least 1, found {getattr(self, name)}")
         if self.samples_per_prompt < 2:
             raise UserError(f"samples_per_prompt: expected at least 2 (a pair), found {self.samples_per_prompt}")
-        for name in ("random_share", "min_labeled_share"):
-            if not 0 <= getattr(self, name) <= 1:
-                raise UserError(f"{name}: expected a number from 0 to 1, found {getattr(self, name)}")
-        if self.annotator_noise < 0:
-            raise UserError(f"annotator_noise: expected a number >= 0, found {self.annotator_noise}")
+        if not 0 <= self.random_share <= 1:
+            raise UserError(f"random_share: expected a number from 0 to 1, found {self.random_share}")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -268,7 +255,6 @@ def run_rounds(count: int, rounds_config: str | None, configs: dict[str, str], o
 
 def run_round(ctx: Context, r: int) -> str | None:
     """One round, continuing whatever an earlier call left; returns the campaign dir if it waits for labels."""
-    from rlhf.label.annotate import annotate_campaign
     from rlhf.label.ingest import generate_uncertain
     from rlhf.label.store import Campaign
 
@@ -303,14 +289,8 @@ def run_round(ctx: Context, r: int) -> str | None:
     campaign = Campaign(campaign_dir)
 
     # 3. Labels.
-    if a.labeler == "annotator":
-        annotate_campaign(campaign, a.annotator_noise, seed, k=a.k)
-    progress = campaign.progress(a.k)
-    if progress["pairs_done"] < a.min_labeled_share * progress["pairs"]:
-        message = (f"round {r} waits for labels: {progress['pairs_done']} of the {progress['pairs']} pairs in "
-                   f"{campaign_dir} have {a.k} label(s), {a.min_labeled_share:.0%} needed. Label them "
-                   f"(`rlhf label serve {campaign_dir} --k {a.k}`, then open http://127.0.0.1:8000/) and rerun "
-                   "this command: it continues this round where it stopped.")
+    message = label_or_wait(campaign, campaign_dir, a, seed, f"round {r}", "this command")
+    if message:
         logger.warning(message)
         print(message)
         return str(campaign_dir)

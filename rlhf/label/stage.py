@@ -42,14 +42,14 @@ from rlhf.core.errors import UserError
 from rlhf.core.generation import SamplingArguments
 from rlhf.core.hooks import StageHooks
 from rlhf.core.outputs import write_json
+from rlhf.label.labelers import LabelerArguments, label_or_wait
 
 logger = logging.getLogger(__name__)
-LABELERS = ("annotator", "campaign")
 
 
 @dataclass
-class LabelStageArguments:
-    """What to sample, who labels it, and how the labelled pairs are split."""
+class LabelStageArguments(LabelerArguments):
+    """What to sample, who labels it (LabelerArguments), and how the labelled pairs are split."""
 
     sft_model: str = ""
     """The policy whose replies are compared: an SFT stage output (the pipeline sets it)."""
@@ -63,15 +63,6 @@ class LabelStageArguments:
     """Replies sampled per prompt (K); every pair of different replies to a prompt is a candidate."""
     max_pairs_per_prompt: int | None = None
     """Keep this many of a prompt's K(K-1)/2 pairs, drawn with the seed (None = all)."""
-    labeler: str = "annotator"
-    """annotator: the demo annotator labels now (demos, tests); campaign: stop for people to label the
-    campaign (rlhf label serve), and continue when the same command is run again."""
-    annotator_noise: float = 0.25
-    """labeler annotator: Bradley-Terry temperature of its choices (as the demo's templated pairs)."""
-    k: int = 1
-    """Labels wanted per pair; the majority vote is exported."""
-    min_labeled_share: float = 1.0
-    """labeler campaign: share of the pairs that need k labels before the stage goes on."""
     validation_share: float = 0.1
     """Share of the prompts whose pairs go to validation.jsonl (the reward model's early stopping)."""
     test_share: float = 0.1
@@ -82,23 +73,13 @@ class LabelStageArguments:
     """Seed of the sampling, the pairs kept, the labels and the split."""
 
     def __post_init__(self) -> None:
-        if self.labeler not in LABELERS:
-            raise UserError(f"labeler: expected one of {', '.join(LABELERS)}, found {self.labeler!r}")
+        super().__post_init__()
         if self.max_prompts is not None and self.max_prompts < 1:
             raise UserError(f"max_prompts: expected at least 1 or null, found {self.max_prompts}")
         if self.samples_per_prompt < 2:
             raise UserError(f"samples_per_prompt: expected at least 2 (a pair), found {self.samples_per_prompt}")
         if self.max_pairs_per_prompt is not None and self.max_pairs_per_prompt < 1:
             raise UserError(f"max_pairs_per_prompt: expected at least 1 or null, found {self.max_pairs_per_prompt}")
-        if self.annotator_noise < 0:
-            raise UserError(f"annotator_noise: expected a number >= 0, found {self.annotator_noise}")
-        if self.k < 1:
-            raise UserError(f"k: expected at least 1, found {self.k}")
-        if self.labeler == "annotator" and self.k != 1:
-            raise UserError(f"k: the demo annotator gives each pair one label; expected 1 with labeler annotator, "
-                            f"found {self.k}")
-        if not 0 <= self.min_labeled_share <= 1:
-            raise UserError(f"min_labeled_share: expected a number from 0 to 1, found {self.min_labeled_share}")
         for name in ("validation_share", "test_share"):
             if not 0 <= getattr(self, name) < 1:
                 raise UserError(f"{name}: expected a number from 0 to below 1, found {getattr(self, name)}")
@@ -163,7 +144,6 @@ def run(config: dict[str, Any] | None = None, hooks: StageHooks | None = None, *
         argv: list[str] | None = None) -> dict:
     """Run the label stage (see the module docstring); returns its metrics, or
     ``{"waiting_for_labels": <campaign dir>}`` when a campaign still needs people's labels."""
-    from rlhf.label.annotate import annotate_campaign
     from rlhf.label.export import export_rows
     from rlhf.label.store import Campaign
 
@@ -200,14 +180,8 @@ def run(config: dict[str, Any] | None = None, hooks: StageHooks | None = None, *
     if not campaign_dir.exists():
         _sample_campaign(args, sampling, campaign_dir)
     campaign = Campaign(campaign_dir)
-    if args.labeler == "annotator":
-        annotate_campaign(campaign, args.annotator_noise, args.seed, k=args.k)
-    progress = campaign.progress(args.k)
-    if progress["pairs_done"] < args.min_labeled_share * progress["pairs"]:
-        message = (f"label stage waits for labels: {progress['pairs_done']} of the {progress['pairs']} pairs in "
-                   f"{campaign_dir} have {args.k} label(s), {args.min_labeled_share:.0%} needed. Label them "
-                   f"(`rlhf label serve {campaign_dir} --k {args.k}`, then open http://127.0.0.1:8000/) and rerun "
-                   "the same command: it continues where it stopped.")
+    message = label_or_wait(campaign, campaign_dir, args, args.seed, "label stage", "the same command")
+    if message:
         logger.warning(message)
         print(message)
         return {"waiting_for_labels": str(campaign_dir)}
