@@ -14,7 +14,7 @@ def ppo_run(tmp_path, **config):
     sft = tmp_path / "sft"
     sft.mkdir(exist_ok=True)
     base = {"sft_model": str(sft), "kl_target": 4.0, "kl_controller": "adaptive", "max_new_tokens": 32,
-            "temperature": 0.7}
+            "temperature": 0.7, "do_sample": True}
     (run / "config.yaml").write_text(yaml.safe_dump({**base, **config}))
     return run, sft
 
@@ -34,6 +34,13 @@ def test_another_temperature_is_not_compared(tmp_path):
     run, sft = ppo_run(tmp_path)
     budget, note = kl_budget(str(run), None, str(sft), SamplingArguments(max_new_tokens=32, temperature=1.0))
     assert budget is None and "temperature" in note
+
+
+def test_greedy_replies_are_not_compared(tmp_path):
+    run, sft = ppo_run(tmp_path)
+    budget, note = kl_budget(str(run), None, str(sft), SamplingArguments(max_new_tokens=32, temperature=0.7,
+                                                                           do_sample=False))
+    assert budget is None and "do_sample" in note
 
 
 def test_another_reference_is_not_compared(tmp_path):

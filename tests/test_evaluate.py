@@ -249,6 +249,25 @@ def test_bad_input_is_one_line(runs, tmp_path, capsys):
     assert main(["eval", "--runs", str(runs["base"]), "--prompts", str(runs["prompts"]), "--out", str(tmp_path / "o"),
                  "--judges", "annotator,nomodule_xyz:f"]) == 2
     assert "expected an importable module 'nomodule_xyz'" in capsys.readouterr().err
+    # The sampling settings are checked as every stage checks them, before any model is loaded.
+    assert main(["eval", "--runs", str(runs["base"]), "--prompts", str(runs["prompts"]), "--out", str(tmp_path / "t"),
+                 "--temperature", "0"]) == 2
+    assert "temperature: expected a positive number" in capsys.readouterr().err
+    assert not (tmp_path / "t").exists()
+
+
+@pytest.mark.slow
+def test_greedy_evaluation_gives_each_prompt_one_reply_k_times(runs, tmp_path):
+    out = tmp_path / "greedy"
+    assert main(["eval", "--runs", str(runs["base"]), str(runs["sft"]), "--prompts", str(runs["prompts"]),
+                 "--out", str(out), "--k", "3", "--max_new_tokens", "6", "--judges", "annotator",
+                 "--skip", "forgetting,factual,bias", "--bootstrap", "200", "--do_sample", "false"]) == 0
+    rows = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
+    replies: dict = {}
+    for row in rows:
+        replies.setdefault((row["run"], json.dumps(row["prompt"])), set()).add(row["response"])
+    assert len(replies) == 2 * len(THINGS) and all(len(r) == 1 for r in replies.values())
+    assert json.loads((out / "report.json").read_text())["settings"]["sampling"]["do_sample"] is False
 
 
 @pytest.mark.slow

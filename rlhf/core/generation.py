@@ -23,7 +23,7 @@ class SamplingArguments:
     max_new_tokens: int = 48
     """Longest reply, in tokens."""
     temperature: float = 0.7
-    """Softmax temperature; PPO logprobs use the same value."""
+    """Softmax temperature; the log-probabilities of PPO and of `rlhf eval`'s KL are taken at the same value."""
     top_k: int = 0
     """Keep the k most likely tokens (0 = off)."""
     top_p: float = 1.0

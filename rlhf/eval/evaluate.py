@@ -39,6 +39,7 @@ import torch
 
 from rlhf.core.config import build_config
 from rlhf.core.errors import UserError
+from rlhf.core.generation import SamplingArguments
 from rlhf.eval.sampling import (Samples, free_memory, perplexity, reference_logprobs, reply_logprobs, run_names,
                                 sample_replies, split_prompt_reply, start_token)
 from rlhf.eval.statistics import (hacking_flags, judge_agreement, mean_std, text_stats,
@@ -82,8 +83,9 @@ def kl_budget(run_dir: str, given: float | None, reference_path: str, sampling) 
 
     ``--kl_budget`` applies as given. Else a PPO run's own ``kl_target`` (its config.yaml), but only
     where the evaluation measures what PPO's controller held: the KL to the same reference (its
-    ``sft_model``), over replies sampled with the same ``max_new_tokens`` and temperature (KL per reply
-    grows with reply length, and the log-ratio is taken at the sampling temperature). A fixed KL
+    ``sft_model``), over replies sampled with the same ``max_new_tokens``, temperature and do_sample (KL
+    per reply grows with reply length, the log-ratio is taken at the sampling temperature, and greedy
+    replies are not the samples PPO's KL was taken over). A fixed KL
     coefficient has no target. Returns ``(budget, note)``: the budget or None, and where a target
     exists but does not compare, a note saying why.
     """
@@ -104,7 +106,7 @@ def kl_budget(run_dir: str, given: float | None, reference_path: str, sampling) 
     if not sft or Path(sft).resolve() != Path(reference_path).resolve():
         return None, (f"kl_target {target:g} is the KL to {sft}, this evaluation measures the KL to "
                       f"{reference_path}: not compared (pass --reference {sft})")
-    for key in ("max_new_tokens", "temperature"):
+    for key in ("max_new_tokens", "temperature", "do_sample"):
         if key in run and float(run[key]) != float(getattr(sampling, key)):
             return None, (f"kl_target {target:g} holds for replies sampled with {key} {run[key]}, this evaluation "
                           f"samples with {getattr(sampling, key)}: not compared (pass --{key} {run[key]})")
@@ -120,11 +122,14 @@ def _resolve_data(path: str | None, default: Path) -> Path | None:
     return Path(path)
 
 
-def evaluate(args: EvalArguments, sections: tuple[str, ...] = SECTIONS) -> dict:
-    """Run the evaluation described by the parsed command line; write the outputs; return report.json's dict."""
+def evaluate(args: EvalArguments, sampling: SamplingArguments, sections: tuple[str, ...] = SECTIONS) -> dict:
+    """Run the evaluation described by the parsed command line; write the outputs; return report.json's dict.
+
+    ``sampling``: how every run's replies are sampled (the same for all); its temperature is also the
+    temperature of the KL's log-probabilities."""
     from rlhf.core.data import load_rows
     from rlhf.core.formatting import encode_prompt, encode_prompt_reply, prompt_text
-    from rlhf.core.generation import SamplingArguments, load_for_generation
+    from rlhf.core.generation import load_for_generation
     from rlhf.eval.judges import lexicon_sentiment, parse_judges
     from rlhf.eval.risks import (BIAS_PAIRS, GENERAL_TEXT, QA_FILE, factual_drift, forgetting_status,
                             qa_answers, read_bias_pairs, read_qa)
@@ -147,8 +152,6 @@ def evaluate(args: EvalArguments, sections: tuple[str, ...] = SECTIONS) -> dict:
         if info.task == "seq-cls":
             raise UserError(f"--runs: expected causal LMs (base, SFT, PPO, ... outputs), found {info.describe()} "
                             f"in {info.path}; give a reward run with --judges reward:{info.path}")
-    sampling = SamplingArguments(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                                 top_k=args.top_k, top_p=args.top_p)
 
     quality = "quality" in sections
     prompts = [r["prompt"] for r in load_rows(args.prompts, "prompt")] if quality else []
@@ -410,14 +413,6 @@ class EvalArguments:
     """Forgetting turns red when QA accuracy falls by more than this (0.10 = 10 points)."""
     skip: str = ""
     """Comma-separated checks to leave out of the full report: forgetting, factual, bias."""
-    max_new_tokens: int = 48
-    """Longest reply, in tokens."""
-    temperature: float = 0.7
-    """Sampling temperature (also the temperature of the KL's log-probabilities)."""
-    top_k: int = 0
-    """Top-k sampling (0 = off)."""
-    top_p: float = 1.0
-    """Nucleus sampling mass (1.0 = off)."""
     batch_size: int = 16
     """Sequences per forward pass of the log-probability and scoring passes."""
     generation_batch_size: int = 64
@@ -443,7 +438,7 @@ def eval_command(argv: list[str], commands: dict[str, str] | None = None) -> int
         argv = argv[1:]
     listed = None if prog != "rlhf eval" else {**{name: f"the {name} check alone" for name in SUBCOMMANDS},
                                                 **(commands or {})}
-    (args,), _ = build_config([EvalArguments], argv, prog=prog, commands=listed,
+    (args, sampling), _ = build_config([EvalArguments, SamplingArguments], argv, prog=prog, commands=listed,
                               description="One report comparing stage outputs on the same held-out prompts, with "
                                           "the risk checks; docs/evaluate.md explains every figure.")
     if sections == SECTIONS and not args.prompts:
@@ -454,7 +449,7 @@ def eval_command(argv: list[str], commands: dict[str, str] | None = None) -> int
         if unknown:
             raise UserError(f"--skip: expected some of forgetting, factual, bias, found {', '.join(sorted(unknown))}")
         sections = tuple(s for s in SECTIONS if s not in skip)
-    report = evaluate(args, sections)
+    report = evaluate(args, sampling, sections)
     _print_summary(report)
     print(f"report -> {Path(args.out) / 'report.html'}")
     return 3 if args.strict and report["status"]["overall"] == "red" else 0
