@@ -46,6 +46,7 @@ VARIANTS: dict[str, tuple[str, list[str]]] = {
     "baseline": ("configs/ppo.yaml as it is", []),
     "policy_head": ("value_model: policy_head", ["--value_model", "policy_head"]),
     "normalize_reward": ("normalize_reward: true, reward_clip: 3", ["--normalize_reward", "true", "--reward_clip", "3.0"]),
+    "kl_coef_0.1": ("kl_coef: 0.1 (twice the starting KL coefficient)", ["--kl_coef", "0.1"]),
     "kl_coef_0.2": ("kl_coef: 0.2 (4x)", ["--kl_coef", "0.2"]),
     "lr_1e-4": ("learning_rate: 1e-4 (half)", ["--learning_rate", "1.0e-4"]),
     "steps_32": ("max_steps: 32 (twice the replies)", ["--max_steps", "32"]),
